@@ -1,0 +1,6 @@
+"""`python -m jobs.sft [key=value ...]`: the sft stage (defaults: model=tiny data=synthetic cluster=local)."""
+
+from jobs._main import stage_main
+
+if __name__ == "__main__":
+    stage_main("sft")

@@ -1,0 +1,141 @@
+"""Atomic, resumable checkpoints and the HF export.
+
+Layout: ``<run_dir>/checkpoints/step_<N>/`` holding ``model.safetensors`` (the trained model),
+``state.pt`` (optimizer, scheduler, RNG, sampler, counters; plain tensors and Python values, loaded
+with ``weights_only=True``) and a ``COMPLETE`` marker written last. Each checkpoint is written into
+a temporary sibling directory, fsynced, and renamed: a ``kill -9`` at any moment (also mid-save)
+leaves either the previous complete checkpoint or the new one, never a torn one. ``latest()`` only
+considers directories with the marker; leftovers of an interrupted save are deleted on the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("remax.checkpoint")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MARKER = "COMPLETE"
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and every CUDA device) RNG states as weights_only-safe values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """``step_<N>/`` directories under ``root``; keeps the newest ``keep_last`` complete ones."""
+
+    def __init__(self, root: Path, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for d in self.root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / MARKER).is_file():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest(self) -> Path | None:
+        steps = self.complete_steps()
+        return self.root / f"step_{steps[-1]}" if steps else None
+
+    def save(self, step: int, model_state: dict[str, torch.Tensor], state: dict) -> Path:
+        """Write ``step_<step>/`` atomically and prune older checkpoints."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
+        tmp.mkdir()
+        # safetensors refuses shared storage (tied embeddings): save contiguous clones.
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
+        torch.save(state, tmp / "state.pt")
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        for old in self.complete_steps()[: -self.keep_last]:
+            shutil.rmtree(self.root / f"step_{old}", ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    @staticmethod
+    def load(path: Path, device) -> tuple[dict[str, torch.Tensor], dict]:
+        model_state = load_file(Path(path) / "model.safetensors", device=str(device))
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+        return model_state, state
+
+
+def export_hf(model, tokenizer, export_dir: Path, meta: dict) -> Path:
+    """``save_pretrained`` (safetensors) of weights and tokenizer plus ``meta.json``, atomically."""
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(f".tmp_{export_dir.name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    os.replace(tmp, export_dir)
+    return export_dir

@@ -1,0 +1,419 @@
+"""Typed configuration: every schema of every stage, validated once in ``__post_init__``.
+
+Plain dataclasses: the library never imports Hydra. ``jobs/_config.py`` registers these classes in
+Hydra's ConfigStore and converts the composed config with ``OmegaConf.to_object``, which runs the
+``__post_init__`` checks below. Validation never rewrites a value; derived quantities are properties.
+
+Defaults of :class:`RemaxAlgoConfig` are the paper's Algorithm 1 (remax-spec §4.1); every departure
+is one explicit line of a preset in ``hydra_conf/algo/``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+from remax.algo.types import (
+    Aggregation,
+    Baseline,
+    ClipTarget,
+    DiscountConvention,
+    EmptyResponse,
+    EvalDecoding,
+    ExportPolicy,
+    KLEstimator,
+    KLMode,
+    LogprobDist,
+)
+
+__all__ = [
+    "Aggregation",
+    "Baseline",
+    "CheckpointConfig",
+    "ClipTarget",
+    "ClusterConfig",
+    "ConfigError",
+    "DataConfig",
+    "DiscountConvention",
+    "DType",
+    "EmptyResponse",
+    "EvalDecoding",
+    "ExportPolicy",
+    "KLEstimator",
+    "KLMode",
+    "LogConfig",
+    "LogprobDist",
+    "ModelConfig",
+    "OptimConfig",
+    "RemaxAlgoConfig",
+    "RemaxJobConfig",
+    "RewardModelJobConfig",
+    "RewardSourceConfig",
+    "RunConfig",
+    "SFTJobConfig",
+    "Scheduler",
+    "TrainConfig",
+    "WandbMode",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key, the value seen and the fix."""
+
+
+def _require(ok: bool, key: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config: {key}={value!r}: {fix}")
+
+
+class DType(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Scheduler(str, enum.Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class WandbMode(str, enum.Enum):
+    auto = "auto"  # online when an API key is present and WANDB_MODE is not "offline", else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "tiny"
+    """Label used in run names and logs."""
+    path: Optional[str] = None
+    """HF hub name or local directory (an ``export/`` of an earlier stage). None: build a tiny
+    random-init Llama from the fields below, with the in-process tokenizer."""
+    hidden_size: int = 64
+    """Tiny model only: width."""
+    num_layers: int = 2
+    """Tiny model only: decoder layers."""
+    num_heads: int = 4
+    """Tiny model only: attention heads."""
+    num_kv_heads: int = 2
+    """Tiny model only: key/value heads (grouped-query attention as in Llama-2-70B / Mistral)."""
+    intermediate_size: int = 128
+    """Tiny model only: MLP width."""
+    dtype: DType = DType.float32
+    """Parameter and compute dtype. bf16 on GPUs; fp16 is not offered (refused by DeepSpeed on CPU)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward (the release turns it on for every trained model)."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            value = getattr(self, key)
+            _require(value > 0, f"model.{key}", value, "use a positive integer")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            self.hidden_size,
+            f"must be divisible by model.num_heads={self.num_heads}",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.num_kv_heads",
+            self.num_kv_heads,
+            f"must divide model.num_heads={self.num_heads}",
+        )
+
+
+@dataclass(kw_only=True)
+class RewardSourceConfig:
+    path: Optional[str] = None
+    """Reward model for RL: an ``export/`` of the reward_model stage or an HF name. None with
+    ``data=synthetic``: the task's programmatic gold score is the reward (a rule-based reward),
+    so ``python -m jobs.remax`` runs with no argument."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "synthetic"
+    """Label used in run names."""
+    source: str = "synthetic"
+    """``synthetic`` (the in-repo task), an HF dataset name, or a local json/jsonl/parquet path."""
+    template: str = "plain"
+    """Chat template applied to prompts (``remax.data.templates.ChatTemplate``)."""
+    max_prompt_len: int = 12
+    """Prompts are left-truncated to this many tokens, then left-padded (release: 256)."""
+    max_response_len: int = 10
+    """Maximum generated tokens, EOS included (release: 256)."""
+    max_seq_len: int = 24
+    """SFT / reward-model sequence cap (release: 512)."""
+    num_train: int = 4096
+    """Synthetic task: training examples per stage (SFT demos, preference pairs, RL prompts)."""
+    num_eval: int = 256
+    """Synthetic task: held-out examples (eval prompts for RL must be >= 64)."""
+    split: list[int] = field(default_factory=lambda: [2, 4, 4])
+    """Real data: DeepSpeed-Chat ``--data_split`` weights for the SFT / RM / RL stages."""
+    seed: int = 1234
+    """Seed of data generation and splits; independent of the training seed."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_prompt_len", "max_response_len", "max_seq_len", "num_train"):
+            value = getattr(self, key)
+            _require(value > 0, f"data.{key}", value, "use a positive integer")
+        _require(self.num_eval >= 64, "data.num_eval", self.num_eval, "use at least 64")
+        _require(
+            len(self.split) == 3 and all(w >= 0 for w in self.split) and sum(self.split) > 0,
+            "data.split",
+            self.split,
+            "give three non-negative weights, e.g. [2,4,4]",
+        )
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (release: SFT/RM 1e-5, ReMax actor 1e-6)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas; the release uses (0.9, 0.95)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    scheduler: Scheduler = Scheduler.cosine
+    """Learning-rate schedule over ``train.max_steps`` (the release: cosine, warmup 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate, e.g. 1e-6")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "give two values in [0, 1), e.g. [0.9,0.95]",
+        )
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "use >= 0 (0 disables)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "use >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int = 32
+    """Examples (RL: prompts) per optimizer step."""
+    micro_batch_size: int = 32
+    """Examples per forward/backward; batch_size / micro_batch_size micro-batches per step."""
+    max_steps: int = 200
+    """Cap on optimizer steps."""
+    epochs: int = 1
+    """Passes over the training data; training stops at whichever of epochs/max_steps ends first."""
+    log_every: int = 10
+    """Write a metrics.jsonl row every N steps."""
+    eval_every: int = 0
+    """RL: evaluate every N steps (0: only before and after training)."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "micro_batch_size", "max_steps", "epochs", "log_every"):
+            value = getattr(self, key)
+            _require(value > 0, f"train.{key}", value, "use a positive integer")
+        _require(
+            self.batch_size % self.micro_batch_size == 0,
+            "train.micro_batch_size",
+            self.micro_batch_size,
+            f"must divide train.batch_size={self.batch_size}",
+        )
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "use >= 0")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    """Write ``checkpoints/step_<N>/`` every N optimizer steps (and at the end); 0 disables."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use >= 1")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    root: str = "runs"
+    """Root of all run directories: ``<root>/<stage>/<name>-<signature>/``."""
+    name: str = "default"
+    """Human label, the prefix of the run directory name."""
+    attempt: int = 0
+    """Part of the signature: bump it for a deliberately fresh run of an identical config."""
+    force: bool = False
+    """Start even when the run directory holds a different config (the old one is kept as
+    config.previous.yaml)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain name")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    wandb_mode: WandbMode = WandbMode.auto
+    """W&B mode. ``auto``: online with an API key, offline otherwise (compute nodes)."""
+    wandb_project: str = "remax"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team); None uses the key's default."""
+    wandb_group: Optional[str] = None
+    """W&B group; None groups by run name (a pipeline or sweep shares one)."""
+    progress: bool = True
+    """Show progress bars (tqdm)."""
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    name: str = "local"
+    """Cluster preset name."""
+    backend: str = "local"
+    """``local``: run in this process. Slurm backends are added by the Slurm issue."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+    num_threads: int = 0
+    """torch intra-op threads on CPU; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("local",), "cluster.backend", self.backend, "use local")
+        _require(self.device in ("auto", "cpu", "cuda"), "cluster.device", self.device, "use auto, cpu or cuda")
+
+
+@dataclass(kw_only=True)
+class RemaxAlgoConfig:
+    """ReMax conventions (remax-spec §4). Defaults are Algorithm 1 of the paper."""
+
+    baseline: Baseline = Baseline.greedy
+    """``greedy``: b(x) = r(x, greedy response) (ReMax). ``none``: vanilla REINFORCE (ablation)."""
+    samples_per_prompt: int = 1
+    """Sampled responses per prompt, all sharing one greedy baseline."""
+    kl_coef: float = 0.0
+    """β of the per-token KL penalty in the return."""
+    kl_mode: KLMode = KLMode.own_token
+    """``own_token``: token i carries its own KL (the release); ``reward_to_go``: Σ_{j>=i} (verl)."""
+    kl_estimator: KLEstimator = KLEstimator.k1
+    """Per-token KL estimator (k1 = log-ratio, as the release)."""
+    gamma: float = 1.0
+    """Discount of the terminal reward term, in (0, 1]."""
+    discount_convention: DiscountConvention = DiscountConvention.official
+    """``official``: token i of n gets γ^(n−i) (last token γ¹); ``textbook``: γ^(n−1−i)."""
+    reward_clip: Optional[float] = None
+    """Clip bound, None for no clip (release: 5.0)."""
+    clip_target: ClipTarget = ClipTarget.advantage
+    """``advantage``: clip r − r_greedy (the release); ``reward``: clip each score."""
+    aggregation: Aggregation = Aggregation.seq_sum
+    """``seq_sum`` (Algorithm 1) or ``token_mean`` (the release)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = 0
+    """Top-k sampling, 0 disables."""
+    logprob_dist: LogprobDist = LogprobDist.raw_softmax
+    """Which distribution the log-probs score (see remax-spec test 19)."""
+    train_on_eos: bool = True
+    """EOS is a trained action and the RM reads it."""
+    empty_response: EmptyResponse = EmptyResponse.mask
+    """Handling of answers that end at once: ``space_token`` (release) or ``mask``."""
+    eval_decoding: EvalDecoding = EvalDecoding.sampled
+    """Decoding of evaluation answers."""
+    early_stop_kl: Optional[float] = None
+    """Stop when eval KL reaches this value (release: 1.0); None never stops."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (parsed but unused upstream; kept for ablation)."""
+    epochs: int = 1
+    """Passes over one rollout. Fixed at 1: ReMax is on-policy with no importance ratio."""
+
+    def __post_init__(self) -> None:
+        _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.05")
+        _require(0 < self.gamma <= 1, "algo.gamma", self.gamma, "use a value in (0, 1], e.g. 0.99")
+        _require(
+            self.reward_clip is None or self.reward_clip > 0,
+            "algo.reward_clip",
+            self.reward_clip,
+            "use a positive bound or null for no clip",
+        )
+        _require(self.temperature > 0, "algo.temperature", self.temperature, "use a value > 0")
+        _require(0 < self.top_p <= 1, "algo.top_p", self.top_p, "use a value in (0, 1]")
+        _require(self.top_k >= 0, "algo.top_k", self.top_k, "use >= 0 (0 disables)")
+        _require(
+            self.samples_per_prompt >= 1, "algo.samples_per_prompt", self.samples_per_prompt, "use >= 1"
+        )
+        _require(
+            self.epochs == 1,
+            "algo.epochs",
+            self.epochs,
+            "ReMax is on-policy without an importance ratio: use 1 (use the PPO stage for reuse)",
+        )
+        _require(
+            self.early_stop_kl is None or self.early_stop_kl > 0,
+            "algo.early_stop_kl",
+            self.early_stop_kl,
+            "use a positive KL or null",
+        )
+        _require(self.entropy_coef >= 0, "algo.entropy_coef", self.entropy_coef, "use >= 0")
+
+
+@dataclass(kw_only=True)
+class _StageConfig:
+    seed: int = 42
+    """Training seed (model init, sampling, data order)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass(kw_only=True)
+class SFTJobConfig(_StageConfig):
+    """Supervised fine-tuning: NLL on response tokens and EOS."""
+
+    stage = "sft"
+
+
+@dataclass(kw_only=True)
+class RewardModelJobConfig(_StageConfig):
+    """Reward model: Bradley–Terry on the end-token score."""
+
+    stage = "reward_model"
+
+
+@dataclass(kw_only=True)
+class RemaxJobConfig(_StageConfig):
+    """ReMax RL: policy from ``model.path`` (also the frozen reference), reward from ``reward_model``."""
+
+    stage = "remax"
+    algo: RemaxAlgoConfig = field(default_factory=RemaxAlgoConfig)
+    reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    eval_prompts: int = 128
+    """Held-out prompts for the before/after evaluation (>= 64)."""
+    export_policy: ExportPolicy = ExportPolicy.last
+    """Which actor is exported: the last one, or the best eval reward (the release)."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
+        _require(
+            self.eval_prompts <= self.data.num_eval,
+            "eval_prompts",
+            self.eval_prompts,
+            f"must not exceed data.num_eval={self.data.num_eval}",
+        )
+        _require(
+            self.reward_model.path is not None or self.data.source == "synthetic",
+            "reward_model.path",
+            self.reward_model.path,
+            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+        )

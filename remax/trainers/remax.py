@@ -1,0 +1,359 @@
+"""ReMax trainer: REINFORCE with the greedy response's reward as baseline (Li et al., Algorithm 1).
+
+One step, as in the paper (numbers are Algorithm 1's lines):
+  1. sample a ~ π_θ(·|x) and 2. greedy-decode ā — one batched decode, greedy rows flagged;
+  3. score both with the frozen reward model: A(x) = r(x, a) − r(x, ā);
+  4. loss −A · Σ_t log π_θ(a_t | x, a_<t), with the release's per-token KL, discount and clip as
+     switches (``remax.algo.remax``); 5. one optimizer step.
+
+The reference model is a frozen copy of the initial policy (the SFT export). Experience-time and
+training-time log-probs are one forward: with dropout off and one on-policy pass they are equal
+(spec test 18), so the KL penalty uses the detached training log-probs instead of a second forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from remax.algo.kl import full_vocab_kl, kl_penalty
+from remax.algo.logprobs import logprobs_from_logits
+from remax.algo.remax import policy_gradient_loss, remax_advantages
+from remax.algo.sampling import filter_logits
+from remax.config import (
+    Aggregation,
+    Baseline,
+    EmptyResponse,
+    EvalDecoding,
+    ExportPolicy,
+    KLEstimator,
+    LogprobDist,
+    RemaxJobConfig,
+)
+from remax.data import synthetic
+from remax.data.batching import EpochSampler, collate_prompts
+from remax.data.stage_data import format_prompts, stage_records
+from remax.models.policy import load_policy, position_ids
+from remax.models.reward import load_reward_model, score
+from remax.rollout import Rollout, SamplingConfig, generate
+from remax.trainers.loop import build_optimizer, mean_stderr, optimizer_step, select_device, write_json
+
+log = logging.getLogger("remax.trainers.remax")
+
+
+def response_logits(model, rollout: Rollout) -> torch.Tensor:
+    """(B, T, V) logits scoring each response token (column t scores token P + t)."""
+    T = rollout.response.shape[1]
+    mask = rollout.attention_mask
+    out = model(
+        input_ids=rollout.sequences,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]
+
+
+class RemaxTrainer:
+    def __init__(self, cfg: RemaxJobConfig) -> None:
+        self.cfg, algo = cfg, cfg.algo
+        self.device = select_device(cfg.cluster.device)
+        self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.reward_model = None
+        if cfg.reward_model.path is not None:
+            self.reward_model, rm_tok = load_reward_model(
+                None, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
+            )
+            self.reward_model.eval().requires_grad_(False)
+            if rm_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(
+                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
+                    f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
+                )
+        else:
+            log.info("reward_model.path is null: the synthetic task's gold score is the reward")
+        train, held_out = stage_records("prompts", cfg.data)
+        self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
+        self.eval_prompts = [r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)]
+        self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
+        self.total_steps = min(cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
+        self.sampling = SamplingConfig(
+            max_new_tokens=cfg.data.max_response_len,
+            temperature=algo.temperature,
+            top_p=algo.top_p,
+            top_k=algo.top_k,
+        )
+        # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
+        # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
+        self.off_policy_sampling = algo.logprob_dist == LogprobDist.raw_softmax and (
+            algo.top_p < 1 or algo.temperature != 1 or algo.top_k > 0
+        )
+        if self.off_policy_sampling:
+            log.warning(
+                "algo.logprob_dist=raw_softmax with top_p=%s temperature=%s top_k=%s scores the raw "
+                "softmax, not the sampled distribution (slightly off-policy, as the release); "
+                "algo.logprob_dist=sampling_adjusted scores the sampled one",
+                algo.top_p,
+                algo.temperature,
+                algo.top_k,
+            )
+        self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+        self.step = 0
+        self.best_eval_reward: float | None = None
+        self.last_eval_kl: float | None = None
+
+    # ----------------------------------------------------------------- experience
+    def _postprocess(self, rollout: Rollout) -> Rollout:
+        """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
+        if self.cfg.algo.empty_response != EmptyResponse.space_token or rollout.response.shape[1] < 2:
+            return rollout
+        empty = rollout.lengths == 1
+        response, mask = rollout.response.clone(), rollout.response_mask.clone()
+        response[empty, 0] = self.space_id
+        response[empty, 1] = self.tokenizer.eos_token_id
+        mask[empty, 1] = True
+        return rollout._replace(response=response, response_mask=mask)
+
+    def train_mask(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
+        under ``empty_response=mask``)."""
+        mask = rollout.response_mask.clone()
+        is_eos = (rollout.response == self.tokenizer.eos_token_id) & mask
+        if self.cfg.algo.empty_response == EmptyResponse.mask:
+            mask[is_eos[:, 0]] = False
+        if not self.cfg.algo.train_on_eos:
+            mask &= ~is_eos
+        return mask
+
+    @torch.no_grad()
+    def rewards(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
+        if self.reward_model is None:
+            return self.gold(rollout)
+        return score(self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index)
+
+    def gold(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) the synthetic task's programmatic score of each decoded response."""
+        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+        responses = self.tokenizer.batch_decode(
+            rollout.response * rollout.response_mask, skip_special_tokens=True
+        )
+        return torch.tensor(
+            [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)], device=self.device
+        )
+
+    def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout]:
+        """Steps 1–2: n sampled responses per prompt and one greedy response, in one decode."""
+        n = self.cfg.algo.samples_per_prompt
+        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        B = len(prompts)
+        ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
+        mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])
+        greedy = torch.arange(B * n + B, device=self.device) >= B * n
+        both = generate(
+            self.model,
+            ids,
+            mask,
+            self.sampling,
+            greedy=greedy,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        both = self._postprocess(both)
+        return both.select(slice(0, B * n)), both.select(slice(B * n, None))
+
+    # ----------------------------------------------------------------- update
+    def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) realised-token log-probs, and (B, T, V) logits when a path needs them."""
+        algo = self.cfg.algo
+        logits = response_logits(model, rollout)
+        if algo.logprob_dist == LogprobDist.sampling_adjusted:
+            logits = filter_logits(logits, temperature=algo.temperature, top_p=algo.top_p, top_k=algo.top_k)
+        keep = algo.kl_estimator == KLEstimator.full_vocab
+        return logprobs_from_logits(logits, rollout.response), (logits if keep else None)
+
+    def train_step(self) -> dict:
+        algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
+        prompts = [self.train_prompts[i] for i in self.sampler.next_indices()]
+        sampled, greedy = self.rollout(prompts)  # 1–2
+        rewards = self.rewards(sampled)  # 3: r(x, a), (B·n,)
+        if algo.baseline == Baseline.greedy:
+            baseline = self.rewards(greedy).repeat_interleave(n)  # r(x, ā) of each sample's prompt
+        else:
+            baseline = torch.zeros_like(rewards)
+        mask = self.train_mask(sampled)  # (B·n, T)
+        # Global normaliser, so micro-batches (and later ranks) add up to the whole batch's loss.
+        denominator = mask.sum() if algo.aggregation == Aggregation.token_mean else mask.shape[0]
+        self.model.train()
+        micro = self.cfg.train.micro_batch_size * n
+        kl_sum, loss_sum = 0.0, 0.0
+        for start in range(0, mask.shape[0], micro):
+            rows = slice(start, start + micro)
+            part = sampled.select(rows)
+            logprobs, logits = self._logprobs(self.model, part)  # (b, T), with grad
+            with torch.no_grad():
+                ref_logprobs, ref_logits = self._logprobs(self.reference, part)
+                if logits is not None:
+                    kl = full_vocab_kl(logits.detach(), ref_logits)
+                else:
+                    kl = kl_penalty(logprobs.detach(), ref_logprobs, estimator=algo.kl_estimator)
+                advantages = remax_advantages(  # 4: returns per token, (b, T)
+                    rewards[rows],
+                    baseline[rows],
+                    mask[rows],
+                    kl=kl,
+                    kl_coef=algo.kl_coef,
+                    gamma=algo.gamma,
+                    reward_clip=algo.reward_clip,
+                    kl_mode=algo.kl_mode,
+                    discount_convention=algo.discount_convention,
+                    clip_target=algo.clip_target,
+                )
+            loss = policy_gradient_loss(
+                logprobs, advantages, mask[rows], aggregation=algo.aggregation, denominator=denominator
+            )
+            loss.backward()
+            loss_sum += float(loss.detach())
+            kl_sum += float((kl * mask[rows]).sum())
+        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)  # 5
+        lengths = sampled.lengths.float()
+        return {
+            "reward/mean": float(rewards.mean()),
+            "reward/baseline_mean": float(baseline.mean()),
+            "reward/advantage_mean": float((rewards - baseline).mean()),
+            "reward/advantage_abs_mean": float((rewards - baseline).abs().mean()),
+            "kl/mean": kl_sum / mask.shape[0],  # per sequence: Σ_t kl_t averaged over rows
+            "loss/policy": loss_sum,
+            "response/length_mean": float(lengths.mean()),
+            "response/greedy_length_mean": float(greedy.lengths.float().mean()),
+            "response/same_as_greedy": float(self._same(sampled, greedy).float().mean()),
+            "rollout/offpolicy_sampling": float(self.off_policy_sampling),
+            "optim/grad_norm": grad_norm,
+            "optim/lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
+        g = greedy.select(torch.arange(greedy.response.shape[0], device=self.device).repeat_interleave(
+            self.cfg.algo.samples_per_prompt
+        ))
+        return ((sampled.response == g.response) | ~(sampled.response_mask | g.response_mask)).all(-1)
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length.
+
+        Deterministic and side-effect free: a fixed seed inside a forked RNG, so evaluating never
+        changes the training run's random stream (resume stays bit-identical).
+        """
+        self.model.eval()
+        greedy = self.cfg.algo.eval_decoding == EvalDecoding.greedy
+        devices = [self.device] if self.device.type == "cuda" else []
+        out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
+        bs = self.cfg.train.batch_size
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 7919)
+            for i in range(0, len(self.eval_prompts), bs):
+                prompts = self.eval_prompts[i : i + bs]
+                batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+                ro = self._postprocess(
+                    generate(
+                        self.model,
+                        batch.input_ids,
+                        batch.attention_mask,
+                        self.sampling,
+                        greedy=greedy,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                )
+                logp, _ = self._logprobs(self.model, ro)
+                ref, _ = self._logprobs(self.reference, ro)
+                out["reward"].append(self.rewards(ro))
+                if self.cfg.data.source == "synthetic":
+                    out["gold"].append(self.gold(ro))
+                out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
+                out["length"].append(ro.lengths.float())
+        self.model.train()
+        return {k: torch.cat(v) for k, v in out.items() if v}
+
+    def _eval_summary(self) -> dict:
+        return {k: mean_stderr(v) for k, v in self.evaluate().items()}
+
+    def before_training(self, run_dir) -> None:
+        self.run_dir = run_dir
+        path = run_dir / "eval_before.json"
+        if not path.exists():
+            write_json(path, self._eval_summary())
+
+    def should_stop_early(self) -> bool:
+        """Periodic eval (``train.eval_every``): track the best actor and the KL early stop."""
+        every = self.cfg.train.eval_every
+        if not every or self.step == 0 or self.step % every:
+            return False
+        ev = self._eval_summary()
+        self.last_eval_kl = ev["kl"]["mean"]
+        if self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward:
+            self.best_eval_reward = ev["reward"]["mean"]
+            # On disk, not in memory: a resumed run still exports the best actor it has seen.
+            tmp = self.run_dir / "best_policy.safetensors.tmp"
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp)
+            tmp.replace(self.run_dir / "best_policy.safetensors")
+        limit = self.cfg.algo.early_stop_kl
+        if limit is not None and self.last_eval_kl >= limit:
+            log.info("early stop at step %d: eval KL %.4f >= %.4f", self.step, self.last_eval_kl, limit)
+            self.total_steps = self.step
+            return True
+        return False
+
+    def evaluate_final(self, run_dir) -> dict:
+        before = json.loads((run_dir / "eval_before.json").read_text())
+        after = self._eval_summary()
+        write_json(run_dir / "eval_after.json", after)
+        ev = {
+            "reward_before": before["reward"],
+            "reward_after": after["reward"],
+            "kl_after": after["kl"]["mean"],
+            "kl_after_stderr": after["kl"]["stderr"],
+            "length_before": before["length"]["mean"],
+            "length_after": after["length"]["mean"],
+        }
+        if "gold" in after:
+            ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
+        reward_source = "reward_model" if self.reward_model is not None else "gold"
+        return {"eval": ev, "reward_source": reward_source}
+
+    def export_model(self, run_dir):
+        best = run_dir / "best_policy.safetensors"
+        if self.cfg.export_policy == ExportPolicy.best_eval_reward and best.exists():
+            exported = copy.deepcopy(self.model)
+            exported.load_state_dict(load_file(best, device=str(self.device)))
+            return exported
+        return self.model
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "best_eval_reward": self.best_eval_reward,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.total_steps = state["total_steps"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.best_eval_reward = state["best_eval_reward"]

@@ -1,0 +1,538 @@
+#!/usr/bin/env bash
+# Local single-node Slurm for tests and CI: munged -> mariadbd -> slurmdbd -> slurmctld -> slurmd.
+#
+#   scripts/local_slurm.sh [up]          install what is missing, write configs, start what is down, smoke test
+#   scripts/local_slurm.sh down [--purge] cancel jobs, stop the daemons this script started (--purge: wipe state + DB)
+#   scripts/local_slurm.sh status        one line per daemon, then sinfo
+#
+# Knobs (environment):
+#   LOCAL_SLURM_DBD=1       0: no slurmdbd/MariaDB; accounting_storage/none + jobcomp/filetxt (submitit can hang!)
+#   LOCAL_SLURM_GPUS=4      fake GPUs: char devices /var/lib/slurm/fake_gpus/nvidiaN, Gres=gpu:N
+#   LOCAL_SLURM_CPUS=       CPUs advertised (default: detected). Above the real count adds
+#                           SlurmdParameters=config_overrides; the test suite may ask for e.g. 8 to get more slots.
+#   LOCAL_SLURM_DB_PORT=3316
+#   LOCAL_SLURM_SMOKE=1     0 skips the smoke test (srun, sbatch --wait, sacct)
+#
+# Spec, measured timings and the pitfalls behind every line below: docs/local-slurm.md (shared docs).
+# Debian 12 + root only; no systemd needed. One cluster serves the whole machine (fixed loopback ports), so `up` is
+# idempotent: with everything up it only checks. It never touches daemons it did not start.
+set -euo pipefail
+
+DBD=${LOCAL_SLURM_DBD:-1}
+GPUS=${LOCAL_SLURM_GPUS:-4}
+CPUS=${LOCAL_SLURM_CPUS:-}
+DB_PORT=${LOCAL_SLURM_DB_PORT:-3316}
+SMOKE=${LOCAL_SLURM_SMOKE:-1}
+
+CONF_DIR=/etc/slurm
+RUN_DIR=/var/run/slurm
+LOG_DIR=/var/log/slurm
+LIB_DIR=/var/lib/slurm
+STATE_DIR=$LIB_DIR/slurmctld
+SPOOL_DIR=$LIB_DIR/slurmd
+DATADIR=$LIB_DIR/mysql # private MariaDB; the system /var/lib/mysql and /etc/mysql stay untouched
+GPU_DIR=$LIB_DIR/fake_gpus
+MARKER=$RUN_DIR/local_slurm.started # "name pid" per daemon this script started
+LOCK=/run/lock/local_slurm.lock
+CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819
+HEADER="# Written by scripts/local_slurm.sh (local test cluster). Rerun the script instead of editing."
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd) # start order; stop order is the reverse
+
+say() { printf 'local_slurm: %s\n' "$*"; }
+die() {
+  printf 'local_slurm: error: %s\n' "$*" >&2
+  exit 1
+}
+
+# ---------------------------------------------------------------- daemon bookkeeping
+
+pidfile() {
+  case $1 in
+  munged) echo /var/run/munge/munged.pid ;;
+  mariadbd) echo "$DATADIR/mysqld.pid" ;;
+  *) echo "$RUN_DIR/$1.pid" ;;
+  esac
+}
+
+port_of() {
+  case $1 in
+  mariadbd) echo "$DB_PORT" ;;
+  slurmdbd) echo $DBD_PORT ;;
+  slurmctld) echo $CTLD_PORT ;;
+  slurmd) echo $SLURMD_PORT ;;
+  esac
+}
+
+logfile() {
+  case $1 in
+  munged) echo /var/log/munge/munged.log ;;
+  mariadbd) echo "$DATADIR/mysqld.log" ;;
+  *) echo "$LOG_DIR/$1.log" ;;
+  esac
+}
+
+alive() { # pid is a live process (zombies count as gone: PID 1 here may never reap them)
+  local state
+  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z ]]
+}
+
+running_pid() { # print the pid if NAME's pid file names a live NAME process
+  local f pid comm
+  f=$(pidfile "$1")
+  [[ -r $f ]] || return 1
+  read -r pid <"$f" || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  read -r comm <"/proc/$pid/comm" 2>/dev/null || return 1
+  [[ $comm == "$1" ]] && alive "$pid" && echo "$pid"
+}
+
+port_listening() { # a TCP socket in LISTEN state on PORT (any address)
+  local hex files=()
+  printf -v hex ':%04X' "$1"
+  for f in /proc/net/tcp /proc/net/tcp6; do [[ -r $f ]] && files+=("$f"); done
+  awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p {found = 1} END {exit !found}' "${files[@]}"
+}
+
+started_by_us() { # NAME runs with the pid this script recorded when it started it
+  local pid
+  pid=$(running_pid "$1") || return 1
+  grep -qx "$1 $pid" "$MARKER" 2>/dev/null
+}
+
+marker_set() { # marker_set NAME [PID]: record (or with no PID forget) a daemon this script started
+  local tmp="$MARKER.tmp.$$"
+  { grep -v "^$1 " "$MARKER" 2>/dev/null || true; } >"$tmp"
+  [[ -n ${2:-} ]] && echo "$1 $2" >>"$tmp"
+  mv -f "$tmp" "$MARKER"
+}
+
+wait_until() { # wait_until SECONDS CMD...: poll CMD every 0.1 s
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+}
+
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+ready() { # NAME is running and serving
+  running_pid "$1" >/dev/null || return 1
+  case $1 in
+  munged) munge_ok ;;
+  *) port_listening "$(port_of "$1")" ;;
+  esac
+}
+
+show_log_tail() { # to stderr, for a daemon that did not come up
+  local f files=("$(logfile "$1")")
+  if [[ $1 == mariadbd ]]; then files+=("$DATADIR/mysqld.out"); else files+=("$LOG_DIR/$1.out"); fi
+  for f in "${files[@]}"; do
+    [[ -s $f ]] && { echo "--- last lines of $f" && tail -n 15 "$f"; } >&2
+  done
+  return 0
+}
+
+stop_daemon() { # SIGTERM, wait for the pid to vanish (slurmctld needs ~3 s to save state), SIGKILL after 30 s
+  local name=$1 pid
+  pid=$(running_pid "$name") || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! wait_until 30 eval "! alive $pid"; then
+    say "$name (pid $pid) ignored SIGTERM for 30 s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_until 10 eval "! alive $pid" || die "$name (pid $pid) does not stop"
+  fi
+  marker_set "$name"
+  say "stopped $name (pid $pid)"
+}
+
+start_daemon() {
+  local name=$1 port out="$LOG_DIR/$1.out" pid
+  port=$(port_of "$name")
+  if [[ -n $port ]] && port_listening "$port"; then
+    die "port busy: $port ($name) is held by another process, not by a $name with pid file $(pidfile "$name")"
+  fi
+  case $name in
+  munged) runuser -u munge -- /usr/sbin/munged </dev/null >>"$out" 2>&1 || { show_log_tail munged; die "munged did not start"; } ;;
+  mariadbd)
+    # MariaDB (user mysql) cannot write into slurm-owned dirs, so socket, pid and log live in its datadir;
+    # --no-defaults keeps /etc/mysql and the system instance out of it.
+    setsid /usr/sbin/mariadbd --no-defaults --datadir="$DATADIR" --user=mysql --socket="$DATADIR/mysqld.sock" \
+      --pid-file="$DATADIR/mysqld.pid" --log-error="$DATADIR/mysqld.log" --port="$DB_PORT" \
+      --bind-address=127.0.0.1 --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 \
+      --init-file="$DATADIR/local_slurm_init.sql" </dev/null >>"$DATADIR/mysqld.out" 2>&1 &
+    ;;
+  slurmdbd | slurmctld) "/usr/sbin/$name" </dev/null >>"$out" 2>&1 || { show_log_tail "$name"; die "$name did not start"; } ;;
+  slurmd) /usr/sbin/slurmd -N localhost </dev/null >>"$out" 2>&1 || { show_log_tail slurmd; die "slurmd did not start"; } ;;
+  esac
+  if ! wait_until 60 ready "$name"; then
+    show_log_tail "$name"
+    die "$name did not come up within 60 s (log: $(logfile "$name"))"
+  fi
+  pid=$(running_pid "$name")
+  marker_set "$name" "$pid"
+  say "started $name (pid $pid)"
+}
+
+# ---------------------------------------------------------------- install and configure
+
+require_root() { [[ $(id -u) == 0 ]] || die "must run as root (it installs packages and starts daemons); try: sudo $0 $*"; }
+
+require_debian() {
+  [[ -r /etc/debian_version ]] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null ||
+    die "needs Debian (12) with apt-get; on other systems install Slurm + munge yourself"
+}
+
+ensure_packages() {
+  local want=(slurmctld slurmd slurm-client munge) missing=() installed
+  ((DBD)) && want+=(slurmdbd mariadb-server)
+  installed=$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${want[@]}" 2>/dev/null || true)
+  for p in "${want[@]}"; do
+    grep -qx "$p installed" <<<"$installed" || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  say "installing ${missing[*]} (apt-get)"
+  # Without systemd the postinst scripts would start munge/mariadb/slurm through invoke-rc.d unless a policy-rc.d
+  # forbids it; add a temporary one where the host has none, so that only this script starts daemons.
+  local policy=/usr/sbin/policy-rc.d added_policy=0 aptlog=/var/log/local_slurm.apt.log
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && added_policy=1
+  fi
+  local rc=0
+  {
+    apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  } >"$aptlog" 2>&1 || rc=$?
+  ((added_policy)) && rm -f "$policy"
+  if ((rc)); then
+    tail -n 20 "$aptlog" >&2
+    die "apt-get install ${missing[*]} failed (rc=$rc, full log: $aptlog)"
+  fi
+}
+
+mkdir_owned() { # mkdir_owned OWNER MODE DIR...: create if missing; always fix the owner
+  local owner=$1 mode=$2
+  shift 2
+  for d in "$@"; do
+    [[ -d $d ]] || install -d -m "$mode" "$d"
+    chown "$owner" "$d"
+  done
+}
+
+prepare_dirs() {
+  mkdir_owned munge: 0755 /var/run/munge
+  mkdir_owned munge: 0700 /var/log/munge /var/lib/munge
+  mkdir_owned slurm: 0755 "$RUN_DIR" "$LOG_DIR" "$LIB_DIR" "$STATE_DIR"
+  mkdir_owned root: 0755 "$SPOOL_DIR" "$GPU_DIR" "$CONF_DIR"
+  touch "$MARKER"
+  if [[ ! -s /etc/munge/munge.key ]]; then
+    runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key || die "cannot create /etc/munge/munge.key"
+  fi
+  # Fake GPUs must be character devices: for regular files slurmd counts the GRES but sets no CUDA_VISIBLE_DEVICES.
+  # Nothing ever opens them (task/none applies no device cgroup). Major 195 is the real nvidia major.
+  local i
+  for ((i = 0; i < GPUS; i++)); do
+    [[ -c $GPU_DIR/nvidia$i ]] && continue
+    rm -f "$GPU_DIR/nvidia$i"
+    mknod "$GPU_DIR/nvidia$i" c 195 "$i" || die "mknod $GPU_DIR/nvidia$i failed (fake GPUs need char devices)"
+  done
+}
+
+node_line() { # from `slurmd -C`; RealMemory -2 % (more than slurmd detects drains the node as INVAL)
+  local hw key val boards=1 sockets=1 cores=1 threads=1 cpus=1 mem=1024 extra=""
+  hw=$(slurmd -C 2>/dev/null | head -n 1) || true
+  for kv in $hw; do
+    key=${kv%%=*} val=${kv#*=}
+    case $key in
+    CPUs) cpus=$val ;; Boards) boards=$val ;; SocketsPerBoard) sockets=$val ;;
+    CoresPerSocket) cores=$val ;; ThreadsPerCore) threads=$val ;; RealMemory) mem=$val ;;
+    esac
+  done
+  mem=$((mem * 98 / 100))
+  if [[ -n $CPUS && $CPUS != "$cpus" ]]; then
+    # Advertise CPUS as one socket of CPUS cores; slurmd keeps them only with SlurmdParameters=config_overrides.
+    boards=1 sockets=1 cores=$CPUS threads=1
+    extra=" CPUs=$CPUS"
+  fi
+  ((GPUS > 0)) && extra+=" Gres=gpu:$GPUS"
+  echo "NodeName=localhost NodeAddr=127.0.0.1 Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores" \
+    "ThreadsPerCore=$threads RealMemory=$mem$extra State=UNKNOWN"
+  [[ -z $CPUS || $CPUS == "$cpus" ]] || echo "SlurmdParameters=config_overrides"
+}
+
+render_slurm_conf() {
+  cat <<EOF
+$HEADER
+ClusterName=localcluster
+SlurmctldHost=localhost
+SlurmUser=slurm
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job waits cred_expire+1 s before it may start again (default 120 s); changes need a daemon restart.
+AuthInfo=cred_expire=5
+MpiDefault=none
+# No cgroups at all: no cgroup.conf needed, but also no memory/CPU enforcement.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+ReturnToService=2
+MailProg=/bin/true
+SlurmctldPidFile=$RUN_DIR/slurmctld.pid
+SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdSpoolDir=$SPOOL_DIR
+StateSaveLocation=$STATE_DIR
+SchedulerType=sched/backfill
+# Scheduler passes every second (default 60 s): requeue -> restart in ~6 s instead of ~3 min.
+SchedulerParameters=bf_interval=1,sched_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+KillWait=5
+GresTypes=gpu
+EOF
+  if ((DBD)); then
+    cat <<EOF
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+AccountingStorageTRES=gres/gpu
+EOF
+  else
+    cat <<EOF
+# No slurmdbd: sacct is disabled (sacct -c reads the jobcomp file) and submitit cannot see cancelled jobs.
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$LOG_DIR/jobcomp.log
+EOF
+  fi
+  cat <<EOF
+# Preemption: a job in "high" requeues one in "low" (USR2 first, SIGTERM to steps after GraceTime).
+SlurmctldParameters=preempt_send_user_signal
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+$(node_line)
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName=low   Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1  PreemptMode=REQUEUE GraceTime=20
+PartitionName=high  Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+EOF
+}
+
+render_gres_conf() {
+  echo "$HEADER"
+  echo "AutoDetect=off"
+  if ((GPUS == 1)); then
+    echo "NodeName=localhost Name=gpu File=$GPU_DIR/nvidia0"
+  elif ((GPUS > 1)); then
+    echo "NodeName=localhost Name=gpu File=$GPU_DIR/nvidia[0-$((GPUS - 1))]"
+  fi
+}
+
+render_slurmdbd_conf() {
+  cat <<EOF
+$HEADER
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=slurm
+PidFile=$RUN_DIR/slurmdbd.pid
+LogFile=$LOG_DIR/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=slurmdbpass
+StorageLoc=slurm_acct_db
+EOF
+}
+
+differs() { # differs FILE CONTENT: FILE is missing or has other content; refuses files this script did not write
+  [[ -e $1 ]] || return 0
+  [[ $(head -n 1 "$1") == "$HEADER" ]] || die "$1 exists but was not written by this script; refusing to overwrite it"
+  [[ $(<"$1") != "$2" ]]
+}
+
+write_conf() { # write_conf FILE CONTENT OWNER MODE
+  local tmp="$1.tmp.$$"
+  printf '%s\n' "$2" >"$tmp"
+  chown "$3" "$tmp"
+  chmod "$4" "$tmp"
+  mv -f "$tmp" "$1"
+}
+
+init_mariadb_datadir() { # once: mariadb-install-db; the init file (re)creates the slurm DB user at every start
+  mkdir_owned mysql: 0750 "$DATADIR"
+  if [[ ! -d $DATADIR/mysql ]]; then
+    say "initialising MariaDB datadir $DATADIR"
+    mariadb-install-db --no-defaults --datadir="$DATADIR" --user=mysql --auth-root-authentication-method=socket \
+      --skip-test-db >"$LIB_DIR/mariadb-install-db.log" 2>&1 ||
+      { tail -n 20 "$LIB_DIR/mariadb-install-db.log" >&2; die "mariadb-install-db failed"; }
+  fi
+  local sql
+  sql=$(
+    for host in localhost 127.0.0.1; do
+      echo "CREATE USER IF NOT EXISTS 'slurm'@'$host' IDENTIFIED BY 'slurmdbpass';"
+      echo "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'$host';"
+    done
+  )
+  if [[ ! -f $DATADIR/local_slurm_init.sql || $(<"$DATADIR/local_slurm_init.sql") != "$sql" ]]; then
+    write_conf "$DATADIR/local_slurm_init.sql" "$sql" mysql: 0600
+  fi
+}
+
+wait_node_ready() { # idle (or busy with jobs); a DOWN/DRAINED node is RESUMEd (a drain survives in the state dir)
+  local deadline=$((SECONDS + 30)) state
+  while :; do
+    state=$(sinfo -h -n localhost -o %T 2>/dev/null | head -n 1) || state=""
+    case $state in
+    idle | mixed | allocated | completing) return 0 ;;
+    down | drained | draining | fail | *drain*) scontrol update NodeName=localhost State=RESUME 2>/dev/null || true ;;
+    esac
+    if ((SECONDS >= deadline)); then
+      sinfo -R >&2 || true
+      show_log_tail slurmd
+      die "node localhost is '${state:-unknown}', not idle, after 30 s (sinfo -R above)"
+    fi
+    sleep 0.2
+  done
+}
+
+smoke_test() {
+  local t0=$SECONDS id state=""
+  srun -N1 -n1 -t 1 --chdir=/tmp -J local_slurm_smoke true || die "smoke test: srun true failed"
+  id=$(sbatch --parsable --wait -t 1 --chdir=/tmp -o /dev/null -J local_slurm_smoke --wrap true) ||
+    die "smoke test: sbatch --wait --wrap true failed"
+  id=${id%%;*}
+  if ((DBD)); then
+    # The job record reaches slurmdbd asynchronously; give it a few seconds.
+    wait_until 10 eval '[[ $(sacct -j "$id" -X -n -P -o State 2>/dev/null) == COMPLETED ]]' ||
+      die "smoke test: sacct -j $id says '$(sacct -j "$id" -X -n -P -o State 2>&1)', not COMPLETED"
+  fi
+  local what="srun, sbatch --wait"
+  ((DBD)) && what+=", sacct"
+  say "smoke test passed ($what: job $id) in $((SECONDS - t0)) s"
+}
+
+# ---------------------------------------------------------------- commands
+
+cmd_up() {
+  require_root up
+  require_debian
+  for v in DBD GPUS DB_PORT SMOKE ${CPUS:+CPUS}; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "LOCAL_SLURM_$v must be a non-negative integer, got '${!v}'"
+  done
+  exec 9>"$LOCK"
+  flock -w 600 9 || die "another local_slurm.sh holds $LOCK"
+  ensure_packages
+  prepare_dirs
+
+  # Decide everything before touching a running daemon: a changed config restarts slurmctld+slurmd together
+  # (restarting only one gives "appears to have a different slurm.conf"), and only if this script started them.
+  local slurm_conf gres_conf dbd_conf slurm_changed=0 dbd_changed=0 db_moved=0 name
+  slurm_conf=$(render_slurm_conf)
+  gres_conf=$(render_gres_conf)
+  differs "$CONF_DIR/slurm.conf" "$slurm_conf" && slurm_changed=1
+  differs "$CONF_DIR/gres.conf" "$gres_conf" && slurm_changed=1
+  if ((DBD)); then
+    dbd_conf=$(render_slurmdbd_conf)
+    differs "$CONF_DIR/slurmdbd.conf" "$dbd_conf" && dbd_changed=1
+    running_pid mariadbd >/dev/null && ! port_listening "$DB_PORT" && db_moved=1
+  fi
+  local restart=()
+  ((db_moved)) && restart+=(mariadbd)
+  ((dbd_changed)) && restart+=(slurmdbd)
+  ((slurm_changed)) && restart+=(slurmctld slurmd)
+  for name in "${restart[@]}"; do
+    if running_pid "$name" >/dev/null && ! started_by_us "$name"; then
+      die "the config changed, but the running $name was not started by this script; stop the cluster first"
+    fi
+  done
+  for ((i = ${#restart[@]} - 1; i >= 0; i--)); do
+    running_pid "${restart[i]}" >/dev/null && say "config changed: restarting ${restart[i]}" && stop_daemon "${restart[i]}"
+  done
+
+  ((slurm_changed)) && write_conf "$CONF_DIR/slurm.conf" "$slurm_conf" root: 0644 &&
+    write_conf "$CONF_DIR/gres.conf" "$gres_conf" root: 0644 && say "wrote $CONF_DIR/slurm.conf, gres.conf"
+  if ((DBD)); then
+    # slurmdbd refuses a slurmdbd.conf that is not 0600 and owned by SlurmUser.
+    ((dbd_changed)) && write_conf "$CONF_DIR/slurmdbd.conf" "$dbd_conf" slurm: 0600 && say "wrote $CONF_DIR/slurmdbd.conf"
+    init_mariadb_datadir
+  fi
+
+  local up=()
+  for name in "${DAEMONS[@]}"; do
+    if ((!DBD)) && [[ $name == mariadbd || $name == slurmdbd ]]; then continue; fi
+    if ready "$name"; then
+      up+=("$name")
+    else
+      running_pid "$name" >/dev/null && { wait_until 30 ready "$name" || die "$name runs but does not answer"; } || start_daemon "$name"
+    fi
+  done
+  ((${#up[@]})) && say "already up: ${up[*]}"
+  wait_node_ready
+  ((SMOKE)) && smoke_test
+  say "cluster up: $(sinfo -h -o '%P %T %c CPUs %G' | tr '\n' ' ')"
+}
+
+cmd_down() {
+  local purge=0 name
+  case ${1:-} in --purge) purge=1 ;; "") ;; *) die "unknown option '$1' (down [--purge])" ;; esac
+  require_root down
+  exec 9>"$LOCK"
+  flock -w 600 9 || die "another local_slurm.sh holds $LOCK"
+  if started_by_us slurmctld; then
+    local ids
+    ids=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ') || ids=""
+    if [[ -n ${ids// /} ]]; then
+      say "cancelling jobs: $ids"
+      # shellcheck disable=SC2086
+      scancel $ids 2>/dev/null || true
+      wait_until 15 eval '[[ -z $(squeue -h -o %A 2>/dev/null) ]]' || say "jobs still completing: $(squeue -h -o %A | tr '\n' ' ')"
+    fi
+  fi
+  for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
+    name=${DAEMONS[i]}
+    if started_by_us "$name"; then
+      stop_daemon "$name"
+    elif running_pid "$name" >/dev/null; then
+      say "leaving $name running (pid $(running_pid "$name"), not started by this script)"
+    fi
+  done
+  if ((purge)); then
+    for name in "${DAEMONS[@]}"; do
+      running_pid "$name" >/dev/null && die "not purging: $name is still running (not started by this script)"
+    done
+    rm -rf "${STATE_DIR:?}"/* "${SPOOL_DIR:?}"/* "${LOG_DIR:?}"/* "$DATADIR" "$LIB_DIR/mariadb-install-db.log"
+    rm -f /var/log/munge/munged.log "$MARKER"
+    say "purged job/node state, spool, logs and the accounting DB"
+  fi
+}
+
+cmd_status() {
+  local name pid how expect=(munged slurmctld slurmd) bad=0
+  grep -qs '^AccountingStorageType=accounting_storage/slurmdbd' "$CONF_DIR/slurm.conf" && expect+=(mariadbd slurmdbd)
+  for name in "${DAEMONS[@]}"; do
+    if pid=$(running_pid "$name"); then
+      how="not started by local_slurm.sh"
+      started_by_us "$name" && how="started by local_slurm.sh"
+      printf '%-10s up    pid %-8s %s\n' "$name" "$pid" "$how"
+    else
+      [[ " ${expect[*]} " == *" $name "* ]] && bad=1 && how="" || how="(not used)"
+      printf '%-10s down  %s\n' "$name" "$how"
+    fi
+  done
+  if running_pid slurmctld >/dev/null; then sinfo || bad=1; fi
+  return $bad
+}
+
+case ${1:-up} in
+up) cmd_up ;;
+down) cmd_down "${2:-}" ;;
+status) cmd_status ;;
+-h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
+*) die "unknown command '$1' (use: up | down [--purge] | status)" ;;
+esac
