@@ -51,7 +51,13 @@ def set_rng_state(state: dict) -> None:
     random.setstate(_to_tuples(state["python"]))
     n = state["numpy"]
     np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -104,7 +110,10 @@ class CheckpointManager:
         tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
         tmp.mkdir()
         # safetensors refuses shared storage (tied embeddings): save contiguous clones.
-        save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()},
+            tmp / "model.safetensors",
+        )
         torch.save(state, tmp / "state.pt")
         (tmp / MARKER).write_text(json.dumps({"step": step}))
         for f in tmp.iterdir():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
 
 from remax.algo.types import (
     Aggregation,
@@ -88,7 +87,7 @@ class WandbMode(str, enum.Enum):
 class ModelConfig:
     name: str = "tiny"
     """Label used in run names and logs."""
-    path: Optional[str] = None
+    path: str | None = None
     """HF hub name or local directory (an ``export/`` of an earlier stage). None: build a tiny
     random-init Llama from the fields below, with the in-process tokenizer."""
     hidden_size: int = 64
@@ -126,7 +125,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class RewardSourceConfig:
-    path: Optional[str] = None
+    path: str | None = None
     """Reward model for RL: an ``export/`` of the reward_model stage or an HF name. None with
     ``data=synthetic``: the task's programmatic gold score is the reward (a rule-based reward),
     so ``python -m jobs.remax`` runs with no argument."""
@@ -255,7 +254,9 @@ class RunConfig:
     config.previous.yaml)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain name")
+        _require(
+            bool(self.name) and "/" not in self.name, "run.name", self.name, "use a plain name"
+        )
 
 
 @dataclass(kw_only=True)
@@ -264,9 +265,9 @@ class LogConfig:
     """W&B mode. ``auto``: online with an API key, offline otherwise (compute nodes)."""
     wandb_project: str = "remax"
     """W&B project."""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """W&B entity (team); None uses the key's default."""
-    wandb_group: Optional[str] = None
+    wandb_group: str | None = None
     """W&B group; None groups by run name (a pipeline or sweep shares one)."""
     progress: bool = True
     """Show progress bars (tqdm)."""
@@ -285,7 +286,12 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _require(self.backend in ("local",), "cluster.backend", self.backend, "use local")
-        _require(self.device in ("auto", "cpu", "cuda"), "cluster.device", self.device, "use auto, cpu or cuda")
+        _require(
+            self.device in ("auto", "cpu", "cuda"),
+            "cluster.device",
+            self.device,
+            "use auto, cpu or cuda",
+        )
 
 
 @dataclass(kw_only=True)
@@ -306,7 +312,7 @@ class RemaxAlgoConfig:
     """Discount of the terminal reward term, in (0, 1]."""
     discount_convention: DiscountConvention = DiscountConvention.official
     """``official``: token i of n gets γ^(n−i) (last token γ¹); ``textbook``: γ^(n−1−i)."""
-    reward_clip: Optional[float] = None
+    reward_clip: float | None = None
     """Clip bound, None for no clip (release: 5.0)."""
     clip_target: ClipTarget = ClipTarget.advantage
     """``advantage``: clip r − r_greedy (the release); ``reward``: clip each score."""
@@ -326,7 +332,7 @@ class RemaxAlgoConfig:
     """Handling of answers that end at once: ``space_token`` (release) or ``mask``."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers."""
-    early_stop_kl: Optional[float] = None
+    early_stop_kl: float | None = None
     """Stop when eval KL reaches this value (release: 1.0); None never stops."""
     entropy_coef: float = 0.0
     """Entropy bonus (parsed but unused upstream; kept for ablation)."""
@@ -346,7 +352,10 @@ class RemaxAlgoConfig:
         _require(0 < self.top_p <= 1, "algo.top_p", self.top_p, "use a value in (0, 1]")
         _require(self.top_k >= 0, "algo.top_k", self.top_k, "use >= 0 (0 disables)")
         _require(
-            self.samples_per_prompt >= 1, "algo.samples_per_prompt", self.samples_per_prompt, "use >= 1"
+            self.samples_per_prompt >= 1,
+            "algo.samples_per_prompt",
+            self.samples_per_prompt,
+            "use >= 1",
         )
         _require(
             self.epochs == 1,

@@ -24,7 +24,9 @@ def init_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("remax")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[remax %(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("[remax %(asctime)s %(levelname)s] %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False

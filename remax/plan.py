@@ -32,7 +32,7 @@ Transient parts, each alive in one phase of the step
   set: one ZeRO-3 gathered unit (below) + one layer's activations at batch g.
 - ``train:<role>`` (forward + backward of a trainable model at micro-batch b):
   activations, after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-  Models", eq. 2, no tensor/sequence parallelism): one layer without recomputation keeps
+  Models", no tensor/sequence parallelism): one layer without recomputation keeps
   s·b·h·(34 + 5·a·s/h) bytes in 16-bit, i.e. the integer s·b·(34·h + 5·a·s), scaled by d/2.
   Without gradient checkpointing: L times that. With full checkpointing: each layer keeps only its
   16-bit input, s·b·h·d (= 2·s·b·h in bf16), and the backward re-materialises one layer at a time,

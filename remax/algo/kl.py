@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from remax.algo.logprobs import row_chunks
 from remax.algo.types import KLEstimator, as_enum
 
 __all__ = ["full_vocab_kl", "kl_penalty"]
@@ -68,8 +69,8 @@ def kl_penalty(
 def full_vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Exact KL(π‖π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)) at every position.
 
-    Computed in float32 (float64 stays float64), one batch row at a time, so at most a few (T, V)
-    temporaries exist besides the inputs.
+    Computed in float32 (float64 stays float64), a chunk of batch rows at a time (see
+    :data:`remax.algo.logprobs.CHUNK_ELEMENTS`), so the temporaries stay near one row's size.
 
     Args:
         logits: (B, T, V) policy logits, aligned as for
@@ -85,14 +86,15 @@ def full_vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tenso
             f"and {tuple(ref_logits.shape)}"
         )
     wide = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
-    rows = []
-    for row, ref_row in zip(logits, ref_logits, strict=True):
-        logp = torch.log_softmax(row.to(wide), dim=-1)  # (T, V)
-        logq = torch.log_softmax(ref_row.to(wide), dim=-1)  # (T, V)
+    B, T, V = logits.shape
+    zero = torch.zeros((), dtype=wide, device=logits.device)
+    chunks = []
+    for rows in row_chunks(B, T * V):
+        logp = torch.log_softmax(logits[rows].to(wide), dim=-1)  # (b, T, V)
+        logq = torch.log_softmax(ref_logits[rows].to(wide), dim=-1)  # (b, T, V)
         # Tokens with π(v) = 0 contribute 0 even where π_ref(v) = 0 too (0 · (−inf + inf) is NaN).
-        zero = torch.zeros((), dtype=wide, device=logp.device)
         diff = torch.where(logp > -torch.inf, logp - logq, zero)
-        rows.append((logp.exp() * diff).sum(-1))
-    if not rows:
-        return logits.new_zeros(logits.shape[:2], dtype=wide)
-    return torch.stack(rows)  # (B, T)
+        chunks.append((logp.exp() * diff).sum(-1))
+    if not chunks:
+        return logits.new_zeros((B, T), dtype=wide)
+    return torch.cat(chunks)  # (B, T)

@@ -8,9 +8,10 @@ Alignment is the caller's job: ``logits[:, t]`` must already be the distribution
 remax-spec §9 test 14).
 
 bf16/fp16 logits are upcast before the softmax: in bf16 a log-prob near −10 has a spacing of
-2⁻⁴ nats, far above the 1e-2 nats budget of remax-spec §9 test 21. The work is done one batch row at
-a time, so besides the caller's logits only (T, V) float32 temporaries exist; the release instead
-materialises full B × L × V log-softmax tensors (remax-spec §3, "Memory").
+2⁻⁴ nats, far above the 1e-2 nats budget of remax-spec §9 test 21. The work is done a few batch rows
+at a time (one row once T·V reaches ``CHUNK_ELEMENTS``), so besides the caller's logits the float32
+temporaries stay near one row's size; the release instead materialises full B × L × V log-softmax
+tensors for actor and reference (remax-spec §3, "Memory").
 """
 
 from __future__ import annotations
@@ -20,17 +21,29 @@ import torch
 __all__ = ["entropy_from_logits", "logprobs_from_logits"]
 
 
+CHUNK_ELEMENTS = 1 << 24
+"""Largest number of logits (rows × T × V) upcast and reduced at once: 64 MiB in float32. Bigger
+chunks save little time (one chunk already has millions of elements), smaller ones make many-row
+batches of short responses slow."""
+
+
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     # float64 stays float64 (exact-gradient tests); everything narrower is computed in float32.
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def row_chunks(batch: int, row_elements: int) -> list[slice]:
+    """Slices of the batch dimension holding about ``CHUNK_ELEMENTS`` elements each (>= 1 row)."""
+    rows = max(1, CHUNK_ELEMENTS // max(row_elements, 1))
+    return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probability of each realised token under the softmax of its (aligned) logits.
 
     Computed as ``logits[token] − logsumexp(logits)``, which equals ``log_softmax`` gathered at the
-    token but never stores the (T, V) log-softmax; for float32 input autograd keeps no (T, V) copy
-    either (logsumexp saves its input, which is a view of ``logits``).
+    token but never stores the log-softmax; for float32 input autograd keeps no copy of the logits
+    either (logsumexp saves its input, which is then a view of ``logits``).
 
     Args:
         logits: (B, T, V), any float dtype; ``logits[:, t]`` scores ``tokens[:, t]``.
@@ -46,20 +59,21 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
             f"{tuple(tokens.shape)}"
         )
     dtype = _compute_dtype(logits)
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens, strict=True):
-        row_logits = row_logits.to(dtype)  # (T, V); a no-op view when already in `dtype`
-        picked = row_logits.gather(-1, row_tokens.long().unsqueeze(-1)).squeeze(-1)  # (T,)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    if not rows:
+    B, T, V = logits.shape
+    chunks = []
+    for rows in row_chunks(B, T * V):
+        chunk = logits[rows].to(dtype)  # (b, T, V); a no-op view when already in `dtype`
+        picked = chunk.gather(-1, tokens[rows].long().unsqueeze(-1)).squeeze(-1)  # (b, T)
+        chunks.append(picked - torch.logsumexp(chunk, dim=-1))
+    if not chunks:
         return logits.new_zeros(tokens.shape, dtype=dtype)
-    return torch.stack(rows)  # (B, T)
+    return torch.cat(chunks)  # (B, T)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax of the logits at every position, in nats.
 
-    Uses H = logsumexp(z) − Σ_v softmax(z)_v · z_v, one batch row at a time.
+    Uses H = logsumexp(z) − Σ_v softmax(z)_v · z_v, a chunk of batch rows at a time.
 
     Args:
         logits: (B, T, V), any float dtype.
@@ -70,14 +84,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 3:
         raise ValueError(f"expected logits (B, T, V); got {tuple(logits.shape)}")
     dtype = _compute_dtype(logits)
-    rows = []
-    for row_logits in logits:
-        row_logits = row_logits.to(dtype)  # (T, V)
-        probs = torch.softmax(row_logits, dim=-1)  # (T, V)
+    B, T, V = logits.shape
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    chunks = []
+    for rows in row_chunks(B, T * V):
+        chunk = logits[rows].to(dtype)  # (b, T, V)
+        probs = torch.softmax(chunk, dim=-1)  # (b, T, V)
         # −inf logits (top-k/top-p filtered) have p = 0: 0 · (−inf) is NaN in value and gradient.
-        zero = torch.zeros((), dtype=dtype, device=probs.device)
-        finite = torch.where(probs > 0, row_logits, zero)
-        rows.append(torch.logsumexp(row_logits, dim=-1) - (probs * finite).sum(-1))
-    if not rows:
-        return logits.new_zeros(logits.shape[:2], dtype=dtype)
-    return torch.stack(rows)  # (B, T)
+        finite = torch.where(probs > 0, chunk, zero)
+        chunks.append(torch.logsumexp(chunk, dim=-1) - (probs * finite).sum(-1))
+    if not chunks:
+        return logits.new_zeros((B, T), dtype=dtype)
+    return torch.cat(chunks)  # (B, T)

@@ -103,8 +103,9 @@ def token_mean(
 ) -> torch.Tensor:
     """Sum of the valid per-token values divided by the number of valid tokens.
 
-    The release's aggregation (remax-spec §3, ``actor_loss_fn``): every token weighs the same, so
-    long responses weigh more than short ones.
+    The release's aggregation (remax-spec §3, ``actor_loss_fn``). For one batch it is
+    :func:`seq_sum` times B/N (N valid tokens), but N depends on the sampled lengths, so batches of
+    long responses get smaller weight than under :func:`seq_sum`.
 
     Args:
         values: Per-token values, (B, T).

@@ -34,8 +34,11 @@ remax-spec §3) departs from Algorithm 1 in four ways, each a keyword here (spec
    hard-coded (the ``--clip_reward_value`` flag is ignored). ``"reward"`` clips r and r_greedy
    first, as DeepSpeed-Chat's PPO clips the raw score.
 4. **Token mean** (``aggregation``). loss = −Σ_{b,t} R·log π·m / Σ_{b,t} m over the micro-batch,
-   not Algorithm 1's per-sequence sum averaged over sequences (``"seq_sum"``): long responses weigh
-   more.
+   not Algorithm 1's per-sequence sum averaged over sequences (``"seq_sum"``). For one batch the
+   two differ by the factor B/N (N valid tokens), but N depends on the sampled lengths: batches of
+   long responses take smaller steps, and with one sequence per micro-batch (the Llama-2 script)
+   each sequence's gradient is divided by its own length. The expected update is then no longer
+   ∇E[r] (tests/algo/test_exact_gradient.py).
 
 Together, for valid token i of n: R_i = KLterm_i + γ^(n−i)·clip(r − r_greedy) (release) versus
 R_i = r − r_greedy for every token (Algorithm 1: β = 0, γ = 1, no clip).

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def filter_logits(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int
+) -> torch.Tensor:
     """Logits of the distribution actually sampled from, in HF's order: temperature, top-k, top-p.
 
     Args:

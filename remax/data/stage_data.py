@@ -18,7 +18,9 @@ def _synthetic(kind: str, cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         "preference": synthetic.preference_records,
         "prompts": synthetic.prompt_records,
     }[kind]
-    return make(cfg.num_train, seed=cfg.seed, split="train"), make(cfg.num_eval, seed=cfg.seed, split="eval")
+    return make(cfg.num_train, seed=cfg.seed, split="train"), make(
+        cfg.num_eval, seed=cfg.seed, split="eval"
+    )
 
 
 def _real(kind: str, cfg: DataConfig) -> tuple[list[dict], list[dict]]:

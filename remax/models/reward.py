@@ -14,7 +14,13 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from remax.config import ModelConfig
 from remax.models import tiny
-from remax.models.policy import _tiny_config, disable_dropout, load_tokenizer, position_ids, torch_dtype
+from remax.models.policy import (
+    _tiny_config,
+    disable_dropout,
+    load_tokenizer,
+    position_ids,
+    torch_dtype,
+)
 
 
 def load_reward_model(cfg: ModelConfig | None, *, path: str | None = None, seed: int, device):

@@ -154,7 +154,12 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
             trainer.export_model(run_dir),
             trainer.tokenizer,
             run_dir / "export",
-            {"stage": stage, "step": trainer.step, "config": to_plain(cfg), "versions": _versions()},
+            {
+                "stage": stage,
+                "step": trainer.step,
+                "config": to_plain(cfg),
+                "versions": _versions(),
+            },
         )
         summary = {"stage": stage, "step": trainer.step, "run_dir": str(run_dir), **summary}
         write_json(summary_file, summary)
@@ -172,4 +177,8 @@ def _versions() -> dict:
 
     import remax
 
-    return {"remax": remax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "remax": remax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -40,7 +40,13 @@ from remax.data.stage_data import format_prompts, stage_records
 from remax.models.policy import load_policy, position_ids
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
-from remax.trainers.loop import build_optimizer, mean_stderr, optimizer_step, select_device, write_json
+from remax.trainers.loop import (
+    build_optimizer,
+    mean_stderr,
+    optimizer_step,
+    select_device,
+    write_json,
+)
 
 log = logging.getLogger("remax.trainers.remax")
 
@@ -80,10 +86,14 @@ class RemaxTrainer:
             log.info("reward_model.path is null: the synthetic task's gold score is the reward")
         train, held_out = stage_records("prompts", cfg.data)
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
-        self.eval_prompts = [r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)]
+        self.eval_prompts = [
+            r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
+        ]
         self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
         self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
-        self.total_steps = min(cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch)
+        self.total_steps = min(
+            cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
+        )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.data.max_response_len,
@@ -113,7 +123,10 @@ class RemaxTrainer:
     # ----------------------------------------------------------------- experience
     def _postprocess(self, rollout: Rollout) -> Rollout:
         """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
-        if self.cfg.algo.empty_response != EmptyResponse.space_token or rollout.response.shape[1] < 2:
+        if (
+            self.cfg.algo.empty_response != EmptyResponse.space_token
+            or rollout.response.shape[1] < 2
+        ):
             return rollout
         empty = rollout.lengths == 1
         response, mask = rollout.response.clone(), rollout.response_mask.clone()
@@ -138,7 +151,9 @@ class RemaxTrainer:
         """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
         if self.reward_model is None:
             return self.gold(rollout)
-        return score(self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index)
+        return score(
+            self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index
+        )
 
     def gold(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the synthetic task's programmatic score of each decoded response."""
@@ -176,7 +191,9 @@ class RemaxTrainer:
         algo = self.cfg.algo
         logits = response_logits(model, rollout)
         if algo.logprob_dist == LogprobDist.sampling_adjusted:
-            logits = filter_logits(logits, temperature=algo.temperature, top_p=algo.top_p, top_k=algo.top_k)
+            logits = filter_logits(
+                logits, temperature=algo.temperature, top_p=algo.top_p, top_k=algo.top_k
+            )
         keep = algo.kl_estimator == KLEstimator.full_vocab
         return logprobs_from_logits(logits, rollout.response), (logits if keep else None)
 
@@ -218,12 +235,18 @@ class RemaxTrainer:
                     clip_target=algo.clip_target,
                 )
             loss = policy_gradient_loss(
-                logprobs, advantages, mask[rows], aggregation=algo.aggregation, denominator=denominator
+                logprobs,
+                advantages,
+                mask[rows],
+                aggregation=algo.aggregation,
+                denominator=denominator,
             )
             loss.backward()
             loss_sum += float(loss.detach())
             kl_sum += float((kl * mask[rows]).sum())
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)  # 5
+        grad_norm = optimizer_step(
+            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
+        )  # 5
         lengths = sampled.lengths.float()
         return {
             "reward/mean": float(rewards.mean()),
@@ -241,10 +264,14 @@ class RemaxTrainer:
         }
 
     def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
-        g = greedy.select(torch.arange(greedy.response.shape[0], device=self.device).repeat_interleave(
-            self.cfg.algo.samples_per_prompt
-        ))
-        return ((sampled.response == g.response) | ~(sampled.response_mask | g.response_mask)).all(-1)
+        g = greedy.select(
+            torch.arange(greedy.response.shape[0], device=self.device).repeat_interleave(
+                self.cfg.algo.samples_per_prompt
+            )
+        )
+        return ((sampled.response == g.response) | ~(sampled.response_mask | g.response_mask)).all(
+            -1
+        )
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -263,7 +290,9 @@ class RemaxTrainer:
             torch.manual_seed(self.cfg.seed + 7919)
             for i in range(0, len(self.eval_prompts), bs):
                 prompts = self.eval_prompts[i : i + bs]
-                batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+                batch = collate_prompts(
+                    self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device
+                )
                 ro = self._postprocess(
                     generate(
                         self.model,
@@ -305,11 +334,15 @@ class RemaxTrainer:
             self.best_eval_reward = ev["reward"]["mean"]
             # On disk, not in memory: a resumed run still exports the best actor it has seen.
             tmp = self.run_dir / "best_policy.safetensors.tmp"
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp)
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp
+            )
             tmp.replace(self.run_dir / "best_policy.safetensors")
         limit = self.cfg.algo.early_stop_kl
         if limit is not None and self.last_eval_kl >= limit:
-            log.info("early stop at step %d: eval KL %.4f >= %.4f", self.step, self.last_eval_kl, limit)
+            log.info(
+                "early stop at step %d: eval KL %.4f >= %.4f", self.step, self.last_eval_kl, limit
+            )
             self.total_steps = self.step
             return True
         return False

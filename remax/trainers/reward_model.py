@@ -21,7 +21,9 @@ class RewardModelTrainer:
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
         self.sampler = EpochSampler(len(self.train_records), cfg.train.batch_size, cfg.seed)
-        self.total_steps = min(cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch)
+        self.total_steps = min(
+            cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
+        )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
         self.step = 0
 
@@ -30,7 +32,9 @@ class RewardModelTrainer:
         b = collate_pairs(self.tokenizer, records, d.max_prompt_len, d.max_seq_len, self.device)
         # Left padding puts every end token (the EOS after the response) in the last column.
         end_c = torch.full((b.chosen_ids.shape[0],), b.chosen_ids.shape[1] - 1, device=self.device)
-        end_r = torch.full((b.rejected_ids.shape[0],), b.rejected_ids.shape[1] - 1, device=self.device)
+        end_r = torch.full(
+            (b.rejected_ids.shape[0],), b.rejected_ids.shape[1] - 1, device=self.device
+        )
         return (
             score(self.model, b.chosen_ids, b.chosen_mask, end_c),
             score(self.model, b.rejected_ids, b.rejected_mask, end_r),
@@ -47,7 +51,9 @@ class RewardModelTrainer:
             loss.backward()
             loss_sum += float(loss.detach())
             acc_sum += float(pairwise_accuracy(chosen, rejected)) / self.cfg.train.grad_accum
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)
+        grad_norm = optimizer_step(
+            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
+        )
         return {
             "loss/reward_model": loss_sum,
             "reward_model/accuracy": acc_sum,

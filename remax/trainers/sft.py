@@ -21,7 +21,9 @@ class SFTTrainer:
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
         self.sampler = EpochSampler(len(self.train_records), cfg.train.batch_size, cfg.seed)
-        self.total_steps = min(cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch)
+        self.total_steps = min(
+            cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
+        )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
         self.step = 0
         self.loss_before: float | None = None
@@ -44,8 +46,14 @@ class SFTTrainer:
             loss = self._loss(records[start : start + micro]) / self.cfg.train.grad_accum
             loss.backward()
             total += float(loss.detach())
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)
-        return {"loss/sft": total, "optim/grad_norm": grad_norm, "optim/lr": self.scheduler.get_last_lr()[0]}
+        grad_norm = optimizer_step(
+            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
+        )
+        return {
+            "loss/sft": total,
+            "optim/grad_norm": grad_norm,
+            "optim/lr": self.scheduler.get_last_lr()[0],
+        }
 
     @torch.no_grad()
     def eval_loss(self) -> float:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from remax.algo import KL_ESTIMATORS, lookup
 from remax.algo.kl import full_vocab_kl, kl_penalty
+from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.types import KLEstimator
 
 
@@ -31,11 +32,14 @@ def test_hand_values():
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_zero_when_policy_equals_reference(estimator):
-    # Test 9: at initialisation policy == reference, so every penalty is exactly 0.
-    logp = torch.log_softmax(torch.randn(3, 5, 9, generator=torch.Generator().manual_seed(0)), -1)
-    tokens = torch.zeros(3, 5, 1, dtype=torch.long)
-    lp = logp.gather(-1, tokens).squeeze(-1)
-    assert (kl_penalty(lp, lp.clone(), estimator) == 0).all()
+    # Test 9: at initialisation the policy and the reference are two copies of one model; their
+    # log-probs are computed separately but are bit-identical, so every penalty is exactly 0.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 9, generator=g)
+    tokens = torch.randint(9, (3, 5), generator=g)
+    logp = logprobs_from_logits(logits, tokens)
+    ref = logprobs_from_logits(logits.clone(), tokens)
+    assert (kl_penalty(logp, ref, estimator) == 0).all()
 
 
 def test_full_vocab_zero_for_identical_logits_and_nonnegative():

@@ -41,7 +41,9 @@ def test_gradient_matches_log_softmax_gather():
     logits = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(7, (2, 3), generator=g)
     weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    (grad_fast,) = torch.autograd.grad((logprobs_from_logits(logits, tokens) * weights).sum(), logits)
+    (grad_fast,) = torch.autograd.grad(
+        (logprobs_from_logits(logits, tokens) * weights).sum(), logits
+    )
     ref = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
     (grad_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
     torch.testing.assert_close(grad_fast, grad_ref, rtol=0, atol=1e-14)
@@ -88,7 +90,9 @@ def test_bf16_logits_are_upcast_before_the_softmax():
 def test_entropy_hand_values():
     V = 6
     uniform = torch.zeros(1, 2, V, dtype=torch.float64)
-    torch.testing.assert_close(entropy_from_logits(uniform), torch.full((1, 2), math.log(V)).double())
+    torch.testing.assert_close(
+        entropy_from_logits(uniform), torch.full((1, 2), math.log(V)).double()
+    )
     # one-hot-like logits: entropy ~ 0; −inf logits (top-k filtered) must not give NaN
     peaked = torch.full((1, 1, V), -torch.inf, dtype=torch.float64)
     peaked[0, 0, 2] = 0.0
@@ -96,7 +100,9 @@ def test_entropy_hand_values():
     g = _gen(5)
     logits = torch.randn(3, 4, V, generator=g, dtype=torch.float64)
     p = torch.softmax(logits, -1)
-    torch.testing.assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        entropy_from_logits(logits), -(p * p.log()).sum(-1), rtol=0, atol=1e-14
+    )
 
 
 def test_entropy_gradient_is_finite_with_filtered_logits():
@@ -108,3 +114,25 @@ def test_entropy_gradient_is_finite_with_filtered_logits():
 def test_shape_validation():
     with pytest.raises(ValueError, match="expected logits"):
         logprobs_from_logits(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_chunked_computation_equals_one_chunk(monkeypatch):
+    # Force one row per chunk (and a ragged last chunk) and compare with the single-chunk result.
+    from remax.algo import logprobs as module
+    from remax.algo.kl import full_vocab_kl
+
+    g = _gen(6)
+    logits = torch.randn(5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    tokens = torch.randint(4, (5, 3), generator=g)
+    whole = [logprobs_from_logits(logits, tokens), entropy_from_logits(logits)]
+    whole.append(full_vocab_kl(logits, ref_logits))
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 2 * 3 * 4)  # two rows per chunk: 2 + 2 + 1
+    assert len(module.row_chunks(5, 3 * 4)) == 3
+    chunked = [logprobs_from_logits(logits, tokens), entropy_from_logits(logits)]
+    chunked.append(full_vocab_kl(logits, ref_logits))
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+    (grad_chunked,) = torch.autograd.grad(chunked[0].sum(), logits)
+    (grad_whole,) = torch.autograd.grad(whole[0].sum(), logits)
+    assert torch.equal(grad_chunked, grad_whole)

@@ -1,0 +1,80 @@
+"""Shared fixtures: offline environment, tiny models, and a helper to run jobs as users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# A hub miss otherwise hangs ~48 s before failing (python-stack.md); W&B must never reach out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tokenizer():
+    from remax.models.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def policy(tokenizer):
+    from remax.models.tiny import llama_config, tiny_policy
+
+    torch.manual_seed(0)
+    model = tiny_policy(
+        llama_config(
+            len(tokenizer),
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=64,
+        )
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def reward_model(tokenizer):
+    from remax.models.tiny import llama_config, tiny_reward_model
+
+    torch.manual_seed(1)
+    model = tiny_reward_model(
+        llama_config(
+            len(tokenizer),
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=64,
+        )
+    )
+    return model.eval()
+
+
+def run_job(
+    module: str, *overrides: str, check: bool = True, timeout: float = 600, env: dict | None = None
+):
+    """Run ``python -m <module> <overrides>`` from the repo root, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,431 @@
+"""Tests for the per-GPU memory planner (remax/plan.py).
+
+Hand-computed numbers carry their arithmetic in comments; arithmetic checks are exact (integer bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from remax.plan import (
+    GIB,
+    RESIDENT,
+    ModelPlacement,
+    ModelShape,
+    Part,
+    PlanInput,
+    kv_cache_bytes,
+    layer_activation_bytes,
+    logits_bytes,
+    max_micro_batch,
+    plan,
+    ppo_models,
+    remax_models,
+    training_activation_bytes,
+)
+
+# A 1B-parameter model: V·h = 32000·2048 = 65,536,000; one layer ≈ (1e9 − 2·65,536,000) / 16 = 54,308,000.
+ONE_B = ModelShape(
+    n_params=1_000_000_000,
+    hidden_size=2048,
+    num_layers=16,
+    num_heads=16,
+    num_kv_heads=16,
+    vocab_size=32000,
+    intermediate_size=5504,
+)
+# A toy GQA shape: head_dim = 64 / 4 = 16, 2 KV heads.
+TINY = ModelShape(
+    n_params=10_000,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=100,
+    intermediate_size=256,
+)
+LLAMA = ModelShape.llama2_7b()
+
+
+def _one(shape=ONE_B, *, role="actor", world=4, **kw):
+    """Plan with a single model; returns the plan."""
+    m = ModelPlacement(role=role, shape=shape, **kw)
+    return plan(PlanInput(models=(m,), world_size=world, prompt_len=3, response_len=5))
+
+
+def _llama(models_fn, *, offload, batch=1, world=4, **kw):
+    return PlanInput(
+        models=models_fn(LLAMA, LLAMA, offload=offload),
+        world_size=world,
+        micro_batch=batch,
+        prompt_len=256,
+        response_len=256,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_preset_parameter_counts_match_published_models():
+    # Llama-2-7B: 32·(4·4096² + 3·4096·11008 + 2·4096) + 4096 + 2·32000·4096 = 6,738,415,616
+    assert LLAMA.n_params == 6_738_415_616
+    # Mistral-7B (GQA, 8 KV heads, I = 14336): 7,241,732,096
+    assert ModelShape.mistral_7b().n_params == 7_241_732_096
+    assert ModelShape.mistral_7b().num_kv_heads == 8
+    # OPT-1.3B: 50272·2048 + 2050·2048 + 24·50,358,272 + 2·2048 = 1,315,758,080
+    assert ModelShape.opt_1_3b().n_params == 1_315_758_080
+    # OPT-350m: 50272·512 + 2050·1024 + 2·512·1024 + 24·12,596,224 (no final LN) = 331,196,416
+    assert ModelShape.opt_350m().n_params == 331_196_416
+    assert ModelShape.opt_350m().tie_word_embeddings
+
+
+def test_from_hf_config_defaults_kv_heads_and_head_dim():
+    cfg = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+        "intermediate_size": 128,
+    }
+    s = ModelShape.from_hf_config(cfg)
+    assert s.num_kv_heads == 4 and s.head_dim == 16
+    # per layer 4·64² + 3·64·128 + 2·64 = 16,384 + 24,576 + 128 = 41,088
+    # 2 layers + final norm + embedding + untied LM head: 82,176 + 64 + 2·100·64 = 95,040
+    assert s.n_params == 95_040
+
+
+def test_value_model_drops_untied_lm_head_and_adds_value_head():
+    v = LLAMA.as_value_model()
+    # 6,738,415,616 − 32000·4096 + 4096
+    assert v.n_params == 6_738_415_616 - 131_072_000 + 4096
+    assert not v.lm_head and v.as_value_model() == v
+    opt = ModelShape.opt_350m()
+    assert opt.as_value_model().n_params == opt.n_params + 1024  # tied: nothing to drop
+
+
+# --------------------------------------------------------------------------------------------------
+# model states, hand-computed: 1B params, fp16, world 4
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "params", "grads", "optim"),
+    [
+        # ZeRO-0: 2·1e9, 2·1e9, 12·1e9
+        (0, 2_000_000_000, 2_000_000_000, 12_000_000_000),
+        # ZeRO-1 partitions the optimizer: 12·1e9/4 = 3e9
+        (1, 2_000_000_000, 2_000_000_000, 3_000_000_000),
+        # ZeRO-2 also the gradients: 2·1e9/4 = 5e8
+        (2, 2_000_000_000, 500_000_000, 3_000_000_000),
+        # ZeRO-3 also the parameters: 2·1e9/4 = 5e8
+        (3, 500_000_000, 500_000_000, 3_000_000_000),
+    ],
+)
+def test_model_states_by_zero_stage(stage, params, grads, optim):
+    p = _one(trainable=True, zero_stage=stage)
+    assert p.bytes_of(part=Part.PARAMETERS) == params
+    assert p.bytes_of(part=Part.GRADIENTS) == grads
+    assert p.bytes_of(part=Part.OPTIMIZER) == optim
+    assert p.model_states_bytes() == params + grads + optim
+
+
+def test_step_transient_and_reduce_bucket():
+    # ZeRO-2 step: (2 + 4) bytes · 1e9/4 = 1.5e9; bucket: 2 · min(1e9, 5e8) = 1e9
+    p = _one(trainable=True, zero_stage=2)
+    assert p.bytes_of(part=Part.STEP_GRADIENTS, phase="step:actor") == 1_500_000_000
+    assert p.bytes_of(part=Part.REDUCE_BUCKET, phase="train:actor") == 1_000_000_000
+    # ZeRO-0: the whole model is one partition: 6 · 1e9; no reduce bucket
+    p0 = _one(trainable=True, zero_stage=0)
+    assert p0.bytes_of(part=Part.STEP_GRADIENTS) == 6_000_000_000
+    assert p0.bytes_of(part=Part.REDUCE_BUCKET) == 0
+    # ZeRO-3 steps one sub-group (≤ 1e9 elements) at a time: a 2e9 model on 1 GPU → 6 · 1e9
+    big = replace(ONE_B, n_params=2_000_000_000)
+    assert (
+        _one(big, world=1, trainable=True, zero_stage=3).bytes_of(part=Part.STEP_GRADIENTS)
+        == 6 * 1_000_000_000
+    )
+
+
+def test_offload_and_fp32():
+    # ZeRO-2 + optimizer offload: optimizer and gradients on CPU, 16-bit params stay, no GPU step
+    p = _one(trainable=True, zero_stage=2, offload_optimizer=True)
+    assert p.bytes_of(part=Part.PARAMETERS) == 2_000_000_000
+    assert p.bytes_of(part=Part.GRADIENTS) == 0
+    assert p.bytes_of(part=Part.OPTIMIZER) == 0
+    assert p.bytes_of(part=Part.STEP_GRADIENTS) == 0
+    # ZeRO-3 + both offloads: no resident model states at all
+    p3 = _one(trainable=True, zero_stage=3, offload_optimizer=True, offload_params=True)
+    assert p3.resident_bytes == 0
+    # fp32 ZeRO-0: params 4e9, grads 4e9, Adam m+v 8e9, no fp32 cast at the step
+    p32 = _one(trainable=True, zero_stage=0, dtype_bytes=4)
+    assert p32.bytes_of(part=Part.PARAMETERS) == 4_000_000_000
+    assert p32.bytes_of(part=Part.GRADIENTS) == 4_000_000_000
+    assert p32.bytes_of(part=Part.OPTIMIZER) == 8_000_000_000
+    assert p32.bytes_of(part=Part.STEP_GRADIENTS) == 0
+
+
+def test_frozen_zero3_partition_and_gathered_layer():
+    # resident 2·1e9/4 = 5e8; gathered unit = 2 · max(65,536,000, 54,308,000) = 131,072,000
+    p = _one(role="reference", trainable=False, zero_stage=3)
+    assert p.bytes_of(part=Part.PARAMETERS, phase=RESIDENT) == 500_000_000
+    assert p.bytes_of(part=Part.GATHERED, phase="experience") == 131_072_000
+    assert p.bytes_of(part=Part.GRADIENTS) == p.bytes_of(part=Part.OPTIMIZER) == 0
+    # with parameter offload nothing is resident, the gathered layer still comes to the GPU
+    po = _one(role="reference", trainable=False, zero_stage=3, offload_params=True)
+    assert po.resident_bytes == 0
+    assert po.bytes_of(part=Part.GATHERED) == 131_072_000
+    # ZeRO-0 frozen: the full 16-bit copy, nothing gathered
+    p0 = _one(role="reference", trainable=False, zero_stage=0)
+    assert p0.bytes_of(part=Part.PARAMETERS) == 2_000_000_000
+    assert p0.bytes_of(part=Part.GATHERED) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# activations, KV cache, logits: toy shape h 64, a 4, kv 2, L 2, V 100, s = 3 + 5 = 8, b = g = 3
+# --------------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_bytes():
+    # 2 (K,V) · 2 layers · 2 kv heads · 16 head_dim · 8 tokens · 3 seqs · 2 bytes = 6,144
+    assert kv_cache_bytes(TINY, 8, 3, 2) == 6_144
+    p = plan(
+        PlanInput(
+            models=(ModelPlacement(role="actor", shape=TINY, trainable=True),),
+            world_size=1,
+            micro_batch=3,
+            prompt_len=3,
+            response_len=5,
+        )
+    )
+    assert p.bytes_of(part=Part.KV_CACHE, phase="generation") == 6_144
+
+
+def test_activation_formulas():
+    # one layer: s·b·(34h + 5·a·s) = 8·3·(34·64 + 5·4·8) = 24·(2176 + 160) = 56,064
+    assert layer_activation_bytes(TINY, 8, 3, 2) == 56_064
+    assert layer_activation_bytes(TINY, 8, 3, 4) == 2 * 56_064  # fp32 doubles
+    # no recompute: L · 56,064 = 112,128
+    assert training_activation_bytes(TINY, 8, 3, 2, grad_checkpointing=False) == 112_128
+    # full checkpointing: L·s·b·h·2 + one layer = 2·8·3·64·2 + 56,064 = 6,144 + 56,064 = 62,208
+    assert training_activation_bytes(TINY, 8, 3, 2, grad_checkpointing=True) == 62_208
+
+
+def test_logits_in_training_and_experience():
+    models = (
+        ModelPlacement(role="actor", shape=TINY, trainable=True),
+        ModelPlacement(role="reference", shape=TINY, trainable=False),
+    )
+    inp = PlanInput(models=models, world_size=1, micro_batch=3, prompt_len=3, response_len=5)
+    p = plan(inp)
+    one_copy = 3 * 8 * 100 * 4  # b·s·V·4 = 9,600
+    assert logits_bytes(TINY, 8, 3) == one_copy
+    # training loss: 4 fp32 copies = 38,400
+    assert p.bytes_of(role="actor", part=Part.LOGITS, phase="train:actor") == 4 * one_copy
+    # experience with full-vocab KL/entropy logging: 7 copies (actor 1 + 5 work copies, reference 1)
+    assert p.bytes_of(part=Part.LOGITS, phase="experience") == 7 * one_copy
+    assert p.bytes_of(role="reference", part=Part.LOGITS, phase="experience") == one_copy
+    # gather-only experience: 3 copies (2 logits + one log-softmax at a time)
+    p_lean = plan(replace(inp, full_vocab_logging=False))
+    assert p_lean.bytes_of(part=Part.LOGITS, phase="experience") == 3 * one_copy
+    # generation samples from the last position only: g·V·4 = 1,200
+    assert p.bytes_of(part=Part.LOGITS, phase="generation") == 1_200
+
+
+# --------------------------------------------------------------------------------------------------
+# total, table, verdict
+# --------------------------------------------------------------------------------------------------
+
+
+def test_total_is_overhead_plus_resident_plus_peak_phase():
+    p = plan(_llama(ppo_models, offload=False, batch=4))
+    peak = max(p.phases, key=p.phase_bytes)
+    assert p.peak_phase == peak
+    assert p.total_bytes == p.overhead_bytes + p.resident_bytes + p.phase_bytes(peak)
+    assert p.overhead_bytes == 3 * GIB
+    # the counted parts add up to the total; the breakdown rows add up too
+    assert sum(it.nbytes for it in p.counted_items) + p.overhead_bytes == p.total_bytes
+    rows = p.breakdown()
+    assert set(rows) == {"actor", "reference", "reward", "critic"}
+    assert sum(r["total"] for r in rows.values()) * GIB + p.overhead_bytes == pytest.approx(
+        p.total_bytes
+    )
+
+
+def test_table_last_line_is_verdict():
+    fits = plan(_llama(remax_models, offload=True, batch=8))
+    oom = plan(_llama(ppo_models, offload=False, batch=1))
+    assert fits.table().splitlines()[-1] == "verdict: fits"
+    assert oom.table().splitlines()[-1] == "verdict: OOM"
+    header = fits.table().splitlines()[2].split()
+    assert header == [
+        "model",
+        "parameters",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "kv_cache",
+        "total",
+    ]
+    rows = [line.split()[0] for line in oom.table().splitlines()[3:8]]
+    assert rows == ["actor", "reference", "reward", "critic", "overhead"]
+
+
+def test_fits_is_total_against_capacity():
+    p = plan(_llama(remax_models, offload=True))
+    assert p.fits
+    assert not plan(replace(p.inp, gpu_memory_gib=p.total_gib - 0.01)).fits
+    assert plan(replace(p.inp, gpu_memory_gib=p.total_gib)).fits
+
+
+# --------------------------------------------------------------------------------------------------
+# monotonicity and max_micro_batch
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("models_fn", [remax_models, ppo_models])
+@pytest.mark.parametrize("offload", [False, True])
+def test_more_gpus_never_increase_per_gpu_memory(models_fn, offload):
+    totals = [
+        plan(_llama(models_fn, offload=offload, batch=4, world=w)).total_bytes
+        for w in (1, 2, 3, 4, 8, 16, 64)
+    ]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_larger_batch_never_decreases_memory():
+    totals = [
+        plan(_llama(ppo_models, offload=True, batch=b)).total_bytes for b in (1, 2, 4, 8, 16, 64)
+    ]
+    assert totals == sorted(totals)
+
+
+def test_grad_checkpointing_reduces_activations():
+    for shape in (TINY, ONE_B, LLAMA):
+        for seq in (8, 512):
+            with_ckpt = training_activation_bytes(shape, seq, 2, 2, grad_checkpointing=True)
+            without = training_activation_bytes(shape, seq, 2, 2, grad_checkpointing=False)
+            assert with_ckpt < without
+    ckpt = plan(_llama(remax_models, offload=True, batch=8))
+    no_ckpt_models = tuple(
+        replace(m, grad_checkpointing=False) if m.trainable else m for m in ckpt.inp.models
+    )
+    no_ckpt = plan(replace(ckpt.inp, models=no_ckpt_models))
+    assert ckpt.bytes_of(part=Part.ACTIVATIONS, phase="train:actor") < no_ckpt.bytes_of(
+        part=Part.ACTIVATIONS, phase="train:actor"
+    )
+
+
+@pytest.mark.parametrize(
+    ("models_fn", "offload"),
+    [(remax_models, False), (remax_models, True), (ppo_models, True)],
+)
+def test_max_micro_batch_is_the_boundary(models_fn, offload):
+    inp = _llama(models_fn, offload=offload)
+    k = max_micro_batch(inp)
+    assert 1 <= k < 512
+    assert plan(replace(inp, micro_batch=k, generation_batch=k)).fits
+    assert not plan(replace(inp, micro_batch=k + 1, generation_batch=k + 1)).fits
+
+
+def test_max_micro_batch_edges():
+    assert max_micro_batch(_llama(ppo_models, offload=False)) == 0
+    tiny = PlanInput(
+        models=(ModelPlacement(role="actor", shape=TINY, trainable=True),), world_size=1
+    )
+    assert max_micro_batch(tiny, limit=37) == 37
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama-2-7B actor + Llama-2-7B RM on 4×80 GB, bf16, prompt 256 + answer 256 (spec §6 README table)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_layouts_built_by_the_helpers():
+    remax = remax_models(LLAMA, LLAMA, offload=True)
+    ppo = ppo_models(LLAMA, LLAMA, offload=True)
+    assert [m.role for m in remax] == ["actor", "reference", "reward"]
+    assert [m.role for m in ppo] == ["actor", "reference", "reward", "critic"]
+    actor, ref, rm, critic = ppo
+    assert actor.trainable and actor.zero_stage == 2 and actor.grad_checkpointing
+    assert actor.offload_optimizer and not actor.offload_params
+    assert not ref.trainable and ref.zero_stage == 3 and ref.offload_params
+    assert rm.shape == LLAMA.as_value_model() and rm.offload_params
+    # critic: the actor's settings, RM-sized (initialised from the RM)
+    assert critic.shape == LLAMA.as_value_model()
+    assert replace(critic, role="actor", shape=LLAMA) == actor
+
+
+def test_no_offload_ppo_is_oom_and_remax_fits():
+    # PPO model states alone: 2 trainable 7B models at ZeRO-2 (2N + 2N/4 + 12N/4 each) + 2 frozen
+    # ZeRO-3 (2N/4 each) ≈ 74.6 GiB; the ZeRO-2 step adds (2+4)·N/4 ≈ 9.4 GiB → OOM at micro-batch 1,
+    # even with zero overhead.
+    ppo = plan(_llama(ppo_models, offload=False, batch=1))
+    assert 74 * GIB < ppo.model_states_bytes() < 75 * GIB
+    assert not ppo.fits
+    assert not plan(replace(ppo.inp, overhead_gib=0.0)).fits
+    # ReMax fits at micro-batch 1, 8, and at the README's no-offload maximum 26/GPU
+    for b in (1, 8, 26):
+        assert plan(_llama(remax_models, offload=False, batch=b)).fits
+        assert not plan(_llama(ppo_models, offload=False, batch=b)).fits
+
+
+def test_offload_both_fit_and_remax_fits_more():
+    for b in (1, 8):
+        assert plan(_llama(remax_models, offload=True, batch=b)).fits
+        assert plan(_llama(ppo_models, offload=True, batch=b)).fits
+    # the README's offload maxima (PPO 30/GPU, ReMax 40/GPU) are not contradicted
+    assert plan(_llama(ppo_models, offload=True, batch=30)).fits
+    assert plan(_llama(remax_models, offload=True, batch=40)).fits
+    assert max_micro_batch(_llama(remax_models, offload=True)) > max_micro_batch(
+        _llama(ppo_models, offload=True)
+    )
+
+
+@pytest.mark.parametrize(("offload", "batch"), [(False, 1), (False, 8), (True, 1), (True, 8)])
+def test_remax_saves_35_to_55_percent_vs_ppo(offload, batch):
+    # The paper (v4) reports ~46% less GPU memory at 7B. This model gives 39% (no offload, where the
+    # PPO figure is the estimated need of an OOM run), 42% (offload, b 1) and 38% (offload, b 8):
+    # the critic's states and its optimizer-step transient are what ReMax saves; the shared transients
+    # (KV cache, logits, activations) dilute the saving as the batch grows. Band stated, not tuned.
+    remax = plan(_llama(remax_models, offload=offload, batch=batch)).total_bytes
+    ppo = plan(_llama(ppo_models, offload=offload, batch=batch)).total_bytes
+    assert 0.35 <= 1 - remax / ppo <= 0.55
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"role": "policy", "trainable": True},
+        {"role": "reference", "trainable": True},
+        {"role": "reference", "trainable": False, "zero_stage": 2, "offload_params": True},
+        {"role": "actor", "trainable": True, "zero_stage": 0, "offload_optimizer": True},
+        {"role": "reward", "trainable": False, "offload_optimizer": True},
+        {"role": "actor", "trainable": True, "zero_stage": 4},
+        {"role": "actor", "trainable": True, "dtype_bytes": 1},
+    ],
+)
+def test_invalid_placements_are_rejected(kw):
+    with pytest.raises(ValueError):
+        ModelPlacement(shape=TINY, **kw)
+
+
+def test_invalid_inputs_are_rejected():
+    actor = ModelPlacement(role="actor", shape=TINY, trainable=True)
+    with pytest.raises(ValueError):
+        PlanInput(models=(actor, actor), world_size=1)
+    with pytest.raises(ValueError):
+        PlanInput(models=(actor,), world_size=0)
+    with pytest.raises(ValueError):
+        PlanInput(models=(actor,), world_size=1, micro_batch=0)
+    assert PlanInput(models=[actor], world_size=1, micro_batch=5).gen_batch == 5
