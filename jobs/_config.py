@@ -16,10 +16,21 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from remax.config import ConfigError, RemaxJobConfig, RewardModelJobConfig, SFTJobConfig
+from remax.config import (
+    ConfigError,
+    PPOJobConfig,
+    RemaxJobConfig,
+    RewardModelJobConfig,
+    SFTJobConfig,
+)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "hydra_conf")
-SCHEMAS = {"sft": SFTJobConfig, "reward_model": RewardModelJobConfig, "remax": RemaxJobConfig}
+SCHEMAS = {
+    "sft": SFTJobConfig,
+    "reward_model": RewardModelJobConfig,
+    "remax": RemaxJobConfig,
+    "ppo": PPOJobConfig,
+}
 
 _cs = ConfigStore.instance()
 for _stage, _schema in SCHEMAS.items():

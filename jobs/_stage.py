@@ -24,6 +24,10 @@ def _trainer(stage: str, config):
         from remax.trainers.reward_model import RewardModelTrainer
 
         return RewardModelTrainer(config)
+    if stage == "ppo":
+        from remax.trainers.ppo import PPOTrainer
+
+        return PPOTrainer(config)
     from remax.trainers.remax import RemaxTrainer
 
     return RemaxTrainer(config)

@@ -426,3 +426,113 @@ class RemaxJobConfig(_StageConfig):
             self.reward_model.path,
             "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
         )
+
+
+# ---- PPO baseline ----
+
+
+@dataclass(kw_only=True)
+class PPOAlgoConfig:
+    """PPO as DeepSpeed-Chat defines it (remax-spec §7). Defaults are DS-Chat's trainer constants."""
+
+    kl_coef: float = 0.1
+    """β of the per-token k1 KL reward −β·(log π_old − log π_ref) (DS-Chat ``kl_ctl``)."""
+    gamma: float = 1.0
+    """GAE discount, in (0, 1]."""
+    lam: float = 0.95
+    """GAE λ, in [0, 1]: 1 gives Monte-Carlo returns, 0 one-step TD."""
+    clip_range: float = 0.2
+    """ε of the clipped policy surrogate (DS-Chat ``cliprange``)."""
+    clip_range_value: float = 0.2
+    """Clip of the critic's value around its experience-time value, in reward units
+    (DS-Chat ``cliprange_value``)."""
+    ppo_epochs: int = 1
+    """Passes over one rollout batch."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: the rollout batch is cut into this many minibatches, in order.
+    Must divide ``train.batch_size``."""
+    reward_clip: float | None = 5.0
+    """Clip of the raw reward-model score before it is added on the last token (DS-Chat
+    ``clip_reward_value``); None for no clip."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = 0
+    """Top-k sampling, 0 disables."""
+    train_on_eos: bool = True
+    """EOS is a trained action and carries the score (the ReMax release's convention; DS-Chat's
+    "+1" end index expresses the same placement, remax-spec §7)."""
+    empty_response: EmptyResponse = EmptyResponse.mask
+    """Answers that end at once: ``space_token`` (the ReMax release) or ``mask`` (no gradient; the
+    closest to DS-Chat, which drops answers of at most one token)."""
+    eval_decoding: EvalDecoding = EvalDecoding.sampled
+    """Decoding of evaluation answers (the same as the ReMax run's for a fair comparison)."""
+
+    def __post_init__(self) -> None:
+        _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.1")
+        _require(0 < self.gamma <= 1, "algo.gamma", self.gamma, "use a value in (0, 1], e.g. 1.0")
+        _require(0 <= self.lam <= 1, "algo.lam", self.lam, "use a value in [0, 1], e.g. 0.95")
+        _require(
+            self.clip_range > 0, "algo.clip_range", self.clip_range, "use a value > 0, e.g. 0.2"
+        )
+        _require(
+            self.clip_range_value > 0,
+            "algo.clip_range_value",
+            self.clip_range_value,
+            "use a value > 0, e.g. 0.2",
+        )
+        _require(self.ppo_epochs >= 1, "algo.ppo_epochs", self.ppo_epochs, "use >= 1")
+        _require(self.mini_batches >= 1, "algo.mini_batches", self.mini_batches, "use >= 1")
+        _require(
+            self.reward_clip is None or self.reward_clip > 0,
+            "algo.reward_clip",
+            self.reward_clip,
+            "use a positive bound or null for no clip",
+        )
+        _require(self.temperature > 0, "algo.temperature", self.temperature, "use a value > 0")
+        _require(0 < self.top_p <= 1, "algo.top_p", self.top_p, "use a value in (0, 1]")
+        _require(self.top_k >= 0, "algo.top_k", self.top_k, "use >= 0 (0 disables)")
+
+
+@dataclass(kw_only=True)
+class PPOJobConfig(_StageConfig):
+    """PPO baseline: actor from ``model.path`` (also the frozen reference), critic initialised from
+    the reward model, reward from ``reward_model``."""
+
+    stage = "ppo"
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Critic optimizer (DS-Chat ``critic_learning_rate``, ``critic_weight_decay``); ``optim`` is
+    the actor's."""
+    eval_prompts: int = 128
+    """Held-out prompts for the before/after evaluation (>= 64)."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
+        _require(
+            self.eval_prompts <= self.data.num_eval,
+            "eval_prompts",
+            self.eval_prompts,
+            f"must not exceed data.num_eval={self.data.num_eval}",
+        )
+        _require(
+            self.reward_model.path is not None or self.data.source == "synthetic",
+            "reward_model.path",
+            self.reward_model.path,
+            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+        )
+        _require(
+            self.train.batch_size % self.algo.mini_batches == 0,
+            "algo.mini_batches",
+            self.algo.mini_batches,
+            f"must divide train.batch_size={self.train.batch_size}",
+        )
+        minibatch = self.train.batch_size // self.algo.mini_batches
+        _require(
+            minibatch % self.train.micro_batch_size == 0,
+            "train.micro_batch_size",
+            self.train.micro_batch_size,
+            f"must divide the minibatch train.batch_size / algo.mini_batches = {minibatch}",
+        )

@@ -74,6 +74,8 @@ class MetricWriter:
         if mode != "disabled":
             import wandb
 
+            if not os.environ.get("WANDB_MODE"):  # an empty value fails wandb's settings validation
+                os.environ.pop("WANDB_MODE", None)
             wandb_dir = Path(run_dir)
             os.environ.setdefault("WANDB_CONFIG_DIR", str(wandb_dir / "wandb"))
             os.environ.setdefault("WANDB_CACHE_DIR", str(wandb_dir / "wandb" / ".cache"))

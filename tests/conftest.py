@@ -67,6 +67,7 @@ def run_job(
 ):
     """Run ``python -m <module> <overrides>`` from the repo root, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     proc = subprocess.run(
         [sys.executable, "-m", module, *overrides],
         cwd=REPO,

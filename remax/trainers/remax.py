@@ -123,13 +123,18 @@ class RemaxTrainer:
     # ----------------------------------------------------------------- experience
     def _postprocess(self, rollout: Rollout) -> Rollout:
         """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
-        if (
-            self.cfg.algo.empty_response != EmptyResponse.space_token
-            or rollout.response.shape[1] < 2
-        ):
+        if self.cfg.algo.empty_response != EmptyResponse.space_token:
             return rollout
-        empty = rollout.lengths == 1
-        response, mask = rollout.response.clone(), rollout.response_mask.clone()
+        empty = (rollout.lengths == 1) & (rollout.response[:, 0] == self.tokenizer.eos_token_id)
+        if not bool(empty.any()):
+            return rollout
+        response, mask = rollout.response, rollout.response_mask
+        if response.shape[1] < 2:  # every row stopped at once: make room for " " + EOS
+            response = torch.cat(
+                [response, torch.full_like(response, self.tokenizer.pad_token_id)], 1
+            )
+            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
+        response, mask = response.clone(), mask.clone()
         response[empty, 0] = self.space_id
         response[empty, 1] = self.tokenizer.eos_token_id
         mask[empty, 1] = True

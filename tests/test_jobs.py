@@ -1,0 +1,113 @@
+"""Every entry point runs as a user runs it: ``python -m jobs.<stage>`` with no or few arguments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_job
+
+METRIC_KEYS = {
+    "step",
+    "reward/mean",
+    "reward/baseline_mean",
+    "kl/mean",
+    "loss/policy",
+    "response/length_mean",
+}
+
+
+def _only_run_dir(root: Path, stage: str) -> Path:
+    dirs = list((root / stage).iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "remax"])
+def test_stage_runs_and_writes_its_run_dir(tmp_path, stage):
+    run_job(f"jobs.{stage}", "experiment=smoke", f"run.root={tmp_path}")
+    run_dir = _only_run_dir(tmp_path, stage)
+    name, sig = run_dir.name.rsplit("-", 1)
+    assert name == "default" and len(sig) == 8
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "export/model.safetensors",
+        "export/meta.json",
+    ):
+        assert (run_dir / f).is_file(), f
+    assert (run_dir / "export" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    if stage == "sft":
+        assert set(summary["eval"]) >= {"loss_before", "loss_after"}
+    elif stage == "reward_model":
+        assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    else:
+        ev = summary["eval"]
+        for key in ("reward_before", "reward_after", "gold_before", "gold_after"):
+            assert set(ev[key]) == {"mean", "stderr", "n"} and ev[key]["n"] >= 64
+        assert "kl_after" in ev
+        assert METRIC_KEYS <= set(rows[0])
+
+
+def test_rerunning_a_finished_config_reuses_its_run_dir(tmp_path):
+    run_job("jobs.sft", "experiment=smoke", f"run.root={tmp_path}")
+    first = _only_run_dir(tmp_path, "sft")
+    mtime = (first / "export" / "model.safetensors").stat().st_mtime_ns
+    out = run_job("jobs.sft", "experiment=smoke", f"run.root={tmp_path}")
+    assert _only_run_dir(tmp_path, "sft") == first
+    assert (first / "export" / "model.safetensors").stat().st_mtime_ns == mtime  # nothing redone
+    assert json.loads(out.stdout.strip().splitlines()[-1])["run_dir"] == str(first)
+
+
+def test_wandb_offline_run_uses_the_signature_id(tmp_path):
+    run_job(
+        "jobs.sft",
+        "experiment=smoke",
+        f"run.root={tmp_path}",
+        "log.wandb_mode=offline",
+        env={"WANDB_API_KEY": None, "WANDB_MODE": None},
+    )
+    run_dir = _only_run_dir(tmp_path, "sft")
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert run_id == f"sft-{run_dir.name.rsplit('-', 1)[1]}"
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1
+
+
+def test_pipeline_chains_the_exports(tmp_path):
+    out = run_job(
+        "jobs.pipeline", "experiment=smoke", f"run.root={tmp_path}", "remax.train.max_steps=2"
+    )
+    summary = json.loads(out.stdout[out.stdout.index("{\n") :])
+    remax_cfg = (Path(summary["run_dirs"]["remax"]) / "config.yaml").read_text()
+    assert f"{summary['run_dirs']['sft']}/export" in remax_cfg
+    assert f"{summary['run_dirs']['reward_model']}/export" in remax_cfg
+    assert (
+        json.loads((Path(summary["run_dirs"]["remax"]) / "summary.json").read_text())[
+            "reward_source"
+        ]
+        == "reward_model"
+    )
+
+
+@pytest.mark.slow
+def test_demo_meets_its_claims(tmp_path):
+    """The README's demo claims, measured on the default pipeline: RM held-out accuracy >= 0.8, and
+    ReMax raises both the RM reward and the gold score by more than 3 standard errors."""
+    out = run_job(
+        "jobs.pipeline", f"run.root={tmp_path}", "log.wandb_mode=disabled", "log.progress=false"
+    )
+    s = json.loads(out.stdout[out.stdout.index("{\n") :])
+    assert s["reward_model"]["accuracy"] >= 0.8
+    ev = s["remax"]
+    for key in ("reward", "gold"):
+        before, after = ev[f"{key}_before"], ev[f"{key}_after"]
+        se = (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
+        assert after["mean"] - before["mean"] > 3 * se, (key, before, after)
+    assert ev["kl_after"] > 0
