@@ -54,7 +54,31 @@ def main(argv: list[str]) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(summary, indent=2))
+    _print_table(summary)
     return summary
+
+
+def _ms(d: dict) -> str:
+    return f"{d['mean']:.3f} ± {d['stderr']:.3f} (n={d['n']})"
+
+
+def _print_table(s: dict) -> None:
+    """The demo's human summary (stderr, so stdout stays one JSON document for scripts)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ev = s["remax"]
+    table = Table(title=f"remax pipeline ({s['wall_s']:.0f} s)")
+    for col in ("stage", "metric", "before", "after"):
+        table.add_column(col)
+    table.add_row("sft", "held-out NLL", f"{s['sft']['loss_before']:.3f}", f"{s['sft']['loss_after']:.3f}")
+    table.add_row("reward_model", "held-out pair accuracy", "", f"{s['reward_model']['accuracy']:.3f}")
+    table.add_row("remax", "RM reward (± stderr)", _ms(ev["reward_before"]), _ms(ev["reward_after"]))
+    if "gold_before" in ev:
+        table.add_row("remax", "gold score (± stderr)", _ms(ev["gold_before"]), _ms(ev["gold_after"]))
+    table.add_row("remax", "KL(π‖π_ref) per answer", "0", f"{ev['kl_after']:.3f}")
+    table.add_row("remax", "answer length", f"{ev['length_before']:.2f}", f"{ev['length_after']:.2f}")
+    Console(stderr=True).print(table)
 
 
 if __name__ == "__main__":

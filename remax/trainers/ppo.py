@@ -146,10 +146,8 @@ class PPOTrainer:
         response, mask = rollout.response, rollout.response_mask
         if response.shape[1] < 2:  # every row stopped at once: make room for " " + EOS
             pad = torch.full_like(response, self.tokenizer.pad_token_id)
-            response, mask = (
-                torch.cat([response, pad], 1),
-                torch.cat([mask, torch.zeros_like(mask)], 1),
-            )
+            response = torch.cat([response, pad], 1)
+            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
         response, mask = response.clone(), mask.clone()
         response[empty, 0] = self.space_id
         response[empty, 1] = self.tokenizer.eos_token_id
