@@ -334,6 +334,7 @@ def run_size(args, size: str, device: str, dtype_name: str, workdir: Path) -> di
     remax, ppo = build_trainers(args, policy_path, rm_path, dtype_name, device)
     arms = {"remax": remax, "ppo": ppo}
     times = {k: [] for k in arms}
+    last = {k: {} for k in arms}
     tokens = {k: [] for k in arms}
     peak = {k: 0 for k in arms}
     peak_own = {k: 0 for k in arms}
@@ -347,6 +348,7 @@ def run_size(args, size: str, device: str, dtype_name: str, workdir: Path) -> di
                 raw = torch.cuda.max_memory_allocated()
                 peak[name] = max(peak[name], raw)
                 peak_own[name] = max(peak_own[name], raw - resident_bytes(other))
+            last[name] = metrics
             if i > 0:
                 times[name].append(dt)
                 tokens[name].append(metrics["response/length_mean"] * args.batch)
@@ -355,6 +357,7 @@ def run_size(args, size: str, device: str, dtype_name: str, workdir: Path) -> di
         out[name] = {
             **summarize(times[name], tokens[name], args.batch),
             "model_state": arm_state(trainer),
+            "last_metrics": last[name],  # e.g. PPO's ppo/ratio_mean_first, exactly 1 on CPU
         }
         if device == "cuda":
             out[name]["cuda_peak_allocated_bytes"] = peak[name]

@@ -69,5 +69,11 @@ def compose_stage(stage: str, overrides: list[str]):
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             cfg = compose(config_name=stage, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        fail(f"{stage}: " + " ".join(str(exc).split()))
+        parts, seen = [], exc
+        while seen is not None:  # Hydra wraps the useful detail (valid values, key) in the cause
+            text = " ".join(str(seen).split())
+            if text and text not in parts:
+                parts.append(text)
+            seen = seen.__cause__
+        fail(f"{stage}: " + ": ".join(parts))
     return to_config(cfg)

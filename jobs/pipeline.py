@@ -3,6 +3,8 @@
 Overrides without a prefix go to every stage (``seed=1 run.root=out``); ``sft.<key>=``,
 ``reward_model.<key>=`` and ``remax.<key>=`` go to one stage only (``remax.algo.kl_coef=0.1``).
 The ReMax stage gets ``model.path=<sft export>`` and ``reward_model.path=<reward_model export>``.
+``reward_model`` is both a stage and a ReMax key: ``reward_model.train.max_steps=9`` goes to the
+reward-model stage, ``remax.reward_model.path=...`` to ReMax's reward source.
 Each stage resumes or is skipped when complete, so re-running the command after an interruption
 continues where it stopped.
 """
@@ -37,6 +39,8 @@ def main(argv: list[str]) -> dict:
     # not surface after the SFT and RM stages have run.
     compose_stage("sft", overrides["sft"])
     compose_stage("reward_model", overrides["reward_model"])
+    placeholders = ["model.path=<sft export>", "reward_model.path=<reward_model export>"]
+    compose_stage("remax", placeholders + overrides["remax"])
     start = time.perf_counter()
     sft = run_stage("sft", compose_stage("sft", overrides["sft"]))
     rm = run_stage("reward_model", compose_stage("reward_model", overrides["reward_model"]))
@@ -71,13 +75,23 @@ def _print_table(s: dict) -> None:
     table = Table(title=f"remax pipeline ({s['wall_s']:.0f} s)")
     for col in ("stage", "metric", "before", "after"):
         table.add_column(col)
-    table.add_row("sft", "held-out NLL", f"{s['sft']['loss_before']:.3f}", f"{s['sft']['loss_after']:.3f}")
-    table.add_row("reward_model", "held-out pair accuracy", "", f"{s['reward_model']['accuracy']:.3f}")
-    table.add_row("remax", "RM reward (± stderr)", _ms(ev["reward_before"]), _ms(ev["reward_after"]))
+    table.add_row(
+        "sft", "held-out NLL", f"{s['sft']['loss_before']:.3f}", f"{s['sft']['loss_after']:.3f}"
+    )
+    table.add_row(
+        "reward_model", "held-out pair accuracy", "", f"{s['reward_model']['accuracy']:.3f}"
+    )
+    table.add_row(
+        "remax", "RM reward (± stderr)", _ms(ev["reward_before"]), _ms(ev["reward_after"])
+    )
     if "gold_before" in ev:
-        table.add_row("remax", "gold score (± stderr)", _ms(ev["gold_before"]), _ms(ev["gold_after"]))
+        table.add_row(
+            "remax", "gold score (± stderr)", _ms(ev["gold_before"]), _ms(ev["gold_after"])
+        )
     table.add_row("remax", "KL(π‖π_ref) per answer", "0", f"{ev['kl_after']:.3f}")
-    table.add_row("remax", "answer length", f"{ev['length_before']:.2f}", f"{ev['length_after']:.2f}")
+    table.add_row(
+        "remax", "answer length", f"{ev['length_before']:.2f}", f"{ev['length_after']:.2f}"
+    )
     Console(stderr=True).print(table)
 
 

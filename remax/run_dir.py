@@ -90,7 +90,17 @@ def prepare(config, stage: str) -> Path:
     cfg_file = path / "config.yaml"
     current = to_plain(config)
     if cfg_file.exists():
-        saved = yaml.safe_load(cfg_file.read_text()) or {}
+        try:
+            saved = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RunDirError(
+                f"{cfg_file} is not valid YAML ({str(exc).splitlines()[0]}): restore it or move the "
+                "run dir away"
+            ) from None
+        if not isinstance(saved, dict):
+            raise RunDirError(
+                f"{cfg_file} does not hold a config mapping: restore it or move the run dir away"
+            )
         diff = differing_keys(saved, current)
         if diff and not config.run.force:
             raise RunDirError(

@@ -222,10 +222,6 @@ def test_composition_error_names_the_key(override, named, tmp_path):
         assert word in proc.stderr, f"{word!r} not in:\n{proc.stderr}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="@hydra.main reports composition errors itself: 6-7 lines, no 'error:' prefix, exit 1",
-)
 @pytest.mark.parametrize("override,named", COMPOSITION_ERRORS, ids=COMPOSITION_IDS)
 def test_composition_error_follows_one_line_contract(override, named, tmp_path):
     proc = _run_cli("remax", override, tmp_path)
@@ -257,11 +253,6 @@ def test_pipeline_rejects_bad_sft_override_before_training(monkeypatch, capsys):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs/pipeline.py composes only sft and reward_model up front; remax.* is checked "
-    "after both stages have trained",
-)
 @pytest.mark.parametrize("override", ["remax.algo.gamma=1.5", "remax.algo.kl_cof=0.1"])
 def test_pipeline_rejects_bad_remax_override_before_training(override, monkeypatch):
     calls: list[str] = []

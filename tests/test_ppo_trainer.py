@@ -119,8 +119,12 @@ def test_resume_is_bit_identical_for_actor_and_critic(tmp_path):
     assert loop.run(first, cfg, tmp_path / "b", "ppo", stop=stop) is None
     assert first.step == 2
     resumed = PPOTrainer(cfg)  # a fresh process would build exactly this, then resume
+    calls, resumed_step = [], resumed.train_step
+    resumed.train_step = lambda: calls.append(1) or resumed_step()
     assert loop.run(resumed, cfg, tmp_path / "b", "ppo") is not None
-    assert resumed.step == straight.step == 4
+    assert resumed.step == straight.step == 4 and len(calls) == 2  # resumed at 2, not from 0
+    fresh = PPOTrainer(cfg).critic.state_dict()
+    assert not all(torch.equal(v, straight.critic.state_dict()[k]) for k, v in fresh.items())
     for a, b in ((straight.model, resumed.model), (straight.critic, resumed.critic)):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
