@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from remax.config import (
     ConfigError,
+    EvaluateJobConfig,
     PPOJobConfig,
     RemaxJobConfig,
     RewardModelJobConfig,
@@ -30,6 +31,7 @@ SCHEMAS = {
     "reward_model": RewardModelJobConfig,
     "remax": RemaxJobConfig,
     "ppo": PPOJobConfig,
+    "evaluate": EvaluateJobConfig,
 }
 
 _cs = ConfigStore.instance()

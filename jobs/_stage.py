@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 
 import torch
 
@@ -33,9 +37,23 @@ def _trainer(stage: str, config):
     return RemaxTrainer(config)
 
 
-def run_stage(stage: str, config) -> dict:
-    """Train ``stage`` with ``config`` (a dataclass) to completion or resume it; return the summary."""
+def run_stage(stage: str, config, stop=None) -> dict | None:
+    """Train ``stage`` with ``config`` (a dataclass) to completion or resume it; return the summary.
+
+    Returns None when ``stop`` asked for a checkpoint-and-exit (a Slurm requeue). Inside a
+    hand-submitted sbatch script (``slurm_templates/``) the stage watches USR2 itself and requeues
+    its own job after the checkpoint.
+    """
     from remax.trainers import loop
+
+    requeue_self = (
+        stop is None and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID")
+    )
+    if requeue_self:
+        from jobs._submit import SlurmStop, job_end_time
+
+        stop = SlurmStop(job_end_time(), config.cluster.deadline_margin_s)
+        signal.signal(signal.SIGUSR2, stop.on_signal)
 
     init_logging()
     if config.cluster.num_threads:
@@ -45,6 +63,20 @@ def run_stage(stage: str, config) -> dict:
     except RunDirError as exc:
         fail(str(exc))
     log.info("%s run dir: %s", stage, run_dir)
-    summary = loop.run(_trainer(stage, config), config, run_dir, stage)
+    if stage == "evaluate":
+        # Not a training loop: answer, score, summarise; resumable batch by batch on its own.
+        from remax.evaluation import run as evaluate
+
+        summary = evaluate(config, run_dir)
+    else:
+        summary = loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+    if summary is None:
+        log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
+        if requeue_self:
+            subprocess.run(
+                ["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60
+            )
+            sys.exit(0)
+        return None
     print(json.dumps({"stage": stage, "run_dir": str(run_dir), "eval": summary.get("eval")}))
     return summary

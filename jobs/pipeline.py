@@ -1,24 +1,30 @@
-"""``python -m jobs.pipeline [key=value ...]``: SFT → reward model → ReMax, each on the last's export.
+"""``python -m jobs.pipeline [key=value ...]``: SFT → reward model → ReMax → evaluate, on the exports.
 
 Overrides without a prefix go to every stage (``seed=1 run.root=out``); ``sft.<key>=``,
 ``reward_model.<key>=`` and ``remax.<key>=`` go to one stage only (``remax.algo.kl_coef=0.1``).
 The ReMax stage gets ``model.path=<sft export>`` and ``reward_model.path=<reward_model export>``.
 ``reward_model`` is both a stage and a ReMax key: ``reward_model.train.max_steps=9`` goes to the
 reward-model stage, ``remax.reward_model.path=...`` to ReMax's reward source.
+The evaluate stage compares the ReMax export (A) with the SFT export (B) on held-out prompts:
+``policies=[<remax export>,<sft export>]``, ``reward_model.path=<reward_model export>``,
+``reference.path=<sft export>``; ``evaluate.<key>=`` goes to it alone, and an override without a
+prefix reaches it only when its schema has the key (it has no model, optim, train, algo or
+experiment). ``evaluate=false`` skips it.
 Each stage resumes or is skipped when complete, so re-running the command after an interruption
 continues where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 
-from jobs._config import compose_stage
+from jobs._config import SCHEMAS, compose_stage
 from jobs._stage import run_stage
 
-STAGES = ("sft", "reward_model", "remax")
+STAGES = ("sft", "reward_model", "remax", "evaluate")
 
 
 def split_overrides(argv: list[str]) -> dict[str, list[str]]:
@@ -29,18 +35,50 @@ def split_overrides(argv: list[str]) -> dict[str, list[str]]:
             per_stage[stage].append(rest)
         else:
             for s in STAGES:
-                per_stage[s].append(arg)
+                if _has_key(s, arg):
+                    per_stage[s].append(arg)
     return per_stage
 
 
+def _has_key(stage: str, arg: str) -> bool:
+    """Whether an unprefixed override applies to ``stage`` (evaluate lacks the training keys)."""
+    if stage != "evaluate":
+        return True
+    key = arg.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
+    return key in {f.name for f in dataclasses.fields(SCHEMAS[stage])}
+
+
+def _evaluate_overrides(remax: str, sft: str, rm: str, algo=None) -> list[str]:
+    """Evaluate ReMax (A) against SFT (B), decoding as the ReMax stage's own evaluation does."""
+    decoding = []
+    if algo is not None:
+        decoding = [
+            f"decoding={algo.eval_decoding.value}",
+            f"temperature={algo.temperature}",
+            f"top_p={algo.top_p}",
+            f"top_k={algo.top_k}",
+        ]
+    return [
+        f"policies=['{remax}','{sft}']",
+        "names=[remax,sft]",
+        f"reward_model.path='{rm}'",
+        f"reference.path='{sft}'",
+        *decoding,
+    ]
+
+
 def main(argv: list[str]) -> dict:
-    overrides = split_overrides(argv)
+    evaluate = "evaluate=false" not in argv
+    overrides = split_overrides([a for a in argv if a not in ("evaluate=false", "evaluate=true")])
     # Compose (and validate) every stage before training any: a typo in a remax.* override should
     # not surface after the SFT and RM stages have run.
     compose_stage("sft", overrides["sft"])
     compose_stage("reward_model", overrides["reward_model"])
-    placeholders = ["model.path=<sft export>", "reward_model.path=<reward_model export>"]
+    placeholders = ["model.path='<sft export>'", "reward_model.path='<reward_model export>'"]
     compose_stage("remax", placeholders + overrides["remax"])
+    if evaluate:
+        exports = _evaluate_overrides("<remax export>", "<sft export>", "<reward_model export>")
+        compose_stage("evaluate", exports + overrides["evaluate"])
     start = time.perf_counter()
     sft = run_stage("sft", compose_stage("sft", overrides["sft"]))
     rm = run_stage("reward_model", compose_stage("reward_model", overrides["reward_model"]))
@@ -49,12 +87,16 @@ def main(argv: list[str]) -> dict:
         f"reward_model.path={rm['run_dir']}/export",
         *overrides["remax"],
     ]
-    remax = run_stage("remax", compose_stage("remax", remax_overrides))
+    remax_cfg = compose_stage("remax", remax_overrides)
+    remax = run_stage("remax", remax_cfg)
+    done = [sft, rm, remax]
+    if evaluate:
+        exports = [f"{s['run_dir']}/export" for s in (remax, sft, rm)]
+        evaluate_overrides = _evaluate_overrides(*exports, remax_cfg.algo) + overrides["evaluate"]
+        done.append(run_stage("evaluate", compose_stage("evaluate", evaluate_overrides)))
     summary = {
-        "sft": sft["eval"],
-        "reward_model": rm["eval"],
-        "remax": remax["eval"],
-        "run_dirs": {s["stage"]: s["run_dir"] for s in (sft, rm, remax)},
+        **{s["stage"]: s["eval"] for s in done},
+        "run_dirs": {s["stage"]: s["run_dir"] for s in done},
         "wall_s": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(summary, indent=2))
@@ -92,7 +134,22 @@ def _print_table(s: dict) -> None:
     table.add_row(
         "remax", "answer length", f"{ev['length_before']:.2f}", f"{ev['length_after']:.2f}"
     )
+    if "evaluate" in s:
+        _evaluate_rows(table, s["evaluate"])
     Console(stderr=True).print(table)
+
+
+def _evaluate_rows(table, ev: dict) -> None:
+    """Win rates of ReMax (A) vs SFT (B) in the "after" column; per-policy means as SFT → ReMax."""
+    a, b = ev["policies"][:2]
+    by = ev["by_policy"]
+    for prefix, label in (("", "RM"), ("gold_", "gold")):
+        if f"{prefix}win_rate" in ev:
+            low, high = ev[f"{prefix}win_rate_ci"]
+            rate = f"{ev[f'{prefix}win_rate']:.3f} [{low:.3f}, {high:.3f}]"
+            table.add_row("evaluate", f"{label} win rate, {a} vs {b}", "", rate)
+    if "gold" in by[a]:
+        table.add_row("evaluate", "gold score (± stderr)", _ms(by[b]["gold"]), _ms(by[a]["gold"]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from remax.algo.types import (
 
 __all__ = [
     "Aggregation",
+    "Backend",
     "Baseline",
     "CheckpointConfig",
     "ClipTarget",
@@ -273,25 +274,116 @@ class LogConfig:
     """Show progress bars (tqdm)."""
 
 
+class Backend(str, enum.Enum):
+    local = "local"  # in this process
+    slurm = "slurm"  # a Slurm job through submitit; the command returns at once
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
+    """Where a stage runs. Cluster keys never change a run's result, so they are not part of the
+    run-dir signature: the same config moves between a laptop and the cluster and resumes."""
+
     name: str = "local"
-    """Cluster preset name."""
-    backend: str = "local"
-    """``local``: run in this process. Slurm backends are added by the Slurm issue."""
+    """Preset name (for records and the status table)."""
+    backend: Backend = Backend.local
+    """``local``: run in this process. ``slurm``: submit a job (or an array for ``-m``)."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
     num_threads: int = 0
     """torch intra-op threads on CPU; 0 keeps torch's default."""
+    partition: str | None = None
+    """Slurm partition; None uses the site default."""
+    account: str | None = None
+    """Slurm account to bill."""
+    qos: str | None = None
+    """Slurm quality of service."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node (an A800 node has 4)."""
+    tasks_per_node: int = 1
+    """Processes per node. One per GPU needs the multi-rank runtime; until then 1."""
+    cpus_per_task: int = 4
+    """CPU cores per task."""
+    mem_gb: int | None = None
+    """Memory per node in GB; 0 = the whole node; None = the site default."""
+    time_min: int = 60
+    """Time limit of one job segment, minutes."""
+    signal_delay_s: int = 120
+    """USR2 is sent this long before the time limit: time for one step plus a checkpoint."""
+    deadline_margin_s: int = 60
+    """Without a signal, checkpoint when now + one step + this margin passes the job's end time."""
+    max_num_timeout: int = 10
+    """Requeues after hitting the time limit before giving up (submitit's countdown)."""
+    max_restarts: int = 50
+    """Requeues of any cause (preemptions included) before the job refuses to run again."""
+    array_parallelism: int = 16
+    """Array elements running at once (``%K`` of ``--array``)."""
+    gres: bool = False
+    """Request GPUs as ``--gres=gpu:N`` instead of ``--gpus-per-node`` (some sites accept only that)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job step (``module load ...``, ``source venv/bin/activate``)."""
+    gpu_hour_rate: float = 0.0
+    """Price of one GPU-hour, for cost estimates and the status table."""
+    currency: str = "CNY"
+    """Currency of ``gpu_hour_rate``."""
+    budget: float | None = None
+    """Refuse a submission (or sweep) whose estimated cost exceeds this; None: no cap."""
+    dry_run: bool = False
+    """Print the sbatch script and the estimate; submit nothing."""
 
     def __post_init__(self) -> None:
-        _require(self.backend in ("local",), "cluster.backend", self.backend, "use local")
         _require(
             self.device in ("auto", "cpu", "cuda"),
             "cluster.device",
             self.device,
             "use auto, cpu or cuda",
         )
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
+            value = getattr(self, key)
+            _require(value > 0, f"cluster.{key}", value, "use a positive integer")
+        for key in (
+            "gpus_per_node",
+            "signal_delay_s",
+            "deadline_margin_s",
+            "max_num_timeout",
+            "max_restarts",
+        ):
+            value = getattr(self, key)
+            _require(value >= 0, f"cluster.{key}", value, "use an integer >= 0")
+        _require(
+            self.tasks_per_node == 1,
+            "cluster.tasks_per_node",
+            self.tasks_per_node,
+            "use 1: one process per job until the multi-rank (DeepSpeed) runtime lands",
+        )
+        _require(self.gpu_hour_rate >= 0, "cluster.gpu_hour_rate", self.gpu_hour_rate, "use >= 0")
+        _require(
+            self.budget is None or self.budget >= 0,
+            "cluster.budget",
+            self.budget,
+            "use >= 0 or null",
+        )
+        _require(
+            self.mem_gb is None or self.mem_gb >= 0,
+            "cluster.mem_gb",
+            self.mem_gb,
+            "use >= 0 or null",
+        )
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def estimate(self, jobs: int = 1) -> dict:
+        """Upper bound for ``jobs`` job segments: every GPU for the whole time limit."""
+        gpu_hours = jobs * self.gpus * self.time_min / 60
+        return {
+            "gpu_hours": round(gpu_hours, 3),
+            "cost": round(gpu_hours * self.gpu_hour_rate, 2),
+            "currency": self.currency,
+        }
 
 
 @dataclass(kw_only=True)
@@ -536,3 +628,169 @@ class PPOJobConfig(_StageConfig):
             self.train.micro_batch_size,
             f"must divide the minibatch train.batch_size / algo.mini_batches = {minibatch}",
         )
+
+
+# ---- evaluation ----
+
+
+class PromptFormat(str, enum.Enum):
+    prompts = "prompts"  # one prompt per row; columns detected (prompt, instruction, HH, .txt, ...)
+    alpaca_eval = "alpaca_eval"  # an AlpacaEval set: one ``instruction`` per row
+    mt_bench = "mt_bench"  # FastChat questions: ``question_id`` and ``turns``, every turn answered
+
+
+class AnswerFormat(str, enum.Enum):
+    none = "none"
+    alpaca_eval = "alpaca_eval"  # alpaca_eval/<name>.json: [{instruction, output, generator}]
+    mt_bench = "mt_bench"  # mt_bench/model_answer/<name>.jsonl, as FastChat gen_model_answer.py
+
+
+@dataclass(kw_only=True)
+class ReferenceConfig:
+    path: str | None = None
+    """Reference policy of the KL column: an ``export/`` dir or HF name (usually the SFT export);
+    None: no KL."""
+
+
+@dataclass(kw_only=True)
+class EvaluateJobConfig:
+    """Evaluation: answers of one or more policies on one prompt set, scored and compared (A vs B)."""
+
+    stage = "evaluate"
+    seed: int = 42
+    """Seed of sampled decoding; batch k is seeded from (seed, k), so answers do not depend on
+    batch order or on resuming."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """Held-out prompts (``prompt_source=held_out``), the chat template, ``max_prompt_len``."""
+    log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policies: list[str] = field(default_factory=list)
+    """Policies to evaluate: ``export/`` dirs or HF names. A = the first, B = the second."""
+    names: list[str] = field(default_factory=list)
+    """Labels of the policies (answer-file names, AlpacaEval ``generator``, MT-bench ``model_id``);
+    empty: ``<stage>-<run dir>`` of an ``export/`` path, else the path's last part."""
+    reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    """Reward model of the win rate; None on held-out synthetic prompts: the gold score; None on
+    other prompts: no reward (answer files only)."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    prompt_source: str = "held_out"
+    """``held_out``: the held-out RL prompts of ``data`` (the synthetic task's by default); else a
+    prompt set, a local file or an HF data set name, read as ``prompt_format``."""
+    prompt_format: PromptFormat = PromptFormat.prompts
+    """How a prompt set is read (``held_out`` ignores it: it is always single-turn)."""
+    prompt_split: str = "train"
+    """Split of an HF prompt set (AlpacaEval's is ``eval``); ignored for local files."""
+    num_prompts: int | None = None
+    """The first N prompts; None: all (``held_out``: data.num_eval)."""
+    decoding: EvalDecoding = EvalDecoding.sampled
+    """``sampled`` (the distribution RL optimised, as the ReMax stage evaluates) or ``greedy``
+    (one deterministic answer per prompt, common for judge submissions)."""
+    temperature: float = 1.0
+    """Sampled decoding: temperature (> 0)."""
+    top_p: float = 1.0
+    """Sampled decoding: nucleus mass, in (0, 1]."""
+    top_k: int = 0
+    """Sampled decoding: top-k, 0 disables."""
+    max_new_tokens: int | None = None
+    """Generated tokens per answer (per turn), EOS included; None: data.max_response_len."""
+    batch_size: int = 64
+    """Prompts per generation batch."""
+    answer_format: AnswerFormat = AnswerFormat.none
+    """Also write one judge answer file per policy (``alpaca_eval`` or ``mt_bench``)."""
+    dtype: DType = DType.float32
+    """Parameter and compute dtype of every loaded model (bf16 on GPUs)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.policies) >= 1,
+            "policies",
+            self.policies,
+            "give one or more export/ dirs or HF names, e.g. policies=[runs/remax/<dir>/export]",
+        )
+        _require(
+            not self.names or len(self.names) == len(self.policies),
+            "names",
+            self.names,
+            f"give one name per policy ({len(self.policies)}) or none",
+        )
+        labels = self.labels
+        _require(
+            len(set(labels)) == len(labels) and all(n and "/" not in n for n in labels),
+            "names",
+            labels,
+            "labels must be distinct plain names: set names=[a,b,...]",
+        )
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
+        _require(
+            self.num_prompts is None or self.num_prompts >= 1,
+            "num_prompts",
+            self.num_prompts,
+            "use >= 1, or null for all",
+        )
+        _require(
+            not (self.prompt_source == "held_out" and self.data.source == "synthetic")
+            or (self.num_prompts or 0) <= self.data.num_eval,
+            "num_prompts",
+            self.num_prompts,
+            f"must not exceed data.num_eval={self.data.num_eval}",
+        )
+        _require(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "max_new_tokens",
+            self.max_new_tokens,
+            "use >= 1, or null for data.max_response_len",
+        )
+        _require(self.temperature > 0, "temperature", self.temperature, "use a value > 0")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "use a value in (0, 1]")
+        _require(self.top_k >= 0, "top_k", self.top_k, "use >= 0 (0 disables)")
+        _require(
+            self.answer_format != AnswerFormat.mt_bench
+            or self.prompt_format == PromptFormat.mt_bench,
+            "answer_format",
+            self.answer_format.value,
+            "MT-bench answers need MT-bench questions: set prompt_format=mt_bench",
+        )
+        _require(
+            self.answer_format != AnswerFormat.alpaca_eval
+            or self.prompt_format != PromptFormat.mt_bench,
+            "answer_format",
+            self.answer_format.value,
+            "AlpacaEval answers are single-turn: use answer_format=mt_bench for MT-bench questions",
+        )
+        _require(
+            self.prompt_source != "synthetic",
+            "prompt_source",
+            self.prompt_source,
+            "use held_out for the synthetic task's held-out prompts",
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        """The policies' names: ``names``, or derived from the paths."""
+        if self.names:
+            return list(self.names)
+        out = []
+        for path in self.policies:
+            parts = path.rstrip("/").split("/")
+            is_export = parts[-1] == "export" and len(parts) >= 3
+            out.append(f"{parts[-3]}-{parts[-2]}" if is_export else parts[-1])
+        return out
+
+    @property
+    def response_len(self) -> int:
+        """Generated tokens per answer: ``max_new_tokens``, else ``data.max_response_len``."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return self.data.max_response_len
+
+    @property
+    def template(self) -> str:
+        """Chat template of the prompts; held-out synthetic prompts are never templated (as in
+        training, ``remax.data.stage_data.format_prompts``)."""
+        if self.prompt_source == "held_out" and self.data.source == "synthetic":
+            return "plain"
+        return self.data.template
+
+
+__all__ += ["AnswerFormat", "EvaluateJobConfig", "PromptFormat", "ReferenceConfig"]

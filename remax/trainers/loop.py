@@ -135,6 +135,8 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
             metrics = trainer.train_step()
             trainer.step += 1
             metrics["time/step_s"] = time.perf_counter() - t0
+            if stop is not None and hasattr(stop, "observe"):
+                stop.observe(metrics["time/step_s"])  # lets a deadline stop leave room for one step
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(_scalars(metrics).items())[:3]})
             if trainer.step % cfg.train.log_every == 0 or trainer.step == trainer.total_steps:

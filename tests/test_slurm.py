@@ -1,0 +1,247 @@
+"""Stages as Slurm jobs, against the real local Slurm (scripts/local_slurm.sh), never mocks.
+
+Skipped only when ``sbatch`` is absent and REMAX_REQUIRE_SLURM is not 1; CI sets it, so there the
+absence of Slurm fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_job
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slurm
+
+if shutil.which("sbatch") is None:
+    if os.environ.get("REMAX_REQUIRE_SLURM") == "1":
+        raise RuntimeError(
+            "sbatch not found but REMAX_REQUIRE_SLURM=1: run scripts/local_slurm.sh up"
+        )
+    pytest.skip(
+        "no Slurm here (sbatch not on PATH); CI runs scripts/local_slurm.sh up",
+        allow_module_level=True,
+    )
+
+# A tiny ReMax run long enough to interrupt: ~4 s of steps, periodic checkpoints every 10 steps.
+JOB = [
+    "cluster=local_slurm",
+    "train.batch_size=8",
+    "train.micro_batch_size=8",
+    "train.max_steps=80",
+    "train.log_every=1",
+    "checkpoint.every_steps=10",
+    "data.num_train=1024",
+    "data.num_eval=64",
+    "eval_prompts=64",
+    "log.progress=false",
+]
+
+
+def _submit(root: Path, *extra: str, module: str = "jobs.remax") -> dict:
+    out = run_job(module, f"run.root={root}", *JOB, *extra)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _sacct(job: str) -> list[tuple[str, str]]:
+    out = subprocess.run(
+        ["sacct", "-j", job, "-D", "-X", "-n", "--parsable2", "-o", "State,ExitCode"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [tuple(line.split("|")) for line in out.stdout.splitlines()]
+
+
+def _wait_done(job: str, timeout: float = 240) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = _sacct(job)
+        if states and states[-1][0] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            if not subprocess.run(
+                ["squeue", "-h", "-j", job], capture_output=True, text=True
+            ).stdout.strip():
+                return states
+        time.sleep(1)
+    raise AssertionError(f"job {job} not done after {timeout} s: {_sacct(job)}")
+
+
+def _wait_for(path_glob: Path, pattern: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(path_glob.glob(pattern)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern} never appeared under {path_glob}")
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(Path(run_dir) / "export" / "model.safetensors")
+
+
+def _assert_same_export(a: str, b: str) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _status(root: Path) -> list[dict]:
+    return json.loads(run_job("jobs.status", str(root), "--json").stdout)
+
+
+def test_usr2_checkpoints_requeues_and_finishes_bit_identical(tmp_path):
+    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
+    rec = _submit(tmp_path / "usr2", "log.wandb_mode=offline")
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_10")
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"])
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    _wait_done(ref["job_id"])
+    _assert_same_export(ref["run_dir"], rec["run_dir"])
+    rows = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows == list(range(1, 81)), "steps continuous across the requeue, none logged twice"
+    [row] = _status(tmp_path / "usr2")
+    assert row["restarts"] == 1 and row["state"] == "COMPLETED" and row["step"] == 80
+    assert row["gpu_hours"] > 0 and row["cost"] > 0  # one fake GPU at rate 1.0
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    fragments = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(fragments) == 2 and all(f.name.endswith(run_id) for f in fragments)
+
+
+def test_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(tmp_path):
+    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
+    rec = _submit(tmp_path / "rq", "log.wandb_mode=disabled")
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_20")
+    subprocess.run(["scontrol", "requeue", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"])
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_log.err"))
+    assert "resumed remax from" in log, "the second segment must resume, not restart from scratch"
+    _wait_done(ref["job_id"])
+    _assert_same_export(ref["run_dir"], rec["run_dir"])
+
+
+def test_sweep_is_one_array_with_one_run_dir_per_element(tmp_path):
+    out = run_job(
+        "jobs.remax",
+        "-m",
+        f"run.root={tmp_path}",
+        *JOB,
+        "train.max_steps=4",
+        "log.wandb_mode=disabled",
+        "algo.kl_coef=0.05,0.1",
+        "optim.lr=1e-4,5e-5",
+    )
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["elements"] == 4 and len(set(info["run_dirs"])) == 4
+    records = [json.loads((Path(d) / "submission.json").read_text()) for d in info["run_dirs"]]
+    assert {r["job_id"] for r in records} == {f"{info['array_job_id']}_{i}" for i in range(4)}
+    assert {r["sweep"] for r in records} == {info["sweep"]}
+    states = _wait_done(info["array_job_id"])
+    assert all(s == "COMPLETED" for s, _ in states), states
+    assert all((Path(d) / "summary.json").exists() for d in info["run_dirs"])
+    assert not list(Path(REPO).glob("multirun*")), "Hydra must not write into the working directory"
+
+
+def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
+    out = run_job(
+        "jobs.pipeline",
+        f"run.root={tmp_path}",
+        *JOB,
+        "log.wandb_mode=disabled",
+        "train.max_steps=4",
+        "reward_model.data.source=/nonexistent/pairs.jsonl",
+    )
+    records = {r["stage"]: r for r in json.loads(out.stdout[out.stdout.index("{\n") :])["jobs"]}
+    rm_states = _wait_done(records["reward_model"]["job_id"])
+    assert rm_states[-1][0] == "FAILED" and rm_states[-1][1] != "0:0", rm_states
+    remax_states = _wait_done(records["remax"]["job_id"], timeout=60)
+    assert remax_states[-1][0] in ("CANCELLED", "CANCELLED+"), remax_states  # never left pending
+    assert not (Path(records["remax"]["run_dir"]) / "metrics.jsonl").exists()
+
+
+def test_second_live_job_and_changed_code_are_refused(tmp_path):
+    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=40")
+    again = run_job(
+        "jobs.remax",
+        f"run.root={tmp_path}",
+        *JOB,
+        "log.wandb_mode=disabled",
+        "train.max_steps=40",
+        check=False,
+    )
+    assert again.returncode == 2 and rec["job_id"] in again.stderr and "scancel" in again.stderr
+    subprocess.run(["scancel", rec["job_id"]], check=True)
+    _wait_done(rec["job_id"])
+    record_file = Path(rec["run_dir"]) / "submission.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "code_hash": "0" * 12}))
+    refused = run_job("jobs.resume", rec["run_dir"], check=False)
+    assert refused.returncode == 2 and "code changed" in refused.stderr
+    forced = run_job("jobs.resume", rec["run_dir"], "--force")
+    new = json.loads(forced.stdout.strip().splitlines()[-1])
+    assert new["job_id"] != rec["job_id"]
+    assert _wait_done(new["job_id"])[-1][0] == "COMPLETED"
+    assert (Path(rec["run_dir"]) / "summary.json").exists()
+
+
+def test_dry_run_prints_script_and_estimate_and_submits_nothing(tmp_path):
+    out = run_job(
+        "jobs.remax", f"run.root={tmp_path}", *JOB, "cluster.dry_run=true", "cluster.time_min=90"
+    )
+    assert "#SBATCH --requeue" in out.stdout and "#SBATCH --signal=USR2@30" in out.stdout
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["dry_run"] and info["estimate"]["gpu_hours"] == 1.5  # 1 GPU × 90 min
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_budget_cap_refuses_and_says_by_how_much(tmp_path):
+    # 2 elements × 1 GPU × 20 min × 1.0/GPU-h = 0.67 fits a budget of 1.0; 4 elements (1.33) do not.
+    ok = run_job(
+        "jobs.remax",
+        "-m",
+        f"run.root={tmp_path}",
+        *JOB,
+        "cluster.budget=1.0",
+        "cluster.dry_run=true",
+        "optim.lr=1e-4,5e-5",
+    )
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["estimate"]["cost"] == 0.67
+    refused = run_job(
+        "jobs.remax",
+        "-m",
+        f"run.root={tmp_path}",
+        *JOB,
+        "cluster.budget=1.0",
+        "optim.lr=1e-4,5e-5",
+        "algo.kl_coef=0.05,0.1",
+        check=False,
+    )
+    assert refused.returncode == 2 and "exceeds cluster.budget=1.0 by 0.33" in refused.stderr
+    assert not (tmp_path / "remax").exists()
+
+
+@pytest.mark.parametrize("template", ["single_node", "multi_node"])
+def test_templates_render_and_pass_sbatch_test_only(tmp_path, template):
+    from jobs._config import compose_stage
+    from jobs._submit import render_template
+
+    config = compose_stage("remax", [*JOB, f"run.root={tmp_path}", "cluster.nodes=1"])
+    script = render_template(template, "remax", config, ["train.max_steps=4"])
+    for line in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=USR2@30"):
+        assert line in script
+    assert "${SBATCH_DIRECTIVES}" not in script and "${COMMAND}" not in script
+    path = tmp_path / f"{template}.sbatch"
+    path.write_text(script)
+    out = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "to start" in out.stderr, out.stderr
