@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from remax.config import (
     AnswerFormat,
@@ -48,9 +49,11 @@ from remax.data import judge_formats, synthetic
 from remax.data.batching import collate_prompts, encode, prompt_ids
 from remax.data.stage_data import stage_records
 from remax.data.templates import format_conversation, format_prompt
+from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
+from remax.run_dir import to_plain
 from remax.trainers.loop import mean_stderr, select_device, write_json
 
 log = logging.getLogger("remax.evaluation")
@@ -75,7 +78,10 @@ def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 (1) the bound is exactly 0 (1); float rounding of centre − half must not move it.
+    low = 0.0 if p == 0 else max(0.0, centre - half)
+    high = 1.0 if p == 1 else min(1.0, centre + half)
+    return low, high
 
 
 def win_rate(a, b, *, z: float = Z_95) -> dict[str, float]:
@@ -255,9 +261,11 @@ class Scorer:
     def __call__(self, policy, tokenizer, turn: Turn, raw: list[str]) -> dict[str, list[float]]:
         """Per-row ``reward``, ``gold``, ``kl`` (None where not computed) and ``length``."""
         ro = turn.rollout
-        gold = [synthetic.gold_score(p, a) for p, a in zip(raw, turn.answers)]
+        gold = (
+            [synthetic.gold_score(p, a) for p, a in zip(raw, turn.answers)] if self.gold else None
+        )
         if self.reward_model is None:
-            reward = gold if self.gold else None
+            reward = gold
         elif self.rm_tokenizer.get_vocab() == tokenizer.get_vocab():
             reward = score(self.reward_model, ro.sequences, ro.attention_mask, ro.end_index)
         else:
@@ -269,7 +277,7 @@ class Scorer:
             kl = ((logp - ref) * ro.response_mask).sum(-1)  # (B,)
         return {
             "reward": _floats(reward),
-            "gold": gold if self.gold else None,
+            "gold": gold,
             "kl": _floats(kl),
             "length": _floats(ro.lengths),
         }
@@ -373,9 +381,9 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
             "".join(json.dumps({"batch": b, **r}) + "\n" for b in done for r in done[b])
         )
         devices = [device] if device.type == "cuda" else []
-        for b, chunk in enumerate(chunks):
-            if b in done:
-                continue
+        todo = [b for b in range(len(chunks)) if b not in done]
+        for b in tqdm(todo, desc=f"evaluate {name}", disable=not cfg.log.progress):
+            chunk = chunks[b]
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(_batch_seed(cfg.seed, b))
                 rows = answer_rows(
@@ -392,7 +400,6 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
             with open(partial, "a") as f:  # one write per batch: a kill tears at most this one
                 f.write("".join(json.dumps({"batch": b, **r}) + "\n" for r in rows))
             done[b] = rows
-            log.info("%s: batch %d/%d", name, b + 1, len(chunks))
         del model
     return [r for b in range(len(chunks)) for r in done[b]]
 
@@ -434,15 +441,8 @@ def _answer_files(cfg, run_dir: Path, rows: dict[str, list[dict]]) -> dict[str, 
     return files
 
 
-def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
-    """Answer, score and compare; write ``answers.jsonl``, answer files and ``summary.json``."""
-    summary_file = run_dir / "summary.json"
-    if summary_file.exists():
-        log.info("evaluate already complete: %s", summary_file)
-        return json.loads(summary_file.read_text())
-    device = select_device(cfg.cluster.device)
-    prompts = evaluation_prompts(cfg)
-    gold = cfg.prompt_source == "held_out" and cfg.data.source == "synthetic"
+def _scorer(cfg: EvaluateJobConfig, device, gold: bool) -> Scorer:
+    """The frozen reward model and reference, each loaded once for every policy."""
     models: dict[str, Any] = {}
     if cfg.reward_model.path is not None:
         model_cfg = ModelConfig(path=cfg.reward_model.path, dtype=cfg.dtype)
@@ -452,7 +452,38 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
         model_cfg = ModelConfig(path=cfg.reference.path, dtype=cfg.dtype)
         ref, models["reference_tokenizer"] = load_policy(model_cfg, seed=cfg.seed, device=device)
         models["reference"] = ref.eval().requires_grad_(False)
-    scorer = Scorer(**models, gold=gold, max_prompt_len=cfg.data.max_prompt_len)
+    return Scorer(**models, gold=gold, max_prompt_len=cfg.data.max_prompt_len)
+
+
+def _summary(cfg: EvaluateJobConfig, rows: dict[str, list[dict]], reward_source, gold) -> dict:
+    ev: dict[str, Any] = {
+        "policies": cfg.labels,
+        "prompts": len(next(iter(rows.values()))),
+        "decoding": cfg.decoding.value,
+        "reward_source": reward_source,
+        "by_policy": {name: _stats(answers) for name, answers in rows.items()},
+    }
+    if len(rows) >= 2 and reward_source is not None:
+        a, b = (rows[name] for name in cfg.labels[:2])
+        for key, prefix in (("reward", ""), ("gold", "gold_")) if gold else (("reward", ""),):
+            w = _compare(a, b, key)
+            ev[f"{prefix}win_rate"] = w["win_rate"]
+            ev[f"{prefix}win_rate_ci"] = [w["ci_low"], w["ci_high"]]
+            ev[f"{prefix}win_counts"] = {k: w[k] for k in ("wins", "ties", "losses", "n")}
+        ev["interval"] = "wilson_95"
+    return ev
+
+
+def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
+    """Answer, score and compare; write ``answers.jsonl``, answer files and ``summary.json``."""
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
+        log.info("evaluate already complete: %s", summary_file)
+        return json.loads(summary_file.read_text())
+    device = select_device(cfg.cluster.device)
+    prompts = evaluation_prompts(cfg)
+    gold = cfg.prompt_source == "held_out" and cfg.data.source == "synthetic"
+    scorer = _scorer(cfg, device, gold)
     (run_dir / "partial").mkdir(exist_ok=True)
     rows = {
         name: _policy_rows(
@@ -464,25 +495,22 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
     tmp = run_dir / "answers.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(run_dir / "answers.jsonl")
-    ev: dict[str, Any] = {
-        "policies": cfg.labels,
-        "prompts": len(prompts),
-        "decoding": cfg.decoding.value,
-        "reward_source": "reward_model" if "reward_model" in models else ("gold" if gold else None),
-        "by_policy": {name: _stats(answers) for name, answers in rows.items()},
-        "answer_files": _answer_files(cfg, run_dir, rows),
-    }
-    if len(rows) >= 2 and ev["reward_source"] is not None:
-        a, b = (rows[name] for name in cfg.labels[:2])
-        for key, prefix in (("reward", ""), ("gold", "gold_")):
-            if key == "gold" and not gold:
-                continue
-            w = _compare(a, b, key)
-            ev[f"{prefix}win_rate"] = w["win_rate"]
-            ev[f"{prefix}win_rate_ci"] = [w["ci_low"], w["ci_high"]]
-            ev[f"{prefix}win_counts"] = {k: w[k] for k in ("wins", "ties", "losses", "n")}
-        ev["interval"] = "wilson_95"
+    reward_source = "reward_model" if scorer.reward_model is not None else None
+    ev = _summary(cfg, rows, reward_source or ("gold" if gold else None), gold)
+    ev["answer_files"] = _answer_files(cfg, run_dir, rows)
     summary = {"stage": "evaluate", "run_dir": str(run_dir), "eval": ev}
+    writer = MetricWriter(  # W&B gets the summary only: an evaluation has no steps
+        run_dir,
+        run_id=f"evaluate-{run_dir.name.rsplit('-', 1)[-1]}",
+        stage="evaluate",
+        config=to_plain(cfg),
+        wandb_mode=cfg.log.wandb_mode,
+        project=cfg.log.wandb_project,
+        entity=cfg.log.wandb_entity,
+        group=cfg.log.wandb_group or cfg.run.name,
+    )
+    writer.summary({"eval": ev})
+    writer.close()
     write_json(summary_file, summary)
     shutil.rmtree(run_dir / "partial", ignore_errors=True)
     return summary

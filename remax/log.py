@@ -99,7 +99,7 @@ class MetricWriter:
         """Drop rows with step > ``step``: they were logged after the checkpoint we resume from."""
         if not self.path.exists():
             return
-        kept = []
+        kept, redone = [], 0
         for line in self.path.read_text().splitlines():
             try:
                 row = json.loads(line)
@@ -107,6 +107,10 @@ class MetricWriter:
                 continue
             if row.get("step", 0) <= step:
                 kept.append(line)
+            else:
+                redone += 1
+        if redone:
+            log.info("resuming at step %d: %d logged step(s) after it are redone", step, redone)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         tmp.replace(self.path)

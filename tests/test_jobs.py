@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run_job
 
 METRIC_KEYS = {
@@ -94,6 +95,14 @@ def test_pipeline_chains_the_exports(tmp_path):
         ]
         == "reward_model"
     )
+    # The last stage evaluates the ReMax export (A) against the SFT export (B), scored by the RM.
+    evaluate = yaml.safe_load((Path(summary["run_dirs"]["evaluate"]) / "config.yaml").read_text())
+    sft_export, remax_export = (f"{summary['run_dirs'][s]}/export" for s in ("sft", "remax"))
+    assert evaluate["policies"] == [remax_export, sft_export]
+    assert evaluate["reward_model"]["path"] == f"{summary['run_dirs']['reward_model']}/export"
+    assert evaluate["reference"]["path"] == sft_export
+    assert 0.0 <= summary["evaluate"]["win_rate"] <= 1.0
+    assert summary["evaluate"]["by_policy"]["sft"]["kl"]["mean"] == 0.0
 
 
 @pytest.mark.slow
@@ -111,3 +120,10 @@ def test_demo_meets_its_claims(tmp_path):
         se = (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
         assert after["mean"] - before["mean"] > 3 * se, (key, before, after)
     assert ev["kl_after"] > 0
+    # The evaluate stage: ReMax beats SFT by the RM's judgement, with the whole 95 % interval above
+    # one half, and the gold score agrees.
+    ev = s["evaluate"]
+    assert ev["win_rate_ci"][0] > 0.5, ev
+    assert ev["gold_win_rate_ci"][0] > 0.5, ev
+    gold_remax, gold_sft = ev["by_policy"]["remax"]["gold"], ev["by_policy"]["sft"]["gold"]
+    assert gold_remax["mean"] > gold_sft["mean"]

@@ -81,8 +81,9 @@ class PPOTrainer:
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.reward_model = None
         if cfg.reward_model.path is not None:
+            # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
             self.reward_model, rm_tok = load_reward_model(
-                None, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
+                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
             )
             self.reward_model.eval().requires_grad_(False)
             if rm_tok.get_vocab() != self.tokenizer.get_vocab():
