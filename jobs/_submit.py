@@ -147,6 +147,15 @@ def _check_budget(cluster, n_jobs: int) -> dict:
     return total
 
 
+def _check_memory(stage: str, config) -> None:
+    if config.cluster.check_memory:
+        from jobs.plan import check_fits
+
+        reason = check_fits(stage, config)
+        if reason:
+            fail(reason)
+
+
 def dry_run_script(stage: str, config) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -161,6 +170,7 @@ def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = F
     """Submit one stage; returns the submission record (``job_id``, ``run_dir``, …)."""
     cluster = config.cluster
     run_dir = run_dir_for(config, stage)
+    _check_memory(stage, config)
     if cluster.dry_run:
         estimate = _check_budget(cluster, 1)
         print(dry_run_script(stage, config))
@@ -193,6 +203,8 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
             "a sweep over cluster.* keys cannot be one job array: sweep other keys, or submit separately"
         )
     cluster = configs[0].cluster
+    for c in configs:
+        _check_memory(stage, c)
     estimate = _check_budget(cluster, len(configs))
     configs = [
         replace(c, log=replace(c.log, wandb_group=c.log.wandb_group or sweep_id)) for c in configs

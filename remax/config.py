@@ -332,6 +332,8 @@ class ClusterConfig:
     """Refuse a submission (or sweep) whose estimated cost exceeds this; None: no cap."""
     dry_run: bool = False
     """Print the sbatch script and the estimate; submit nothing."""
+    check_memory: bool = True
+    """Refuse to submit an RL stage the memory planner (``jobs.plan``) says cannot fit."""
 
     def __post_init__(self) -> None:
         _require(
