@@ -23,6 +23,8 @@ import time
 
 from jobs._config import SCHEMAS, compose_stage
 from jobs._stage import run_stage
+from remax.config import Backend
+from remax.run_dir import run_dir_for
 
 STAGES = ("sft", "reward_model", "remax", "evaluate")
 
@@ -79,6 +81,8 @@ def main(argv: list[str]) -> dict:
     if evaluate:
         exports = _evaluate_overrides("<remax export>", "<sft export>", "<reward_model export>")
         compose_stage("evaluate", exports + overrides["evaluate"])
+    if compose_stage("sft", overrides["sft"]).cluster.backend == Backend.slurm:
+        return submit_pipeline(overrides, evaluate)
     start = time.perf_counter()
     sft = run_stage("sft", compose_stage("sft", overrides["sft"]))
     rm = run_stage("reward_model", compose_stage("reward_model", overrides["reward_model"]))
@@ -102,6 +106,47 @@ def main(argv: list[str]) -> dict:
     print(json.dumps(summary, indent=2))
     _print_table(summary)
     return summary
+
+
+def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool) -> dict:
+    """Slurm: submit every stage now, chained with ``afterok`` so each starts on its inputs.
+
+    SFT and the reward model do not depend on each other and run side by side; ReMax waits for
+    both, evaluation for ReMax. Export paths are known before anything runs (run dirs follow from
+    the configs). ``--kill-on-invalid-dep=yes`` cancels the dependents of a failed stage instead of
+    leaving them pending forever, and a failed stage exits non-zero (no Hydra on the node).
+    """
+    from jobs._submit import submit
+
+    sft_cfg = compose_stage("sft", overrides["sft"])
+    rm_cfg = compose_stage("reward_model", overrides["reward_model"])
+    sft_export, rm_export = (
+        run_dir_for(sft_cfg, "sft") / "export",
+        run_dir_for(rm_cfg, "reward_model") / "export",
+    )
+    remax_cfg = compose_stage(
+        "remax", [f"model.path={sft_export}", f"reward_model.path={rm_export}", *overrides["remax"]]
+    )
+    records = [submit("sft", sft_cfg, quiet=True), submit("reward_model", rm_cfg, quiet=True)]
+    records.append(submit("remax", remax_cfg, dependency=_after(records), quiet=True))
+    if evaluate:
+        remax_export = run_dir_for(remax_cfg, "remax") / "export"
+        eval_cfg = compose_stage(
+            "evaluate",
+            _evaluate_overrides(remax_export, sft_export, rm_export, remax_cfg.algo)
+            + overrides["evaluate"],
+        )
+        records.append(submit("evaluate", eval_cfg, dependency=_after(records[2:]), quiet=True))
+    for stage, record in zip(STAGES, records):
+        record.setdefault("stage", stage)
+    summary = {"jobs": records}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _after(records: list[dict]) -> str | None:
+    ids = [r["job_id"] for r in records if r.get("job_id")]
+    return "afterok:" + ":".join(ids) if ids else None
 
 
 def _ms(d: dict) -> str:

@@ -404,3 +404,47 @@ def test_reward_model_with_another_vocabulary_scores_the_same_text(policy, token
             assert b[i] == pytest.approx(a[i], abs=1e-5), (i, answer)
             compared += 1
     assert compared >= 2
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_evaluates_remax_against_sft_and_can_skip_it(monkeypatch):
+    from jobs import pipeline
+
+    calls = []
+
+    def fake_run_stage(stage, config):
+        calls.append((stage, config))
+        return {"stage": stage, "run_dir": f"/r/{stage}", "eval": {}}
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
+    monkeypatch.setattr(pipeline, "_print_table", lambda summary: None)
+    # train.* has no meaning for evaluate: an unprefixed override reaches only stages that have it.
+    pipeline.main(["seed=3", "train.max_steps=2", "log.progress=false", "evaluate.num_prompts=64"])
+    assert [s for s, _ in calls] == ["sft", "reward_model", "remax", "evaluate"]
+    remax, ev = calls[2][1], calls[3][1]
+    assert ev.policies == ["/r/remax/export", "/r/sft/export"] and ev.labels == ["remax", "sft"]
+    assert ev.reward_model.path == "/r/reward_model/export"
+    assert ev.reference.path == "/r/sft/export"
+    assert (ev.seed, ev.num_prompts, ev.log.progress) == (3, 64, False)
+    # Decoded as the ReMax stage evaluates (remax_official: sampled, top_p 0.9).
+    assert (ev.decoding, ev.temperature, ev.top_p, ev.top_k) == (
+        remax.algo.eval_decoding,
+        remax.algo.temperature,
+        remax.algo.top_p,
+        remax.algo.top_k,
+    )
+    calls.clear()
+    pipeline.main(["evaluate=false"])
+    assert [s for s, _ in calls] == ["sft", "reward_model", "remax"]
+
+
+def test_pipeline_rejects_a_bad_evaluate_override_before_training(monkeypatch):
+    from jobs import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, config: calls.append(stage))
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(["evaluate.top_p=2"])
+    assert exc.value.code == 2 and calls == []

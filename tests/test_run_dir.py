@@ -251,11 +251,15 @@ def test_pipeline_split_overrides():
         "sft": ["seed=1", "optim.lr=1e-3"],
         "reward_model": ["seed=1"],
         "remax": ["seed=1", "algo.kl_coef=0.1"],
+        "evaluate": ["seed=1"],
     }
 
 
 def test_pipeline_split_keeps_group_selections_for_every_stage():
     # No dot, or a first part that is not a stage: every stage gets it.
     assert split_overrides(["experiment=smoke", "data.num_train=64"]) == {
-        s: ["experiment=smoke", "data.num_train=64"] for s in ("sft", "reward_model", "remax")
+        **{s: ["experiment=smoke", "data.num_train=64"] for s in ("sft", "reward_model", "remax")},
+        "evaluate": [
+            "data.num_train=64"
+        ],  # evaluate has no experiment group, only the keys it knows
     }

@@ -157,7 +157,7 @@ def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
     out = run_job(
         "jobs.pipeline",
         f"run.root={tmp_path}",
-        *JOB,
+        *[("remax." + a if a.startswith("eval_prompts") else a) for a in JOB],
         "log.wandb_mode=disabled",
         "train.max_steps=4",
         "reward_model.data.source=/nonexistent/pairs.jsonl",
@@ -168,6 +168,8 @@ def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
     remax_states = _wait_done(records["remax"]["job_id"], timeout=60)
     assert remax_states[-1][0] in ("CANCELLED", "CANCELLED+"), remax_states  # never left pending
     assert not (Path(records["remax"]["run_dir"]) / "metrics.jsonl").exists()
+    eval_states = _wait_done(records["evaluate"]["job_id"], timeout=60)
+    assert eval_states[-1][0].startswith("CANCELLED"), eval_states
 
 
 def test_second_live_job_and_changed_code_are_refused(tmp_path):
