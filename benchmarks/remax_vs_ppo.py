@@ -62,6 +62,10 @@ ALGO_DIR = REPO / "hydra_conf" / "algo"
 # ones follow published models (TinyLlama-1.1B, OpenLLaMA-3B, Llama-2-7B).
 SIZES = {
     "tiny": (64, 2, 4, 2, 176, 1024),
+    # The demo's pair (hydra_conf/model/tiny.yaml policy, tiny_rm.yaml reward model): the RM, and so
+    # PPO's critic, is wider and deeper than the policy, as a 7B RM next to a 7B policy is not smaller.
+    "demo": (64, 2, 4, 2, 128, 36),
+    "demo_rm": (128, 3, 4, 2, 256, 36),
     "small": (256, 4, 4, 4, 688, 32000),
     "125m": (768, 12, 12, 12, 2048, 32000),
     "350m": (1024, 24, 16, 16, 2816, 32000),
@@ -71,9 +75,23 @@ SIZES = {
     "7b": (4096, 32, 32, 32, 11008, 32000),
 }
 DEFAULTS = {  # device -> sizes, batch, prompt/response length, timed steps, decode repeats
-    "cpu": dict(sizes="tiny,small", batch=8, prompt_len=32, response_len=32, steps=5, reps=3),
+    "cpu": dict(
+        sizes="demo,tiny,small",
+        rm_sizes="demo_rm,tiny,small",
+        batch=8,
+        prompt_len=32,
+        response_len=32,
+        steps=5,
+        reps=3,
+    ),
     "cuda": dict(
-        sizes="125m,1.1b,1.8b,3b,7b", batch=8, prompt_len=256, response_len=256, steps=3, reps=2
+        sizes="125m,1.1b,1.8b,3b,7b",
+        rm_sizes="",
+        batch=8,
+        prompt_len=256,
+        response_len=256,
+        steps=3,
+        reps=2,
     ),
 }
 
@@ -125,31 +143,31 @@ def llama_config(size: str, max_len: int):
     )
 
 
-def count_params(config) -> dict[str, int]:
+def count_params(config, rm_config) -> dict[str, int]:
     """Exact parameter counts of the policy and the reward model, built on the meta device."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     with torch.device("meta"):
-        policy, rm = LlamaForCausalLM(config), LlamaForSequenceClassification(config)
+        policy, rm = LlamaForCausalLM(config), LlamaForSequenceClassification(rm_config)
     return {
         "policy": sum(p.numel() for p in policy.parameters()),
         "reward_model": sum(p.numel() for p in rm.parameters()),
     }
 
 
-def write_models(config, root: Path, dtype: torch.dtype, device) -> tuple[str, str]:
-    """Random-init policy and reward model of ``config`` saved as HF dirs (weights + tokenizer)."""
+def write_models(config, rm_config, root: Path, dtype: torch.dtype, device) -> tuple[str, str]:
+    """Random-init policy (``config``) and reward model (``rm_config``) saved as HF dirs."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     tok = _tokenizer(config.vocab_size)
     paths = []
-    for name, cls in (
-        ("policy", LlamaForCausalLM),
-        ("reward_model", LlamaForSequenceClassification),
+    for name, cls, cfg in (
+        ("policy", LlamaForCausalLM, config),
+        ("reward_model", LlamaForSequenceClassification, rm_config),
     ):
         torch.manual_seed(0)
         with torch.device(device):
-            model = cls(config).to(dtype)
+            model = cls(cfg).to(dtype)
         path = root / name
         model.save_pretrained(path)
         tok.save_pretrained(path)
@@ -306,16 +324,21 @@ def summarize(times: list[float], tokens: list[float], batch: int) -> dict:
     }
 
 
-def run_size(args, size: str, device: str, dtype_name: str, workdir: Path) -> dict:
+def run_size(
+    args, size: str, device: str, dtype_name: str, workdir: Path, rm_size: str = ""
+) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    rm_size = rm_size or size
     config = llama_config(size, args.prompt_len + args.response_len)
+    rm_config = llama_config(rm_size, args.prompt_len + args.response_len)
+    names = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
     out = {
         "size": size,
-        "shape": dict(
-            zip(("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), SIZES[size])
-        ),
+        "rm_size": rm_size,
+        "shape": dict(zip(names, SIZES[size])),
+        "rm_shape": dict(zip(names, SIZES[rm_size])),
     }
-    out["num_params"] = count_params(config)
+    out["num_params"] = count_params(config, rm_config)
     n, r = out["num_params"]["policy"], out["num_params"]["reward_model"]
     if device == "cuda":
         # Resident state of both arms together (2 × actor with Adam's two moments, 2 × reference,
@@ -331,7 +354,7 @@ def run_size(args, size: str, device: str, dtype_name: str, workdir: Path) -> di
             )
             return out
     progress(f"{size}: writing random-init models ({out['num_params']['policy'] / 1e6:.1f}M)")
-    policy_path, rm_path = write_models(config, workdir / size, dtype, device)
+    policy_path, rm_path = write_models(config, rm_config, workdir / size, dtype, device)
     progress(f"{size}: building both trainers")
     remax, ppo = build_trainers(args, policy_path, rm_path, dtype_name, device)
     arms = {"remax": remax, "ppo": ppo}
@@ -454,7 +477,7 @@ def markdown(report: dict) -> str:
         a, b, params = r["remax"], r["ppo"], r["num_params"]
         lines += [
             f"## {r['size']} (policy {params['policy'] / 1e6:,.2f}M, RM/critic "
-            f"{params['reward_model'] / 1e6:,.2f}M parameters)",
+            f"{r.get('rm_size', r['size'])} {params['reward_model'] / 1e6:,.2f}M parameters)",
             "",
             "| metric | ReMax | PPO | ReMax/PPO |",
             "|---|---:|---:|---:|",
@@ -501,6 +524,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--sizes", help=f"comma list of {','.join(SIZES)} (default per device)")
+    p.add_argument(
+        "--rm-sizes",
+        help="comma list aligned with --sizes: reward-model/critic shape per size (default: same)",
+    )
     p.add_argument("--steps", type=int, help="timed steps per arm, after one warm-up")
     p.add_argument("--batch", type=int, help="prompts per step")
     p.add_argument("--prompt-len", type=int)
@@ -525,7 +552,10 @@ def parse_args(argv):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in args.sizes if s not in SIZES]
+    args.rm_sizes = [s.strip() for s in (args.rm_sizes or "").split(",") if s.strip()]
+    if args.rm_sizes and len(args.rm_sizes) != len(args.sizes):
+        p.error(f"--rm-sizes needs one entry per size: {args.sizes} vs {args.rm_sizes}")
+    unknown = [s for s in args.sizes + args.rm_sizes if s not in SIZES]
     if unknown:
         p.error(f"unknown sizes {unknown}; valid: {', '.join(SIZES)}")
     return args
@@ -564,15 +594,17 @@ def main(argv=None) -> dict:
             "steps": args.steps,
             "reps": args.reps,
             "sizes": args.sizes,
+            "rm_sizes": args.rm_sizes or args.sizes,
             "remax_algo": "remax_official",
             "ppo_algo": "ppo_matched",
         },
         "results": [],
     }
     with tempfile.TemporaryDirectory(prefix="remax_bench_") as tmp:
-        for size in args.sizes:
+        for i, size in enumerate(args.sizes):
+            rm_size = args.rm_sizes[i] if args.rm_sizes else size
             try:
-                result = run_size(args, size, device, dtype_name, Path(tmp))
+                result = run_size(args, size, device, dtype_name, Path(tmp), rm_size)
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
                 if not _is_oom(exc):
                     raise

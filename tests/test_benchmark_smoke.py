@@ -16,7 +16,8 @@ def test_benchmark_runs_and_counts_model_state_exactly(tmp_path):
         report = remax_vs_ppo.main(
             [
                 "--device=cpu",
-                "--sizes=tiny",
+                "--sizes=demo",
+                "--rm-sizes=demo_rm",
                 "--steps=2",
                 "--reps=1",
                 "--batch=4",
@@ -29,7 +30,7 @@ def test_benchmark_runs_and_counts_model_state_exactly(tmp_path):
         torch.set_num_threads(n_threads)
     on_disk = json.loads((tmp_path / "remax_vs_ppo.json").read_text())
     assert (tmp_path / "remax_vs_ppo.md").read_text().startswith("# ReMax vs PPO")
-    assert on_disk["largest_fitting_size"] == "tiny"
+    assert on_disk["largest_fitting_size"] == "demo"
     ratios = on_disk["ratios"]
 
     remax, ppo = report["remax"]["model_state"], report["ppo"]["model_state"]
@@ -40,15 +41,15 @@ def test_benchmark_runs_and_counts_model_state_exactly(tmp_path):
     # Adam: exp_avg and exp_avg_sq per parameter, plus one 4-byte step counter per tensor.
     assert critic["optimizer"] == 2 * critic["params"] + 4 * critic["param_tensors"]
     assert ratios["model_state_remax_over_ppo"] == remax["total"] / ppo["total"]
-    # Equal backbones: with trained = 4 × params (weights, grads, 2 Adam moments) and frozen =
-    # 1 ×, ReMax/PPO = (5A + R) / (5A + 5R) — 0.6 when the RM is as large as the actor (A = R);
-    # the actor's untied LM head makes A > R here, so the ratio sits a little above 0.6.
+    # With trained = 4 × params (weights, grads, 2 Adam moments) and frozen = 1 ×,
+    # ReMax/PPO = (5A + R) / (5A + 5R): 0.6 when the RM is as large as the actor (A = R), below it
+    # for the demo's pair, whose RM (and so PPO's critic) is larger than the policy (R > A).
     A, R = report["ppo"]["model_state"]["models"]["actor"]["num_params"], critic["num_params"]
-    assert A > R
+    assert R > A
     assert math.isclose(
         ratios["model_state_remax_over_ppo"], (5 * A + R) / (5 * A + 5 * R), rel_tol=1e-3
     )
-    assert ratios["model_state_remax_over_ppo"] < 0.7
+    assert ratios["model_state_remax_over_ppo"] <= 0.6
     step = ratios["step_time_remax_over_ppo"]
     assert math.isfinite(step) and step > 0  # timing: never asserted beyond sanity
     assert report["decode"]["speedup"] > 0

@@ -64,11 +64,11 @@ def _wait_done(job: str, timeout: float = 240) -> list[tuple[str, str]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = _sacct(job)
-        if states and states[-1][0] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
-            if not subprocess.run(
-                ["squeue", "-h", "-j", job], capture_output=True, text=True
-            ).stdout.strip():
-                return states
+        active = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING"}
+        settled = states and not any(s in active for s, _ in states) and states[-1][0] != "REQUEUED"
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
+        if settled and not queued.stdout.strip():
+            return states
         time.sleep(1)
     raise AssertionError(f"job {job} not done after {timeout} s: {_sacct(job)}")
 
@@ -173,13 +173,14 @@ def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
 
 
 def test_second_live_job_and_changed_code_are_refused(tmp_path):
-    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=40")
+    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=600", "train.epochs=10")
     again = run_job(
         "jobs.remax",
         f"run.root={tmp_path}",
         *JOB,
         "log.wandb_mode=disabled",
-        "train.max_steps=40",
+        "train.max_steps=600",
+        "train.epochs=10",
         check=False,
     )
     assert again.returncode == 2 and rec["job_id"] in again.stderr and "scancel" in again.stderr

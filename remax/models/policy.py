@@ -92,6 +92,25 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def response_logits(
+    model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+) -> torch.Tensor:
+    """(B, T, V) logits scoring each response token: column t scores token P + t.
+
+    Only the T logits that score the response are materialised (``logits_to_keep``), never the
+    prompt's B × P × V.
+    """
+    T = sequences.shape[1] - prompt_len
+    out = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]  # logits at P + t − 1 score token P + t
+
+
 def response_logprobs(
     model: PreTrainedModel,
     sequences: torch.Tensor,
@@ -106,18 +125,9 @@ def response_logprobs(
         prompt_len: P; response token t sits at column P + t and is scored by logits at P + t − 1.
 
     Returns:
-        (B, T) float32 log-probs (fp32 log-softmax, spec test 21). Only the T logits that score the
-        response are materialised (``logits_to_keep``), never the prompt's B × P × V.
+        (B, T) float32 log-probs (fp32 log-softmax, spec test 21).
     """
-    T = sequences.shape[1] - prompt_len
-    out = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # (B, T, V): column j scores token P + j
+    logits = response_logits(model, sequences, attention_mask, prompt_len)
     return logprobs_from_logits(logits, sequences[:, prompt_len:])
 
 

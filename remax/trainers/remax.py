@@ -37,7 +37,8 @@ from remax.config import (
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
-from remax.models.policy import load_policy, position_ids
+from remax.models.policy import load_policy
+from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
 from remax.trainers.loop import (
@@ -52,17 +53,10 @@ log = logging.getLogger("remax.trainers.remax")
 
 
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
-    """(B, T, V) logits scoring each response token (column t scores token P + t)."""
-    T = rollout.response.shape[1]
-    mask = rollout.attention_mask
-    out = model(
-        input_ids=rollout.sequences,
-        attention_mask=mask,
-        position_ids=position_ids(mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
+    """(B, T, V) logits scoring each response token of ``rollout``."""
+    return policy_response_logits(
+        model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
     )
-    return out.logits[:, :-1]
 
 
 class RemaxTrainer:
