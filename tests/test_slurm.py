@@ -248,3 +248,21 @@ def test_templates_render_and_pass_sbatch_test_only(tmp_path, template):
     path.write_text(script)
     out = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
     assert out.returncode == 0 and "to start" in out.stderr, out.stderr
+
+
+def test_wandb_key_never_lands_in_pickles_scripts_configs_or_logs(tmp_path):
+    secret = "sekret-wandb-key-0123456789"
+    out = run_job(
+        "jobs.remax",
+        f"run.root={tmp_path}",
+        *JOB,
+        "train.max_steps=4",
+        "log.wandb_mode=offline",  # offline: the key must not be used, nor written anywhere
+        env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline"},
+    )
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert _wait_done(rec["job_id"])[-1][0] == "COMPLETED"
+    files = [p for p in Path(rec["run_dir"]).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in files) and any(p.name.endswith(".sh") for p in files)
+    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, f"W&B key written into {leaked}"
