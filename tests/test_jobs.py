@@ -109,8 +109,12 @@ def test_pipeline_chains_the_exports(tmp_path):
 def test_demo_meets_its_claims(tmp_path):
     """The README's demo claims, measured on the default pipeline: RM held-out accuracy >= 0.8, and
     ReMax raises both the RM reward and the gold score by more than 3 standard errors."""
-    out = run_job(
-        "jobs.pipeline", f"run.root={tmp_path}", "log.wandb_mode=disabled", "log.progress=false"
+    out = run_job(  # ~1 min alone on 2 cores; a generous timeout for a loaded CI machine
+        "jobs.pipeline",
+        f"run.root={tmp_path}",
+        "log.wandb_mode=disabled",
+        "log.progress=false",
+        timeout=1800,
     )
     s = json.loads(out.stdout[out.stdout.index("{\n") :])
     assert s["reward_model"]["accuracy"] >= 0.8

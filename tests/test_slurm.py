@@ -173,13 +173,13 @@ def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
 
 
 def test_second_live_job_and_changed_code_are_refused(tmp_path):
-    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=600", "train.epochs=10")
+    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=300", "train.epochs=10")
     again = run_job(
         "jobs.remax",
         f"run.root={tmp_path}",
         *JOB,
         "log.wandb_mode=disabled",
-        "train.max_steps=600",
+        "train.max_steps=300",
         "train.epochs=10",
         check=False,
     )
@@ -194,7 +194,7 @@ def test_second_live_job_and_changed_code_are_refused(tmp_path):
     forced = run_job("jobs.resume", rec["run_dir"], "--force")
     new = json.loads(forced.stdout.strip().splitlines()[-1])
     assert new["job_id"] != rec["job_id"]
-    assert _wait_done(new["job_id"])[-1][0] == "COMPLETED"
+    assert _wait_done(new["job_id"], timeout=900)[-1][0] == "COMPLETED"
     assert (Path(rec["run_dir"]) / "summary.json").exists()
 
 
