@@ -63,6 +63,13 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
 class RemaxTrainer:
     def __init__(self, cfg: RemaxJobConfig) -> None:
         self.cfg, algo = cfg, cfg.algo
+        if cfg.deepspeed.enabled:
+            # The generated configs and the engines are tested (tests/test_deepspeed.py); the
+            # trainer's engine path (ZeRO checkpoints, sharded eval) is not wired in yet.
+            raise ValueError(
+                "deepspeed.enabled=true: the ReMax trainer does not run DeepSpeed engines yet; "
+                "drop the deepspeed=... override (plain data parallelism runs at any world size)"
+            )
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
