@@ -6,9 +6,9 @@ bit-identical to a run without this module.
 
 Launchers, first match wins:
 - torchrun (and ``deepspeed``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``.
-- Slurm tasks (srun, submitit): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is
-  the first host of ``SLURM_JOB_NODELIST`` and the port is derived from the job id, so every task
-  computes the same address without talking to the others (submitit's
+- Slurm job-step tasks (srun, submitit): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``;
+  the master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived from the job id,
+  so every task computes the same address without talking to the others (submitit's
   ``TorchDistributedEnvironment`` does the same). The values are exported as torchrun's variables,
   so DeepSpeed and ``LOCAL_RANK`` readers see one convention.
 """
@@ -55,7 +55,9 @@ def env_from_environ(environ=None) -> DistEnv | None:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # Only inside a job step (srun): the batch script itself sees the allocation's SLURM_NTASKS
+    # with SLURM_PROCID=0 and would wait forever for ranks that were never started.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         job = int(env.get("SLURM_JOB_ID", "0").split("_")[0] or 0)
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),

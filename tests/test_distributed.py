@@ -194,12 +194,15 @@ def test_launcher_environment():
         "SLURM_LOCALID": "1",
         "SLURM_JOB_NODELIST": "gpu[03-05,09],cpu1",
         "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
     }
     env = distributed.env_from_environ(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu03")
     assert env.master_port == 20000 + 4242
     assert distributed.env_from_environ({**slurm, **torchrun}).rank == 3  # torchrun wins
     assert distributed.env_from_environ({}) is None
+    batch_script = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}
+    assert distributed.env_from_environ(batch_script) is None  # not a task of a job step
     assert distributed.first_host("node7") == "node7"
     # No launcher: world size 1, nothing initialised.
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
