@@ -220,10 +220,23 @@ class StopAfter:
         return self.seen >= self.k
 
 
-def _run_stage(rank, world, cfg, stop_after) -> None:
+class CrashAfter(StopAfter):
+    """Rank 1 dies at the ``k``-th step boundary, with no checkpoint (rank 0 is then killed by
+    the launcher while it waits in the next collective)."""
+
+    @property
+    def requested(self) -> bool:
+        self.seen += 1
+        if self.seen >= self.k and distributed.rank() == 1:
+            raise RuntimeError("simulated crash of rank 1")
+        return False
+
+
+def _run_stage(rank, world, cfg, stop_after, crash=False) -> None:
     from jobs._stage import run_stage
 
-    run_stage("remax", cfg, stop=StopAfter(stop_after) if stop_after else None)
+    stop = (CrashAfter if crash else StopAfter)(stop_after) if stop_after else None
+    run_stage("remax", cfg, stop=stop)
 
 
 def _resume_config(root) -> RemaxJobConfig:
@@ -242,6 +255,7 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path):
 
     from safetensors.torch import load_file
 
+    from remax.checkpoint import CheckpointManager
     from remax.run_dir import run_dir_for
 
     ref_cfg, cfg = _resume_config(tmp_path / "a"), _resume_config(tmp_path / "b")
@@ -257,8 +271,17 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path):
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))
     spawn(_run_stage, 2, cfg, 0)  # resumed
 
-    wa, wb = (load_file(d / "export" / "model.safetensors") for d in (ref_dir, run_dir))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # A crash of one rank after step 3: the run restarts from the periodic step_2 checkpoint.
+    crash_cfg = _resume_config(tmp_path / "c")
+    with pytest.raises(Exception, match="simulated crash"):
+        spawn(_run_stage, 2, crash_cfg, 3, True)
+    crash_dir = run_dir_for(crash_cfg, "remax")
+    assert CheckpointManager(crash_dir / "checkpoints").complete_steps() == [2]
+    spawn(_run_stage, 2, crash_cfg, 0)
+
+    for other in (run_dir, crash_dir):
+        wa, wb = (load_file(d / "export" / "model.safetensors") for d in (ref_dir, other))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
     assert sa["eval"] == sb["eval"] and sa["world_size"] == sb["world_size"] == 2
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
