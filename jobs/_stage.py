@@ -12,8 +12,9 @@ import sys
 import torch
 
 from jobs._config import fail
+from remax import distributed
 from remax.log import init_logging
-from remax.run_dir import RunDirError, prepare
+from remax.run_dir import RunDirError, prepare, run_dir_for
 
 log = logging.getLogger("remax.jobs")
 
@@ -58,10 +59,19 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
     init_logging()
     if config.cluster.num_threads:
         torch.set_num_threads(config.cluster.num_threads)
+    # One process per GPU (torchrun or Slurm tasks); a no-op in a plain single process.
+    env = distributed.init_distributed()
+    if env.world_size > 1 and stage != "remax":
+        fail(
+            f"{stage} runs on one rank only, this launch has {env.world_size}: start it with one "
+            "task (cluster.tasks_per_node=1, nodes=1); data parallelism is implemented for remax"
+        )
     try:
-        run_dir = prepare(config, stage)
+        run_dir = prepare(config, stage) if distributed.is_main() else None
     except RunDirError as exc:
         fail(str(exc))
+    distributed.barrier()  # rank 0 created (or checked) the run dir
+    run_dir = run_dir or run_dir_for(config, stage)
     log.info("%s run dir: %s", stage, run_dir)
     if stage == "evaluate":
         # Not a training loop: answer, score, summarise; resumable batch by batch on its own.
@@ -73,10 +83,13 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
     if summary is None:
         log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
         if requeue_self:
-            subprocess.run(
-                ["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60
-            )
+            if distributed.is_main():  # one requeue per job, not one per task
+                subprocess.run(
+                    ["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60
+                )
             sys.exit(0)
         return None
+    if not distributed.is_main():
+        return summary
     print(json.dumps({"stage": stage, "run_dir": str(run_dir), "eval": summary.get("eval")}))
     return summary

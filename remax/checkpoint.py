@@ -6,6 +6,11 @@ with ``weights_only=True``) and a ``COMPLETE`` marker written last. Each checkpo
 a temporary sibling directory, fsynced, and renamed: a ``kill -9`` at any moment (also mid-save)
 leaves either the previous complete checkpoint or the new one, never a torn one. ``latest()`` only
 considers directories with the marker; leftovers of an interrupted save are deleted on the next one.
+
+At world size N > 1 the same directory also holds ``state_rank<r>.pt`` for r = 1 … N−1 (each rank's
+RNG state; everything else is identical across ranks and lives once in ``state.pt``). All ranks
+write into one temporary directory; after a barrier rank 0 alone writes the marker, fsyncs and
+renames, so the completion of a multi-rank checkpoint stays one atomic rename.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from remax import distributed
 
 log = logging.getLogger("remax.checkpoint")
 
@@ -101,8 +108,14 @@ class CheckpointManager:
         steps = self.complete_steps()
         return self.root / f"step_{steps[-1]}" if steps else None
 
-    def save(self, step: int, model_state: dict[str, torch.Tensor], state: dict) -> Path:
-        """Write ``step_<step>/`` atomically and prune older checkpoints."""
+    def save(self, step: int, model_state: dict[str, torch.Tensor] | None, state: dict) -> Path:
+        """Write ``step_<step>/`` atomically and prune older checkpoints.
+
+        Called on every rank. At world size > 1, ranks other than 0 pass ``model_state=None`` and
+        their own ``state`` (saved as ``state_rank<r>.pt``).
+        """
+        if distributed.world_size() > 1:
+            return self._save_ranks(step, model_state, state)
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp_step_*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -129,10 +142,55 @@ class CheckpointManager:
         log.info("checkpoint saved: %s", final)
         return final
 
+    def _save_ranks(self, step: int, model_state, state: dict) -> Path:
+        rank = distributed.rank()
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}"  # one name all ranks agree on (pids differ)
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp_step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        distributed.barrier()  # the directory exists before anyone writes into it
+        if rank == 0:
+            save_file(
+                {k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()},
+                tmp / "model.safetensors",
+            )
+            torch.save(state, tmp / "state.pt")
+            files = [tmp / "model.safetensors", tmp / "state.pt"]
+        else:
+            torch.save(state, tmp / f"state_rank{rank}.pt")
+            files = [tmp / f"state_rank{rank}.pt"]
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        distributed.barrier()  # every rank's part is on disk before the marker
+        if rank == 0:
+            (tmp / MARKER).write_text(json.dumps({"step": step}))
+            with open(tmp / MARKER, "rb") as fh:
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            for old in self.complete_steps()[: -self.keep_last]:
+                shutil.rmtree(self.root / f"step_{old}", ignore_errors=True)
+            log.info("checkpoint saved: %s", final)
+        distributed.barrier()  # nobody runs ahead of (or resumes from) a half-renamed checkpoint
+        return final
+
     @staticmethod
-    def load(path: Path, device) -> tuple[dict[str, torch.Tensor], dict]:
+    def load(path: Path, device, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+        """Weights and state; rank r > 0 gets its own RNG state from ``state_rank<r>.pt``."""
         model_state = load_file(Path(path) / "model.safetensors", device=str(device))
         state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+        if rank > 0:
+            own = torch.load(
+                Path(path) / f"state_rank{rank}.pt", map_location="cpu", weights_only=True
+            )
+            state["rng"] = own["rng"]
         return model_state, state
 
 

@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_SILENT", "true")
+# DeepSpeed JIT-builds its shared-memory comm op on CPU (~22 s): once per cache, kept across runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/torch_ext")
 
 REPO = Path(__file__).resolve().parents[1]
 

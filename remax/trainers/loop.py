@@ -4,6 +4,10 @@ A trainer (composition, no base class) provides ``model``, ``tokenizer``, ``step
 steps done), ``total_steps``, ``train_step() -> metrics``, ``state_dict()``/``load_state_dict()``
 (everything but the model weights), and ``evaluate_final() -> summary``. The loop owns the run
 directory: ``checkpoints/step_<N>/``, ``metrics.jsonl``, ``export/``, ``summary.json``.
+
+At world size N > 1 every rank runs this loop in lockstep; rank 0 alone writes metrics, the
+export and the summary (the others wait at a barrier), every rank writes its part of each
+checkpoint, and a stop request on any rank stops all of them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from remax import distributed
 from remax.checkpoint import CheckpointManager, export_hf, rng_state, set_rng_state
 from remax.config import OptimConfig, Scheduler
 from remax.log import MetricWriter
@@ -94,31 +99,45 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
     if summary_file.exists():
         log.info("%s already complete: %s", stage, summary_file)
         return json.loads(summary_file.read_text())
+    rank, world = distributed.rank(), distributed.world_size()
     latest = ckpt.latest()
     if latest is not None:
-        model_state, state = CheckpointManager.load(latest, next(trainer.model.parameters()).device)
+        device = next(trainer.model.parameters()).device
+        model_state, state = CheckpointManager.load(latest, device, rank=rank)
+        if state.get("world_size", 1) != world:
+            raise ValueError(
+                f"{latest} was written by {state.get('world_size', 1)} ranks, this run has {world}: "
+                "resume with the same number of ranks (each rank's RNG stream is in the checkpoint)"
+            )
         trainer.model.load_state_dict(model_state)
         trainer.load_state_dict(state["trainer"])
         set_rng_state(state["rng"])
         log.info("resumed %s from %s (step %d)", stage, latest, trainer.step)
 
-    writer = MetricWriter(
-        run_dir,
-        run_id=f"{stage}-{run_dir.name.rsplit('-', 1)[-1]}",
-        stage=stage,
-        config=to_plain(cfg),
-        resume_step=trainer.step,
-        wandb_mode=cfg.log.wandb_mode,
-        project=cfg.log.wandb_project,
-        entity=cfg.log.wandb_entity,
-        group=cfg.log.wandb_group or cfg.run.name,
+    writer = (
+        _NullWriter()
+        if rank
+        else MetricWriter(
+            run_dir,
+            run_id=f"{stage}-{run_dir.name.rsplit('-', 1)[-1]}",
+            stage=stage,
+            config=to_plain(cfg),
+            resume_step=trainer.step,
+            wandb_mode=cfg.log.wandb_mode,
+            project=cfg.log.wandb_project,
+            entity=cfg.log.wandb_entity,
+            group=cfg.log.wandb_group or cfg.run.name,
+        )
     )
 
     def save() -> None:
+        if rank:  # weights, optimizer, sampler are identical across ranks: rank 0 writes them
+            ckpt.save(trainer.step, None, {"rng": rng_state()})
+            return
         ckpt.save(
             trainer.step,
             trainer.model.state_dict(),
-            {"trainer": trainer.state_dict(), "rng": rng_state()},
+            {"trainer": trainer.state_dict(), "rng": rng_state(), "world_size": world},
         )
 
     try:
@@ -127,7 +146,7 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
             total=trainer.total_steps,
             initial=trainer.step,
             desc=stage,
-            disable=not cfg.log.progress,
+            disable=not cfg.log.progress or rank > 0,
             dynamic_ncols=True,
         )
         while trainer.step < trainer.total_steps and not trainer.should_stop_early():
@@ -144,12 +163,15 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
             every = cfg.checkpoint.every_steps
             if every and trainer.step % every == 0 and trainer.step < trainer.total_steps:
                 save()
-            if stop is not None and stop.requested:
+            if distributed.any_rank(stop is not None and stop.requested):
                 save()
                 bar.close()
                 return None
         bar.close()
         save()
+        if rank:
+            distributed.barrier()  # rank 0 evaluates, exports and writes the summary
+            return json.loads(summary_file.read_text())
         summary = trainer.evaluate_final(run_dir)
         writer.summary(summary)
         export_hf(
@@ -163,11 +185,31 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
                 "versions": _versions(),
             },
         )
-        summary = {"stage": stage, "step": trainer.step, "run_dir": str(run_dir), **summary}
+        summary = {
+            "stage": stage,
+            "step": trainer.step,
+            "run_dir": str(run_dir),
+            "world_size": world,
+            **summary,
+        }
         write_json(summary_file, summary)
+        distributed.barrier()
         return summary
     finally:
         writer.close()
+
+
+class _NullWriter:
+    """Ranks other than 0 log nothing: their metrics are already all-reduced into rank 0's."""
+
+    def log(self, step, metrics) -> None:
+        pass
+
+    def summary(self, summary) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _scalars(metrics: dict) -> dict:

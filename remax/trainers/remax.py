@@ -20,6 +20,7 @@ import logging
 import torch
 from safetensors.torch import load_file, save_file
 
+from remax import distributed
 from remax.algo.kl import full_vocab_kl, kl_penalty
 from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.remax import policy_gradient_loss, remax_advantages
@@ -62,6 +63,13 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
 class RemaxTrainer:
     def __init__(self, cfg: RemaxJobConfig) -> None:
         self.cfg, algo = cfg, cfg.algo
+        if cfg.deepspeed.enabled:
+            # The generated configs and the engines are tested (tests/test_deepspeed.py); the
+            # trainer's engine path (ZeRO checkpoints, sharded eval) is not wired in yet.
+            raise ValueError(
+                "deepspeed.enabled=true: the ReMax trainer does not run DeepSpeed engines yet; "
+                "drop the deepspeed=... override (plain data parallelism runs at any world size)"
+            )
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -85,6 +93,15 @@ class RemaxTrainer:
             r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
         ]
         self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        # Data parallel: every rank draws the same global batch from the same sampler order and
+        # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
+        # blocks concatenated in rank order are exactly the world-size-1 batch.
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        if cfg.train.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
+                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
+            )
         self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
@@ -111,6 +128,12 @@ class RemaxTrainer:
                 algo.top_k,
             )
         self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+        if self.world_size > 1:
+            distributed.broadcast_params(self.model)
+            distributed.broadcast_params(self.reference)
+            # Same weights, different samples: each rank its own (reproducible) stream. Not done at
+            # world size 1, which keeps single-process runs bit-identical to earlier releases.
+            torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.step = 0
         self.best_eval_reward: float | None = None
         self.last_eval_kl: float | None = None
@@ -197,18 +220,34 @@ class RemaxTrainer:
         keep = algo.kl_estimator == KLEstimator.full_vocab
         return logprobs_from_logits(logits, rollout.response), (logits if keep else None)
 
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous block of the global batch (all of it at world size 1)."""
+        per_rank = len(indices) // self.world_size
+        return indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def denominator(self, mask: torch.Tensor) -> torch.Tensor | int:
+        """The global normaliser: token count (token_mean) or row count (seq_sum) of the whole
+        batch across ranks, so the ranks' losses add up to the world-size-1 loss (spec test 20)."""
+        if self.cfg.algo.aggregation == Aggregation.token_mean:
+            return distributed.all_reduce_sum(mask.sum())
+        return mask.shape[0] * self.world_size
+
     def train_step(self) -> dict:
-        algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
-        prompts = [self.train_prompts[i] for i in self.sampler.next_indices()]
+        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
         sampled, greedy = self.rollout(prompts)  # 1–2
+        return self.update(sampled, greedy)
+
+    def update(self, sampled: Rollout, greedy: Rollout) -> dict:
+        """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step."""
+        algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
         rewards = self.rewards(sampled)  # 3: r(x, a), (B·n,)
         if algo.baseline == Baseline.greedy:
             baseline = self.rewards(greedy).repeat_interleave(n)  # r(x, ā) of each sample's prompt
         else:
             baseline = torch.zeros_like(rewards)
         mask = self.train_mask(sampled)  # (B·n, T)
-        # Global normaliser, so micro-batches (and later ranks) add up to the whole batch's loss.
-        denominator = mask.sum() if algo.aggregation == Aggregation.token_mean else mask.shape[0]
+        # Global normaliser, so micro-batches and ranks add up to the whole batch's loss.
+        denominator = self.denominator(mask)
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
         kl_sum, loss_sum = 0.0, 0.0
@@ -244,20 +283,36 @@ class RemaxTrainer:
             loss.backward()
             loss_sum += float(loss.detach())
             kl_sum += float((kl * mask[rows]).sum())
+        # Summed, not averaged: each rank's loss already carries the global normaliser. Every
+        # rank then clips and steps on the same gradient and keeps the same weights.
+        distributed.all_reduce_grads(self.model.parameters())
         grad_norm = optimizer_step(
             self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
         )  # 5
         lengths = sampled.lengths.float()
-        return {
-            "reward/mean": float(rewards.mean()),
-            "reward/baseline_mean": float(baseline.mean()),
-            "reward/advantage_mean": float((rewards - baseline).mean()),
-            "reward/advantage_abs_mean": float((rewards - baseline).abs().mean()),
+        metrics = {
+            "reward/mean": rewards.mean(),
+            "reward/baseline_mean": baseline.mean(),
+            "reward/advantage_mean": (rewards - baseline).mean(),
+            "reward/advantage_abs_mean": (rewards - baseline).abs().mean(),
             "kl/mean": kl_sum / mask.shape[0],  # per sequence: Σ_t kl_t averaged over rows
             "loss/policy": loss_sum,
-            "response/length_mean": float(lengths.mean()),
-            "response/greedy_length_mean": float(greedy.lengths.float().mean()),
-            "response/same_as_greedy": float(self._same(sampled, greedy).float().mean()),
+            "response/length_mean": lengths.mean(),
+            "response/greedy_length_mean": greedy.lengths.float().mean(),
+            "response/same_as_greedy": self._same(sampled, greedy).float().mean(),
+        }
+        if self.world_size > 1:
+            # Equal shards: the mean of the ranks' means is the global mean; the loss is a sum.
+            keys = list(metrics)
+            vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+            vals = distributed.all_reduce_sum(vals.to(self.device)).cpu()
+            metrics = {
+                k: float(v) if k == "loss/policy" else float(v) / self.world_size
+                for k, v in zip(keys, vals)
+            }
+        metrics = {k: float(v) for k, v in metrics.items()}
+        return {
+            **metrics,
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),
             "optim/grad_norm": grad_norm,
             "optim/lr": self.scheduler.get_last_lr()[0],
@@ -320,7 +375,8 @@ class RemaxTrainer:
     def before_training(self, run_dir) -> None:
         self.run_dir = run_dir
         path = run_dir / "eval_before.json"
-        if not path.exists():
+        # Evaluation is local and deterministic: rank 0 alone runs and writes it.
+        if distributed.is_main() and not path.exists():
             write_json(path, self._eval_summary())
 
     def should_stop_early(self) -> bool:
@@ -330,8 +386,11 @@ class RemaxTrainer:
             return False
         ev = self._eval_summary()
         self.last_eval_kl = ev["kl"]["mean"]
-        if self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward:
+        improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
+        if improved:
             self.best_eval_reward = ev["reward"]["mean"]
+        # Every rank evaluates (same weights, same seed: same decision); rank 0 alone writes.
+        if improved and distributed.is_main():
             # On disk, not in memory: a resumed run still exports the best actor it has seen.
             tmp = self.run_dir / "best_policy.safetensors.tmp"
             save_file(

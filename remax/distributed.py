@@ -1,0 +1,182 @@
+"""Rank helpers: one process per GPU (or CPU rank), started by torchrun or by Slurm tasks.
+
+The only module that names nccl or CUDA devices (style.md §2). At world size 1 without launcher
+variables every helper is a no-op, so single-process runs never touch ``torch.distributed`` and stay
+bit-identical to a run without this module.
+
+Launchers, first match wins:
+- torchrun (and ``deepspeed``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``.
+- Slurm job-step tasks (srun, submitit): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``;
+  the master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived from the job id,
+  so every task computes the same address without talking to the others (submitit's
+  ``TorchDistributedEnvironment`` does the same). The values are exported as torchrun's variables,
+  so DeepSpeed and ``LOCAL_RANK`` readers see one convention.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a Slurm node list: ``gpu[03-05,09],cpu1`` → ``gpu03``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if m is None:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]  # keeps zero padding: "03-05" → "03"
+
+
+def env_from_environ(environ=None) -> DistEnv | None:
+    """The launcher's view of this process, or None when no launcher set one up."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    # Only inside a job step (srun): the batch script itself sees the allocation's SLURM_NTASKS
+    # with SLURM_PROCID=0 and would wait forever for ranks that were never started.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        job = int(env.get("SLURM_JOB_ID", "0").split("_")[0] or 0)
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # Unprivileged, and different for two jobs sharing a node (same rule on every task).
+            master_port=int(env.get("MASTER_PORT", 20000 + job % 40000)),
+        )
+    return None
+
+
+def init_distributed(timeout_s: float = 1800) -> DistEnv:
+    """Join the process group the launcher describes; a no-op at world size 1.
+
+    Backend: nccl when CUDA is available (and this rank's GPU is selected), gloo on CPU.
+    """
+    env = env_from_environ() or DistEnv(0, 1, 0, "127.0.0.1", 29500)
+    if env.world_size <= 1 or dist.is_initialized():
+        return env
+    for key, value in (
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_RANK", env.local_rank),
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+    ):
+        os.environ[key] = str(value)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s)
+    )
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns ``tensor`` (unchanged at world size 1)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: collective decisions (stop, requeue)."""
+    if not _active():
+        return flag
+    t = torch.tensor([int(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_grads(params) -> None:
+    """Sum the gradients of ``params`` over ranks in one flat buffer (one collective per step).
+
+    Summing, not averaging: each rank's loss already carries the global normaliser (the global token
+    or row count), so the sum is exactly the whole batch's gradient.
+    """
+    if not _active():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:  # a rank whose batch left a parameter unused still joins the collective
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_params(module: torch.nn.Module) -> None:
+    """Rank 0's weights on every rank: one source of truth even if initialisation differed."""
+    if not _active():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_seed(seed: int) -> int:
+    """Per-rank sampling seed: ranks draw different responses, each reproducibly."""
+    return seed + 1_000_003 * rank()
