@@ -187,9 +187,8 @@ class CheckpointManager:
         model_state = load_file(Path(path) / "model.safetensors", device=str(device))
         state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
         if rank > 0:
-            own = torch.load(
-                Path(path) / f"state_rank{rank}.pt", map_location="cpu", weights_only=True
-            )
+            own_file = Path(path) / f"state_rank{rank}.pt"
+            own = torch.load(own_file, map_location="cpu", weights_only=True)
             state["rng"] = own["rng"]
         return model_state, state
 

@@ -141,8 +141,8 @@ def test_two_ranks_match_one_rank(tmp_path, aggregation):
     assert advantages.abs().sum() > 0, "a zero-advantage rollout would make the check vacuous"
 
     spawn(_two_rank_step, 2, cfg, sampled, greedy, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}_global.pt") for r in (0, 1)]
-    per_rank = [torch.load(tmp_path / f"rank{r}_per_rank.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}_global.pt", weights_only=True) for r in (0, 1)]
+    per_rank = [torch.load(tmp_path / f"rank{r}_per_rank.pt", weights_only=True) for r in (0, 1)]
 
     # The two blocks hold different token counts, so per-rank and global normalisation disagree.
     assert ranks[0]["tokens"] != ranks[1]["tokens"]
