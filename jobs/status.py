@@ -87,7 +87,9 @@ def collect(root: Path) -> list[dict]:
                 "submissions": len(recs),
                 "reward": last.get("reward/mean"),
                 "gpu_hours": round(gpu_hours, 4),
-                "cost": round(gpu_hours * rate, 2),
+                "cost": round(
+                    gpu_hours * rate, 4
+                ),  # JSON keeps small costs; the table shows 2 decimals
                 "currency": recs[-1]["currency"] if recs else "",
                 "complete": done,
             }
