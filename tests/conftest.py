@@ -28,40 +28,34 @@ def tokenizer():
     return build_tokenizer()
 
 
+def _tiny(build, tokenizer, seed: int):
+    """A tiny random-init Llama of the tests' one shape, seeded so fixtures are reproducible."""
+    from remax.models.tiny import llama_config
+
+    torch.manual_seed(seed)
+    config = llama_config(
+        len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+    )
+    return build(config).eval()
+
+
 @pytest.fixture
 def policy(tokenizer):
-    from remax.models.tiny import llama_config, tiny_policy
+    from remax.models.tiny import tiny_policy
 
-    torch.manual_seed(0)
-    model = tiny_policy(
-        llama_config(
-            len(tokenizer),
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=64,
-        )
-    )
-    return model.eval()
+    return _tiny(tiny_policy, tokenizer, seed=0)
 
 
 @pytest.fixture
 def reward_model(tokenizer):
-    from remax.models.tiny import llama_config, tiny_reward_model
+    from remax.models.tiny import tiny_reward_model
 
-    torch.manual_seed(1)
-    model = tiny_reward_model(
-        llama_config(
-            len(tokenizer),
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=64,
-        )
-    )
-    return model.eval()
+    return _tiny(tiny_reward_model, tokenizer, seed=1)
 
 
 def run_job(
