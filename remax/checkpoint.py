@@ -11,6 +11,10 @@ At world size N > 1 the same directory also holds ``state_rank<r>.pt`` for r = 1
 RNG state; everything else is identical across ranks and lives once in ``state.pt``). All ranks
 write into one temporary directory; after a barrier rank 0 alone writes the marker, fsyncs and
 renames, so the completion of a multi-rank checkpoint stays one atomic rename.
+
+Under DeepSpeed (``deepspeed.enabled``) the weights, optimizer and scheduler are the engine's own
+files in ``step_<N>/deepspeed/`` (each rank its ZeRO shards, written by the collective
+``save_checkpoint``) instead of ``model.safetensors``; they complete under the same marker.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +84,20 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def _save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses shared storage (tied embeddings): save contiguous clones.
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under ``root`` (an engine's shards sit in subdirectories)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(Path(directory) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(directory))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,31 +127,35 @@ class CheckpointManager:
         steps = self.complete_steps()
         return self.root / f"step_{steps[-1]}" if steps else None
 
-    def save(self, step: int, model_state: dict[str, torch.Tensor] | None, state: dict) -> Path:
+    def save(
+        self,
+        step: int,
+        model_state: dict[str, torch.Tensor] | None,
+        state: dict,
+        write: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write ``step_<step>/`` atomically and prune older checkpoints.
 
         Called on every rank. At world size > 1, ranks other than 0 pass ``model_state=None`` and
-        their own ``state`` (saved as ``state_rank<r>.pt``).
+        their own ``state`` (saved as ``state_rank<r>.pt``). ``model_state=None`` on rank 0: the
+        weights are written by ``write(directory)``, which every rank calls (a DeepSpeed engine's
+        collective ``save_checkpoint``) before the checkpoint is marked complete.
         """
         if distributed.world_size() > 1:
-            return self._save_ranks(step, model_state, state)
+            return self._save_ranks(step, model_state, state, write)
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp_step_*"):
             shutil.rmtree(stale, ignore_errors=True)
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
         tmp.mkdir()
-        # safetensors refuses shared storage (tied embeddings): save contiguous clones.
-        save_file(
-            {k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()},
-            tmp / "model.safetensors",
-        )
+        if model_state is not None:
+            _save_weights(model_state, tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
+        if write is not None:
+            write(tmp)
         (tmp / MARKER).write_text(json.dumps({"step": step}))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -142,7 +165,7 @@ class CheckpointManager:
         log.info("checkpoint saved: %s", final)
         return final
 
-    def _save_ranks(self, step: int, model_state, state: dict) -> Path:
+    def _save_ranks(self, step: int, model_state, state: dict, write=None) -> Path:
         rank = distributed.rank()
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"  # one name all ranks agree on (pids differ)
@@ -153,18 +176,16 @@ class CheckpointManager:
             tmp.mkdir()
         distributed.barrier()  # the directory exists before anyone writes into it
         if rank == 0:
-            save_file(
-                {k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()},
-                tmp / "model.safetensors",
-            )
+            if model_state is not None:
+                _save_weights(model_state, tmp / "model.safetensors")
             torch.save(state, tmp / "state.pt")
-            files = [tmp / "model.safetensors", tmp / "state.pt"]
         else:
             torch.save(state, tmp / f"state_rank{rank}.pt")
-            files = [tmp / f"state_rank{rank}.pt"]
-        for f in files:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        if write is not None:
+            write(tmp)  # collective: every rank writes its shards
+        distributed.barrier()  # every rank's part is written before the fsync and the marker
+        if rank == 0:
+            _fsync_tree(tmp)
         distributed.barrier()  # every rank's part is on disk before the marker
         if rank == 0:
             (tmp / MARKER).write_text(json.dumps({"step": step}))
@@ -183,8 +204,10 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: Path, device, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
-        """Weights and state; rank r > 0 gets its own RNG state from ``state_rank<r>.pt``."""
-        model_state = load_file(Path(path) / "model.safetensors", device=str(device))
+        """Weights (None when an engine holds them) and state; rank r > 0 gets its own RNG state
+        from ``state_rank<r>.pt``."""
+        weights = Path(path) / "model.safetensors"
+        model_state = load_file(weights, device=str(device)) if weights.is_file() else None
         state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
         if rank > 0:
             own_file = Path(path) / f"state_rank{rank}.pt"
@@ -193,12 +216,16 @@ class CheckpointManager:
         return model_state, state
 
 
-def export_hf(model, tokenizer, export_dir: Path, meta: dict) -> Path:
-    """``save_pretrained`` (safetensors) of weights and tokenizer plus ``meta.json``, atomically."""
+def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -> Path:
+    """``save_pretrained`` (safetensors) of weights and tokenizer plus ``meta.json``, atomically.
+
+    ``state_dict``: weights to save instead of the module's own (a ZeRO-3 consolidation, or the
+    best actor kept on disk).
+    """
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(f".tmp_{export_dir.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     if export_dir.exists():

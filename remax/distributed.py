@@ -130,6 +130,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (equal shapes) concatenated along dim 0 in rank order."""
+    if not _active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def block(items: list, pad: bool = False) -> list:
+    """This rank's contiguous block of ``items`` (all of them at world size 1).
+
+    ``pad=False``: ``len(items)`` must divide evenly (a training batch). ``pad=True``: blocks of
+    ``ceil(n / N)``, the last ones filled with copies of the last item, so every rank runs the same
+    number of (possibly collective) forwards; drop the padding after :func:`all_gather_cat`.
+    """
+    n, world = len(items), world_size()
+    size = -(-n // world) if pad else n // world
+    if pad:
+        items = items + items[-1:] * (size * world - n)
+    return items[rank() * size : (rank() + 1) * size]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any: collective decisions (stop, requeue)."""
     if not _active():
@@ -180,3 +203,36 @@ def _comm_device() -> torch.device:
 def rank_seed(seed: int) -> int:
     """Per-rank sampling seed: ranks draw different responses, each reproducibly."""
     return seed + 1_000_003 * rank()
+
+
+def micro_batch_parts(batch_size: int, micro_batch_size: int) -> list[tuple[int, slice]]:
+    """This rank's parts of a global batch's micro-batches, as ``(k, rows)`` pairs.
+
+    The global batch (``batch_size`` rows, the same on every rank) is cut into micro-batches of
+    ``micro_batch_size`` rows exactly as at world size 1. Rank r owns the contiguous rows
+    r·B/N … (r+1)·B/N − 1 and gets the part of every micro-batch k that falls there; a micro-batch
+    larger than B/N is split over ranks. ``rows`` indexes the global batch. At world size 1 this is
+    every micro-batch, whole, in order.
+    """
+    per_rank = batch_size // world_size()
+    lo = rank() * per_rank
+    hi = lo + per_rank
+    parts = []
+    for k, start in enumerate(range(0, batch_size, micro_batch_size)):
+        rows = slice(max(start, lo), min(start + micro_batch_size, hi))
+        if rows.start < rows.stop:
+            parts.append((k, rows))
+    return parts
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over ranks in one float64 collective; ``values`` itself at world size 1.
+
+    For metrics kept as each rank's share of a global mean, so rank 0 logs the global value.
+    """
+    if not _active():
+        return values
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))

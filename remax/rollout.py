@@ -94,6 +94,7 @@ def generate(
     greedy: bool | torch.Tensor,
     eos_token_id: int,
     pad_token_id: int,
+    all_finished=None,
 ) -> Rollout:
     """Decode a response for every prompt.
 
@@ -105,6 +106,9 @@ def generate(
         greedy: True/False for all rows, or a (B,) bool tensor choosing greedy rows.
         eos_token_id: the stop token (a trained action, kept in ``response_mask``).
         pad_token_id: written after a row's EOS.
+        all_finished: ``(this_rank_done: bool) -> bool``, whether every rank is done. Ranks whose
+            forwards are collective (ZeRO-3 gathering layer by layer) must run the same number of
+            decoding steps; a rank that finished early decodes padding until all are done.
 
     Sampling draws from torch's global RNG of the model's device, so a run is reproducible from
     its saved RNG state.
@@ -139,7 +143,8 @@ def generate(
         tokens.append(token)
         valid.append(~finished)
         finished = finished | (token == eos_token_id)
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if all_finished(done) if all_finished is not None else done:
             break
         attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
         out = model(

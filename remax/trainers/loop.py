@@ -2,12 +2,16 @@
 
 A trainer (composition, no base class) provides ``model``, ``tokenizer``, ``step`` (optimizer
 steps done), ``total_steps``, ``train_step() -> metrics``, ``state_dict()``/``load_state_dict()``
-(everything but the model weights), and ``evaluate_final() -> summary``. The loop owns the run
-directory: ``checkpoints/step_<N>/``, ``metrics.jsonl``, ``export/``, ``summary.json``.
+(everything but the model weights), ``evaluate_final() -> summary`` and ``export_model() ->
+(module, state_dict | None)``. A trainer whose weights live in an engine (``trainer.actor`` with
+``uses_deepspeed``, see ``remax.engines``) has the engine write and read its own files inside each
+``step_<N>/``. The loop owns the run directory: ``checkpoints/step_<N>/``, ``metrics.jsonl``,
+``export/``, ``summary.json``.
 
 At world size N > 1 every rank runs this loop in lockstep; rank 0 alone writes metrics, the
-export and the summary (the others wait at a barrier), every rank writes its part of each
-checkpoint, and a stop request on any rank stops all of them at the same step boundary.
+export and the summary, every rank writes its part of each checkpoint, evaluates its share in
+``evaluate_final`` and takes part in the export (a ZeRO-3 gather), and a stop request on any rank
+stops all of them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
         log.info("%s already complete: %s", stage, summary_file)
         return json.loads(summary_file.read_text())
     rank, world = distributed.rank(), distributed.world_size()
+    actor = getattr(trainer, "actor", None)
+    engine = actor if actor is not None and actor.uses_deepspeed else None
     latest = ckpt.latest()
     if latest is not None:
         device = next(trainer.model.parameters()).device
@@ -109,7 +115,10 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
                 f"{latest} was written by {state.get('world_size', 1)} ranks, this run has {world}: "
                 "resume with the same number of ranks (each rank's RNG stream is in the checkpoint)"
             )
-        trainer.model.load_state_dict(model_state)
+        if engine is not None:
+            engine.load(latest)  # weights, optimizer and scheduler, each rank its shards
+        else:
+            trainer.model.load_state_dict(model_state)
         trainer.load_state_dict(state["trainer"])
         set_rng_state(state["rng"])
         log.info("resumed %s from %s (step %d)", stage, latest, trainer.step)
@@ -131,13 +140,15 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
     )
 
     def save() -> None:
+        write = engine.save if engine is not None else None
         if rank:  # weights, optimizer, sampler are identical across ranks: rank 0 writes them
-            ckpt.save(trainer.step, None, {"rng": rng_state()})
+            ckpt.save(trainer.step, None, {"rng": rng_state()}, write=write)
             return
         ckpt.save(
             trainer.step,
-            trainer.model.state_dict(),
+            None if engine is not None else trainer.model.state_dict(),
             {"trainer": trainer.state_dict(), "rng": rng_state(), "world_size": world},
+            write=write,
         )
 
     try:
@@ -169,13 +180,15 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
                 return None
         bar.close()
         save()
+        summary = trainer.evaluate_final(run_dir)  # collective: every rank evaluates its share
+        exported = trainer.export_model(run_dir)  # collective under ZeRO-3: the shards gather
+        module, weights = exported if isinstance(exported, tuple) else (exported, None)
         if rank:
-            distributed.barrier()  # rank 0 evaluates, exports and writes the summary
+            distributed.barrier()  # rank 0 writes the export and the summary
             return json.loads(summary_file.read_text())
-        summary = trainer.evaluate_final(run_dir)
         writer.summary(summary)
         export_hf(
-            trainer.export_model(run_dir),
+            module,
             trainer.tokenizer,
             run_dir / "export",
             {
@@ -184,6 +197,7 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
                 "config": to_plain(cfg),
                 "versions": _versions(),
             },
+            state_dict=weights,
         )
         summary = {
             "stage": stage,

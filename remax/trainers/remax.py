@@ -38,17 +38,12 @@ from remax.config import (
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import build_actor, frozen
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
-from remax.trainers.loop import (
-    build_optimizer,
-    mean_stderr,
-    optimizer_step,
-    select_device,
-    write_json,
-)
+from remax.trainers.loop import mean_stderr, select_device, write_json
 
 log = logging.getLogger("remax.trainers.remax")
 
@@ -63,23 +58,17 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
 class RemaxTrainer:
     def __init__(self, cfg: RemaxJobConfig) -> None:
         self.cfg, algo = cfg, cfg.algo
-        if cfg.deepspeed.enabled:
-            # The generated configs and the engines are tested (tests/test_deepspeed.py); the
-            # trainer's engine path (ZeRO checkpoints, sharded eval) is not wired in yet.
-            raise ValueError(
-                "deepspeed.enabled=true: the ReMax trainer does not run DeepSpeed engines yet; "
-                "drop the deepspeed=... override (plain data parallelism runs at any world size)"
-            )
         self.device = select_device(cfg.cluster.device)
-        self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        # Rank 0's weights everywhere, before any engine shards them.
+        distributed.broadcast_params(model)
+        reference = copy.deepcopy(model)
         self.reward_model = None
         if cfg.reward_model.path is not None:
             # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
             self.reward_model, rm_tok = load_reward_model(
                 cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
             )
-            self.reward_model.eval().requires_grad_(False)
             if rm_tok.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(
                     f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
@@ -106,7 +95,15 @@ class RemaxTrainer:
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
+        # The actor: plain PyTorch, or a DeepSpeed engine (ZeRO stage, offload, bf16). The frozen
+        # reference and RM: as they are, or ZeRO-3 inference engines (remax.engines).
+        self.actor = build_actor(model, cfg, self.total_steps, algo.samples_per_prompt)
+        self.model = self.actor.module
+        self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
+        placement = dict(train=cfg.train, dtype=cfg.model.dtype)
+        self.reference = frozen(reference, cfg.deepspeed, **placement)
+        if self.reward_model is not None:
+            self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.data.max_response_len,
             temperature=algo.temperature,
@@ -129,8 +126,6 @@ class RemaxTrainer:
             )
         self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
         if self.world_size > 1:
-            distributed.broadcast_params(self.model)
-            distributed.broadcast_params(self.reference)
             # Same weights, different samples: each rank its own (reproducible) stream. Not done at
             # world size 1, which keeps single-process runs bit-identical to earlier releases.
             torch.manual_seed(distributed.rank_seed(cfg.seed))
@@ -196,17 +191,22 @@ class RemaxTrainer:
         ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
         mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])
         greedy = torch.arange(B * n + B, device=self.device) >= B * n
-        both = generate(
-            self.model,
-            ids,
-            mask,
-            self.sampling,
-            greedy=greedy,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        both = self._postprocess(both)
+        both = self._postprocess(self._generate(ids, mask, greedy))
         return both.select(slice(0, B * n)), both.select(slice(B * n, None))
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
+        """One decode with the actor; under ZeRO-3 its parameters are gathered once for it."""
+        with self.actor.generation():
+            return generate(
+                self.model,
+                ids,
+                mask,
+                self.sampling,
+                greedy=greedy,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                all_finished=self.actor.all_finished,
+            )
 
     # ----------------------------------------------------------------- update
     def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -222,8 +222,7 @@ class RemaxTrainer:
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous block of the global batch (all of it at world size 1)."""
-        per_rank = len(indices) // self.world_size
-        return indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return distributed.block(indices)
 
     def denominator(self, mask: torch.Tensor) -> torch.Tensor | int:
         """The global normaliser: token count (token_mean) or row count (seq_sum) of the whole
@@ -254,7 +253,7 @@ class RemaxTrainer:
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
             part = sampled.select(rows)
-            logprobs, logits = self._logprobs(self.model, part)  # (b, T), with grad
+            logprobs, logits = self._logprobs(self.actor.model, part)  # (b, T), with grad
             with torch.no_grad():
                 ref_logprobs, ref_logits = self._logprobs(self.reference, part)
                 if logits is not None:
@@ -280,15 +279,10 @@ class RemaxTrainer:
                 aggregation=algo.aggregation,
                 denominator=denominator,
             )
-            loss.backward()
+            self.actor.backward(loss)
             loss_sum += float(loss.detach())
             kl_sum += float((kl * mask[rows]).sum())
-        # Summed, not averaged: each rank's loss already carries the global normaliser. Every
-        # rank then clips and steps on the same gradient and keeps the same weights.
-        distributed.all_reduce_grads(self.model.parameters())
-        grad_norm = optimizer_step(
-            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
-        )  # 5
+        grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
         lengths = sampled.lengths.float()
         metrics = {
             "reward/mean": rewards.mean(),
@@ -315,7 +309,7 @@ class RemaxTrainer:
             **metrics,
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),
             "optim/grad_norm": grad_norm,
-            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/lr": self.actor.lr,
         }
 
     def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
@@ -334,30 +328,24 @@ class RemaxTrainer:
         """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length.
 
         Deterministic and side-effect free: a fixed seed inside a forked RNG, so evaluating never
-        changes the training run's random stream (resume stays bit-identical).
+        changes the training run's random stream (resume stays bit-identical). Collective: each
+        rank answers its block of the prompts (padded to equal blocks, so ZeRO-3's per-layer
+        gathers line up), and every rank returns all of them in prompt order.
         """
         self.model.eval()
         greedy = self.cfg.algo.eval_decoding == EvalDecoding.greedy
         devices = [self.device] if self.device.type == "cuda" else []
         out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
         bs = self.cfg.train.batch_size
+        prompts = distributed.block(self.eval_prompts, pad=True)
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed + 7919)
-            for i in range(0, len(self.eval_prompts), bs):
-                prompts = self.eval_prompts[i : i + bs]
+            torch.manual_seed(self.cfg.seed + 7919 + self.rank)
+            for i in range(0, len(prompts), bs):
                 batch = collate_prompts(
-                    self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device
+                    self.tokenizer, prompts[i : i + bs], self.cfg.data.max_prompt_len, self.device
                 )
                 ro = self._postprocess(
-                    generate(
-                        self.model,
-                        batch.input_ids,
-                        batch.attention_mask,
-                        self.sampling,
-                        greedy=greedy,
-                        eos_token_id=self.tokenizer.eos_token_id,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
+                    self._generate(batch.input_ids, batch.attention_mask, greedy)
                 )
                 logp, _ = self._logprobs(self.model, ro)
                 ref, _ = self._logprobs(self.reference, ro)
@@ -367,7 +355,8 @@ class RemaxTrainer:
                 out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
                 out["length"].append(ro.lengths.float())
         self.model.train()
-        return {k: torch.cat(v) for k, v in out.items() if v}
+        n = len(self.eval_prompts)
+        return {k: distributed.all_gather_cat(torch.cat(v))[:n] for k, v in out.items() if v}
 
     def _eval_summary(self) -> dict:
         return {k: mean_stderr(v) for k, v in self.evaluate().items()}
@@ -375,9 +364,11 @@ class RemaxTrainer:
     def before_training(self, run_dir) -> None:
         self.run_dir = run_dir
         path = run_dir / "eval_before.json"
-        # Evaluation is local and deterministic: rank 0 alone runs and writes it.
-        if distributed.is_main() and not path.exists():
-            write_json(path, self._eval_summary())
+        # Every rank evaluates its share (collective); rank 0 writes.
+        if distributed.any_rank(not path.exists()):
+            summary = self._eval_summary()
+            if distributed.is_main():
+                write_json(path, summary)
 
     def should_stop_early(self) -> bool:
         """Periodic eval (``train.eval_every``): track the best actor and the KL early stop."""
@@ -389,14 +380,14 @@ class RemaxTrainer:
         improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
         if improved:
             self.best_eval_reward = ev["reward"]["mean"]
-        # Every rank evaluates (same weights, same seed: same decision); rank 0 alone writes.
-        if improved and distributed.is_main():
-            # On disk, not in memory: a resumed run still exports the best actor it has seen.
-            tmp = self.run_dir / "best_policy.safetensors.tmp"
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, tmp
-            )
-            tmp.replace(self.run_dir / "best_policy.safetensors")
+        # Every rank has the same gathered results, hence the same decision; rank 0 writes.
+        if improved:
+            weights = self.actor.full_state_dict()  # collective under ZeRO-3
+            if distributed.is_main():
+                # On disk, not in memory: a resumed run still exports the best actor it has seen.
+                tmp = self.run_dir / "best_policy.safetensors.tmp"
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
+                tmp.replace(self.run_dir / "best_policy.safetensors")
         limit = self.cfg.algo.early_stop_kl
         if limit is not None and self.last_eval_kl >= limit:
             log.info(
@@ -407,9 +398,11 @@ class RemaxTrainer:
         return False
 
     def evaluate_final(self, run_dir) -> dict:
+        """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
         before = json.loads((run_dir / "eval_before.json").read_text())
         after = self._eval_summary()
-        write_json(run_dir / "eval_after.json", after)
+        if distributed.is_main():
+            write_json(run_dir / "eval_after.json", after)
         ev = {
             "reward_before": before["reward"],
             "reward_after": after["reward"],
@@ -423,21 +416,21 @@ class RemaxTrainer:
         reward_source = "reward_model" if self.reward_model is not None else "gold"
         return {"eval": ev, "reward_source": reward_source}
 
-    def export_model(self, run_dir):
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
+        """The module to save and its weights (None: its own). Collective under ZeRO-3."""
         best = run_dir / "best_policy.safetensors"
         if self.cfg.export_policy == ExportPolicy.best_eval_reward and best.exists():
-            exported = copy.deepcopy(self.model)
-            exported.load_state_dict(load_file(best, device=str(self.device)))
-            return exported
-        return self.model
+            return self.model, load_file(best)
+        if self.actor.uses_deepspeed:
+            return self.model, self.actor.full_state_dict()
+        return self.model, None
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
             "step": self.step,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.actor.state_dict(),  # optimizer, scheduler (in the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
             "best_eval_reward": self.best_eval_reward,
         }
@@ -445,7 +438,6 @@ class RemaxTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
         self.best_eval_reward = state["best_eval_reward"]
