@@ -48,7 +48,8 @@ def sbatch_params(stage: str, cluster) -> dict:
         "job_name": f"remax-{stage}",
         "time": cluster.time_min,
         "nodes": cluster.nodes,
-        "ntasks_per_node": cluster.tasks_per_node,
+        # Evaluation is one process (its resumable answer files have one writer).
+        "ntasks_per_node": 1 if stage == "evaluate" else cluster.tasks_per_node,
         "cpus_per_task": cluster.cpus_per_task,
         "signal_delay_s": cluster.signal_delay_s,
         # submitit emits neither --requeue (scontrol requeue would fail where the site default is

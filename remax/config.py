@@ -303,7 +303,8 @@ class ClusterConfig:
     gpus_per_node: int = 0
     """GPUs per node (an A800 node has 4)."""
     tasks_per_node: int = 1
-    """Processes per node. One per GPU needs the multi-rank runtime; until then 1."""
+    """Processes (ranks) per node: one per GPU (``gpus_per_node``) for data parallel training,
+    each started by srun with its own GPU; 1 runs one process that sees every GPU of the node."""
     cpus_per_task: int = 4
     """CPU cores per task."""
     mem_gb: int | None = None
@@ -355,10 +356,10 @@ class ClusterConfig:
             value = getattr(self, key)
             _require(value >= 0, f"cluster.{key}", value, "use an integer >= 0")
         _require(
-            self.tasks_per_node == 1,
+            not self.gpus_per_node or self.tasks_per_node <= self.gpus_per_node,
             "cluster.tasks_per_node",
             self.tasks_per_node,
-            "use 1: one process per job until the multi-rank (DeepSpeed) runtime lands",
+            f"use at most one task per GPU (cluster.gpus_per_node={self.gpus_per_node})",
         )
         _require(self.gpu_hour_rate >= 0, "cluster.gpu_hour_rate", self.gpu_hour_rate, "use >= 0")
         _require(
