@@ -61,10 +61,12 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
         torch.set_num_threads(config.cluster.num_threads)
     # One process per GPU (torchrun or Slurm tasks); a no-op in a plain single process.
     env = distributed.init_distributed()
-    if env.world_size > 1 and stage != "remax":
+    if env.world_size > 1 and stage == "evaluate":
+        # Every training stage is data parallel; evaluation is one process (its resumable
+        # partial/*.jsonl files have one writer).
         fail(
-            f"{stage} runs on one rank only, this launch has {env.world_size}: start it with one "
-            "task (cluster.tasks_per_node=1, nodes=1); data parallelism is implemented for remax"
+            f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
+            "task (cluster.tasks_per_node=1, nodes=1)"
         )
     try:
         run_dir = prepare(config, stage) if distributed.is_main() else None

@@ -248,11 +248,17 @@ def ensure_process_group() -> None:
 
     if dist.is_initialized():
         return
+    import os
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # DeepSpeed reads the launcher's variables (LOCAL_RANK picks the GPU): set torchrun's.
+    for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        os.environ.setdefault(key, str(value))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
     dist.init_process_group(
         "nccl" if torch.cuda.is_available() else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

@@ -4,6 +4,9 @@ Pure arithmetic (stdlib only). It answers "does this placement fit on an 80 GiB 
 largest per-GPU batch that does?" for the layouts of the official ReMax release (DeepSpeed-Chat step 3):
 an actor trained with ZeRO-2 and gradient checkpointing, a frozen reference and a frozen reward model
 at ZeRO-3, and, for PPO, a critic with the actor's settings initialised from the reward model.
+The release's steps 1-2 (one trained model: the SFT policy, role ``sft``, or the reward model being
+trained, role ``rm``) are the same arithmetic with ``PlanInput.rollout=False``: no generation and no
+experience phase, only the resident states, ``train:<role>`` and ``step:<role>``.
 
 All quantities are bytes per GPU (integers); GiB = 2**30 bytes. N = parameters of a model, W = world
 size (data-parallel GPUs), d = ``dtype_bytes`` (2 for bf16/fp16, 4 for fp32), b = micro-batch,
@@ -73,7 +76,8 @@ from enum import Enum
 
 GIB = 1024**3
 
-ROLES = ("actor", "reference", "reward", "critic")
+# ``reward`` is the frozen RM of an RL step; ``rm`` the reward model trained in the RM stage.
+ROLES = ("actor", "reference", "reward", "critic", "sft", "rm")
 FROZEN_ROLES = ("reference", "reward")
 VOCAB_ROLES = ("actor", "reference")  # models whose B×L×V logits are materialised
 
@@ -142,6 +146,18 @@ _OPT_350M = {
     "max_position_embeddings": 2048,
     "word_embed_proj_dim": 512,
     "do_layer_norm_before": False,
+}
+# Llama-2-13B, meta-llama/Llama-2-13b-hf config.json (Touvron et al. 2023, Table 1: 13B, no GQA):
+# the backbone of UltraRM-13B ("UltraRM is initialized by LLaMA2-13B", OpenBMB/UltraFeedback README).
+_LLAMA2_13B = {
+    "model_type": "llama",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_attention_heads": 40,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 40,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
 }
 
 
@@ -221,6 +237,12 @@ class ModelShape:
     @classmethod
     def opt_350m(cls) -> ModelShape:
         return cls.from_hf_config(_OPT_350M, name="opt-350m")
+
+    @classmethod
+    def ultrarm_13b(cls) -> ModelShape:
+        """openbmb/UltraRM-13b: a Llama-2-13B backbone (no LM head) + a bias-free 5120→1
+        ``regression_head``, i.e. Llama-2-13B as a value model (the RM of the Mistral-7B-ReMax card)."""
+        return replace(cls.from_hf_config(_LLAMA2_13B).as_value_model(), name="ultrarm-13b")
 
     @classmethod
     def from_hf_config(cls, config: Mapping, *, name: str = "") -> ModelShape:
@@ -327,7 +349,8 @@ class ModelPlacement:
 
 @dataclass(frozen=True, kw_only=True)
 class PlanInput:
-    """One RLHF step per GPU. ``generation_batch`` defaults to ``micro_batch``.
+    """One RLHF step per GPU (``rollout=False``: one SFT/RM step). ``generation_batch`` defaults to
+    ``micro_batch``.
 
     ``overhead_gib``: CUDA context + cuBLAS/NCCL workspaces (~1 GiB) + allocator fragmentation
     (~1-2 GiB); 3.0 by default, see the module docstring.
@@ -342,6 +365,8 @@ class PlanInput:
     generation_batch: int | None = None
     overhead_gib: float = DEFAULT_OVERHEAD_GIB
     full_vocab_logging: bool = True
+    rollout: bool = True
+    """False: a supervised stage (SFT, RM training): no generation and no experience phase."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -580,9 +605,10 @@ class Plan:
         inp = self.inp
         peak = self.peak_phase
         cols = list(COLUMNS)
+        generation = f"generation_batch={inp.gen_batch}, " if inp.rollout else ""
         lines = [
             f"per-GPU memory by part, GiB (world_size={inp.world_size}, micro_batch={inp.micro_batch}, "
-            f"generation_batch={inp.gen_batch}, seq={inp.prompt_len}+{inp.response_len})",
+            f"{generation}seq={inp.prompt_len}+{inp.response_len})",
             "transient GiB per phase (only the peak is counted): "
             + ", ".join(
                 f"{ph} {self.phase_bytes(ph) / GIB:.1f}{' (peak)' if ph == peak else ''}"
@@ -605,21 +631,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(inp: PlanInput) -> Plan:
-    """Estimate per-GPU memory of one RLHF step (see the module docstring for every formula)."""
-    w, s, b, g = inp.world_size, inp.seq_len, inp.micro_batch, inp.gen_batch
-    items: list[Item] = []
-
-    def add(role: str, part: Part, phase: str, nbytes: int) -> None:
-        if nbytes:
-            items.append(Item(role, part, phase, int(nbytes)))
-
-    # resident model states
-    for m in inp.models:
-        add(m.role, Part.PARAMETERS, RESIDENT, parameter_bytes(m, w))
-        add(m.role, Part.GRADIENTS, RESIDENT, gradient_bytes(m, w))
-        add(m.role, Part.OPTIMIZER, RESIDENT, optimizer_bytes(m, w))
-
+def _add_rollout(inp: PlanInput, add) -> None:
+    """Transients of the RL rollout: the actor's generation, then the experience forwards."""
+    s, g = inp.seq_len, inp.gen_batch
     # generation (actor only)
     for m in inp.models:
         if m.role != "actor":
@@ -661,6 +675,25 @@ def plan(inp: PlanInput) -> Plan:
             layer_activation_bytes(ws.shape, s, g, ws.dtype_bytes),
         )
 
+
+def plan(inp: PlanInput) -> Plan:
+    """Estimate per-GPU memory of one RLHF step (see the module docstring for every formula)."""
+    w, s, b = inp.world_size, inp.seq_len, inp.micro_batch
+    items: list[Item] = []
+
+    def add(role: str, part: Part, phase: str, nbytes: int) -> None:
+        if nbytes:
+            items.append(Item(role, part, phase, int(nbytes)))
+
+    # resident model states
+    for m in inp.models:
+        add(m.role, Part.PARAMETERS, RESIDENT, parameter_bytes(m, w))
+        add(m.role, Part.GRADIENTS, RESIDENT, gradient_bytes(m, w))
+        add(m.role, Part.OPTIMIZER, RESIDENT, optimizer_bytes(m, w))
+
+    if inp.rollout:
+        _add_rollout(inp, add)
+
     # training: forward/backward, then the optimizer step, one trainable model after the other
     for m in inp.models:
         if not m.trainable:
@@ -672,7 +705,7 @@ def plan(inp: PlanInput) -> Plan:
             train,
             training_activation_bytes(m.shape, s, b, m.dtype_bytes, m.grad_checkpointing),
         )
-        if m.role in VOCAB_ROLES and m.shape.lm_head:
+        if m.shape.lm_head:  # the loss logits of a trained LM (actor, sft); value models have none
             add(m.role, Part.LOGITS, train, logits_bytes(m.shape, s, b, TRAIN_LOGIT_COPIES))
         add(m.role, Part.REDUCE_BUCKET, train, reduce_bucket_bytes(m))
         add(m.role, Part.GATHERED, train, gathered_bytes(m))
@@ -718,20 +751,27 @@ def remax_models(
     actor_zero_stage: int = 2,
     frozen_zero_stage: int = 3,
     grad_checkpointing: bool = True,
+    offload_optimizer: bool | None = None,
+    offload_frozen_params: bool | None = None,
+    offload_actor_params: bool = False,
 ) -> tuple[ModelPlacement, ...]:
     """ReMax: trainable actor (ZeRO-2, grad-ckpt) + frozen reference (actor-sized) + frozen RM.
 
     ``offload`` turns on optimizer offload for the actor and, at ZeRO-3, parameter offload for the
     frozen models (``--offload --offload_reference_model --offload_reward_model`` in the release).
+    ``offload_optimizer`` / ``offload_frozen_params`` set the two halves separately (None: ``offload``);
+    ``offload_actor_params`` offloads a ZeRO-3 actor's parameters too (``deepspeed.offload_params``).
     The RM shape is converted to a value model (no LM head, h→1 head).
     """
-    frozen_offload = offload and frozen_zero_stage == 3
+    optimizer_offload = offload if offload_optimizer is None else offload_optimizer
+    frozen_offload = offload if offload_frozen_params is None else offload_frozen_params
     actor = ModelPlacement(
         role="actor",
         shape=actor_shape,
         trainable=True,
         zero_stage=actor_zero_stage,
-        offload_optimizer=offload,
+        offload_optimizer=optimizer_offload,
+        offload_params=offload_actor_params,
         dtype_bytes=dtype_bytes,
         grad_checkpointing=grad_checkpointing,
     )
@@ -740,7 +780,7 @@ def remax_models(
         shape=actor_shape,
         trainable=False,
         zero_stage=frozen_zero_stage,
-        offload_params=frozen_offload,
+        offload_params=frozen_offload and frozen_zero_stage == 3,
         dtype_bytes=dtype_bytes,
     )
     reward = replace(reference, role="reward", shape=rm_shape.as_value_model())
@@ -757,6 +797,9 @@ def ppo_models(
     actor_zero_stage: int = 2,
     frozen_zero_stage: int = 3,
     grad_checkpointing: bool = True,
+    offload_optimizer: bool | None = None,
+    offload_frozen_params: bool | None = None,
+    offload_actor_params: bool = False,
 ) -> tuple[ModelPlacement, ...]:
     """PPO: the ReMax models + a critic with the actor's settings, initialised from the RM (RM-sized)."""
     base = remax_models(
@@ -767,9 +810,55 @@ def ppo_models(
         actor_zero_stage=actor_zero_stage,
         frozen_zero_stage=frozen_zero_stage,
         grad_checkpointing=grad_checkpointing,
+        offload_optimizer=offload_optimizer,
+        offload_frozen_params=offload_frozen_params,
+        offload_actor_params=offload_actor_params,
     )
     critic = replace(base[0], role="critic", shape=(critic_shape or rm_shape).as_value_model())
     return base + (critic,)
+
+
+def sft_models(
+    shape: ModelShape,
+    *,
+    zero_stage: int = 2,
+    offload: bool = False,
+    dtype_bytes: int = 2,
+    grad_checkpointing: bool = True,
+) -> tuple[ModelPlacement, ...]:
+    """SFT (release step 1): one trained LM; ``offload`` is ``--offload`` (optimizer to CPU).
+    Plan it with ``PlanInput(rollout=False)``."""
+    return (
+        ModelPlacement(
+            role="sft",
+            shape=shape,
+            trainable=True,
+            zero_stage=zero_stage,
+            offload_optimizer=offload,
+            dtype_bytes=dtype_bytes,
+            grad_checkpointing=grad_checkpointing,
+        ),
+    )
+
+
+def reward_model_models(
+    shape: ModelShape,
+    *,
+    zero_stage: int = 2,
+    offload: bool = False,
+    dtype_bytes: int = 2,
+    grad_checkpointing: bool = True,
+) -> tuple[ModelPlacement, ...]:
+    """RM training (release step 2): one trained value model (backbone + h→1 head, no LM logits).
+    A step scores chosen and rejected answers, so its micro-batch in rows is 2 × pairs."""
+    (model,) = sft_models(
+        shape.as_value_model(),
+        zero_stage=zero_stage,
+        offload=offload,
+        dtype_bytes=dtype_bytes,
+        grad_checkpointing=grad_checkpointing,
+    )
+    return (replace(model, role="rm"),)
 
 
 __all__ = [
@@ -793,6 +882,8 @@ __all__ = [
     "ppo_models",
     "reduce_bucket_bytes",
     "remax_models",
+    "reward_model_models",
+    "sft_models",
     "step_gradient_bytes",
     "training_activation_bytes",
 ]

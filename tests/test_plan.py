@@ -23,6 +23,8 @@ from remax.plan import (
     plan,
     ppo_models,
     remax_models,
+    reward_model_models,
+    sft_models,
     training_activation_bytes,
 )
 
@@ -429,3 +431,47 @@ def test_invalid_inputs_are_rejected():
     with pytest.raises(ValueError):
         PlanInput(models=(actor,), world_size=1, micro_batch=0)
     assert PlanInput(models=[actor], world_size=1, micro_batch=5).gen_batch == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# the Mistral recipe's RM, supervised stages, separate offload switches
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ultrarm_13b_is_llama2_13b_as_a_value_model():
+    rm = ModelShape.ultrarm_13b()
+    # Llama-2-13B: 40·(4·5120² + 3·5120·13824 + 2·5120) + 5120 + 2·32000·5120 = 13,015,864,320;
+    # without the LM head (32000·5120) and with a 5120→1 head: 12,852,029,440
+    assert rm.n_params == 13_015_864_320 - 163_840_000 + 5120 == 12_852_029_440
+    assert not rm.lm_head and (rm.hidden_size, rm.num_layers, rm.num_kv_heads) == (5120, 40, 40)
+
+
+def test_supervised_stage_has_only_training_phases():
+    # SFT: 1B params, ZeRO-2 on 4 GPUs; no generation or experience phase without a rollout
+    inp = PlanInput(
+        models=sft_models(ONE_B), world_size=4, micro_batch=2, prompt_len=3, response_len=5
+    )
+    p = plan(replace(inp, rollout=False))
+    assert p.phases == ("train:sft", "step:sft")
+    # the loss logits of the trained LM: 4 fp32 copies of b·s·V = 4 · 2·8·32000·4 = 8,192,000
+    assert p.bytes_of(part=Part.LOGITS) == 8_192_000
+    # resident states as an actor's at ZeRO-2: 2e9 + 5e8 + 3e9
+    assert p.model_states_bytes() == 5_500_000_000
+    # the trained RM: a value model, so no logits at all
+    (rm,) = reward_model_models(ONE_B)
+    assert rm.role == "rm" and rm.trainable and rm.shape == ONE_B.as_value_model()
+    p_rm = plan(replace(inp, models=(rm,), rollout=False))
+    assert p_rm.phases == ("train:rm", "step:rm") and p_rm.bytes_of(part=Part.LOGITS) == 0
+
+
+def test_offload_halves_are_separate_switches():
+    actor, ref, rm = remax_models(LLAMA, LLAMA, offload_optimizer=True, offload_frozen_params=False)
+    assert actor.offload_optimizer and not ref.offload_params and not rm.offload_params
+    actor, ref, _ = remax_models(LLAMA, LLAMA, offload_optimizer=False, offload_frozen_params=True)
+    assert not actor.offload_optimizer and ref.offload_params
+    # a ZeRO-3 actor may offload its parameters too; the release's `offload` leaves them on GPU
+    actor3 = remax_models(LLAMA, LLAMA, actor_zero_stage=3, offload_actor_params=True)[0]
+    assert actor3.offload_params
+    assert not remax_models(LLAMA, LLAMA, actor_zero_stage=3, offload=True)[0].offload_params
+    # frozen parameter offload exists only at ZeRO-3
+    assert not remax_models(LLAMA, LLAMA, frozen_zero_stage=0, offload=True)[1].offload_params

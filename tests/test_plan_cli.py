@@ -53,3 +53,40 @@ def test_unknown_plan_key_fails_in_one_line():
     assert (
         out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "plan.offload" in out.stderr
     )
+
+
+RELEASE_INPUTS = ["plan.micro_batch=1", "plan.prompt_len=256", "plan.response_len=256"]
+
+
+@pytest.mark.parametrize(
+    "algo,offload,total",
+    [
+        ("remax_official", "false", 53.1),
+        ("ppo_dschat", "false", 87.0),
+        ("ppo_dschat", "true", 29.3),
+    ],
+)
+def test_explicit_release_inputs_keep_the_documented_totals(algo, offload, total):
+    # The planner's defaults now come from the composed config; explicit plan.* keys at the release's
+    # micro-batch 1 and 256 + 256 tokens reproduce the numbers documented before that change.
+    out = run_job("jobs.plan", *A800, f"algo={algo}", f"plan.offload={offload}", *RELEASE_INPUTS)
+    total_line = next(line for line in out.stdout.splitlines() if line.startswith("total"))
+    assert float(total_line.split()[-1]) == total
+
+
+def test_experiment_presets_plan_from_the_command_line():
+    mistral = run_job("jobs.plan", "experiment=remax_mistral7b_card").stdout
+    assert mistral.strip().splitlines()[-1] == "verdict: fits"
+    assert "reward model: ultrarm-13b (reward_model.path=openbmb/UltraRM-13b)" in mistral
+    assert "384+384 tokens" in mistral and "optimizer offload on" in mistral
+    sft = run_job("jobs.plan", "experiment=sft_llama2_7b_official").stdout
+    assert sft.startswith("sft with llama2_7b on slurm_a800: 4 GPU(s)")
+    assert any(line.startswith("sft ") for line in sft.splitlines())
+    assert sft.strip().splitlines()[-1] == "verdict: fits"
+    oom = run_job(
+        "jobs.plan",
+        "experiment=remax_llama2_7b_official",
+        "plan.actor_zero=0",
+        "plan.offload=false",
+    )
+    assert oom.stdout.strip().splitlines()[-1] == "verdict: OOM"

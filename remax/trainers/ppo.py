@@ -24,6 +24,14 @@ minibatches taken in rollout order without shuffling (DS-Chat's ``MiniDataset`` 
 either). Experience and training forwards use the same micro-batch rows, so the importance ratio
 of the first minibatch of the first epoch is exactly 1 (``ppo/ratio_mean_first``).
 
+Data parallel at any world size, with one code path (spec test 20). Every rank draws the same global
+batch; minibatch m is its rows m·B/M … (m+1)·B/M − 1, as in one process, and rank r rolls out and
+trains the r-th of N equal blocks of every minibatch (``shard``), so each optimizer step sees the
+whole minibatch across ranks. The losses are token means over the minibatch's token count summed
+over ranks, gradients are summed over ranks before clipping, and the only batch statistics (the
+logged means) are reduced globally; rewards and GAE are per row, and nothing is whitened. So N
+ranks × B/N make the world-size-1 update of the same responses.
+
 Notation: B batch, P prompt length, T response length, V vocab.
 """
 
@@ -36,7 +44,8 @@ from collections import defaultdict
 
 import torch
 
-from remax.algo.masked import masked_mean
+from remax import distributed
+from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from remax.config import EmptyResponse, EvalDecoding, PPOJobConfig
 from remax.data import synthetic
@@ -106,6 +115,14 @@ class PPOTrainer:
             r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
         ]
         self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        blocks = algo.mini_batches * self.world_size
+        if cfg.train.batch_size % blocks:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by algo.mini_batches × "
+                f"world size = {algo.mini_batches}×{self.world_size}: every rank takes an equal block "
+                f"of each minibatch; use a multiple of {blocks} or change the number of ranks"
+            )
         self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
@@ -134,6 +151,12 @@ class PPOTrainer:
                 algo.top_k,
             )
         self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+        if self.world_size > 1:
+            for model in (self.model, self.reference, self.critic):
+                distributed.broadcast_params(model)
+            # Same weights, different samples: each rank its own (reproducible) stream. Not done at
+            # world size 1, which keeps single-process runs bit-identical to earlier releases.
+            torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.step = 0
 
     # ----------------------------------------------------------------- experience
@@ -199,14 +222,33 @@ class PPOTrainer:
         )
         return self._postprocess(sampled)
 
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
+        of it, in order, at world size 1)."""
+        mb = len(indices) // self.cfg.algo.mini_batches
+        per_rank = mb // self.world_size
+        first = self.rank * per_rank
+        return [
+            i
+            for start in range(0, len(indices), mb)
+            for i in indices[start + first : start + first + per_rank]
+        ]
+
     def _minibatches(self, B: int) -> list[list[slice]]:
-        """Row slices: ``algo.mini_batches`` minibatches in order, each cut into micro-batches."""
+        """Row slices of this rank's B rows: ``algo.mini_batches`` minibatches in order, each cut
+        into micro-batches (the last one shorter when the micro size does not divide a rank's
+        block)."""
         mb = B // self.cfg.algo.mini_batches
         micro = min(self.cfg.train.micro_batch_size, mb)
         return [
-            [slice(s, s + micro) for s in range(start, start + mb, micro)]
+            [slice(s, min(s + micro, start + mb)) for s in range(start, start + mb, micro)]
             for start in range(0, B, mb)
         ]
+
+    def token_counts(self, mask: torch.Tensor, minibatches: list[list[slice]]) -> torch.Tensor:
+        """(M,) trained tokens of each minibatch summed over ranks: its losses' normaliser."""
+        local = torch.stack([sum(mask[rows].sum() for rows in chunks) for chunks in minibatches])
+        return distributed.all_reduce_sum(local)
 
     @torch.no_grad()
     def experience(self, sampled: Rollout, chunks: list[slice]):
@@ -224,12 +266,18 @@ class PPOTrainer:
             model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
         )
 
-    def _update(self, chunks, sampled, mask, old_logprobs, old_values, advantages, returns):
-        """One minibatch: an actor step on the clipped surrogate, then a critic step."""
+    def _update(
+        self, chunks, n_tokens, sampled, mask, old_logprobs, old_values, advantages, returns
+    ):
+        """One minibatch: an actor step on the clipped surrogate, then a critic step.
+
+        ``n_tokens`` is the minibatch's token count over all ranks. Micro-batch losses are token
+        means; weighting each by its share of those tokens makes their sum over micro-batches and
+        ranks the minibatch's token mean (what one big forward would give). The stats are shares
+        of the same kind, summed over ranks by the caller.
+        """
         algo, out = self.cfg.algo, defaultdict(float)
-        # Micro-batch losses are token means; weighting each by its share of the minibatch's
-        # tokens makes their sum the minibatch's token mean (what one big forward would give).
-        n_tokens = max(1, int(sum(int(mask[rows].sum()) for rows in chunks)))
+        n_tokens = max(1, n_tokens)
         for rows in chunks:
             w = int(mask[rows].sum()) / n_tokens
             logprobs = self._logprobs(self.model, sampled.select(rows))  # (b, T), with grad
@@ -245,6 +293,7 @@ class PPOTrainer:
             out["ppo/clip_fraction"] += float(st.clip_fraction) * w
             out["ppo/approx_kl"] += float(st.approx_kl) * w
             out["ppo/ratio_mean"] += float(st.ratio_mean) * w
+        distributed.all_reduce_grads(self.model.parameters())  # summed: w is already global
         out["optim/grad_norm"] = optimizer_step(
             self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
         )
@@ -262,6 +311,7 @@ class PPOTrainer:
             out["loss/value"] += float(loss.detach()) * w
             out["ppo/value_clip_fraction"] += float(st.clip_fraction) * w
             out["value/mse"] += float(st.mse) * w
+        distributed.all_reduce_grads(self.critic.parameters())
         out["optim/critic_grad_norm"] = optimizer_step(
             self.critic,
             self.critic_optimizer,
@@ -271,12 +321,16 @@ class PPOTrainer:
         return out
 
     def train_step(self) -> dict:
+        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
+        return self.update(self.rollout(prompts))  # 1
+
+    def update(self, sampled: Rollout) -> dict:
+        """Steps 2–5 on this rank's rows (its block of every minibatch, minibatch by minibatch)."""
         algo = self.cfg.algo
-        prompts = [self.train_prompts[i] for i in self.sampler.next_indices()]
-        sampled = self.rollout(prompts)  # 1
         scores = self.rewards(sampled)  # 2: (B,)
         mask = self.train_mask(sampled)  # (B, T)
         minibatches = self._minibatches(mask.shape[0])
+        n_tokens = self.token_counts(mask, minibatches)  # (M,) over all ranks
         self.model.train()
         self.critic.train()
         old_logprobs, ref_logprobs, old_values = self.experience(  # 3: each (B, T)
@@ -295,10 +349,10 @@ class PPOTrainer:
         )
         totals, updates = defaultdict(float), []
         for _ in range(algo.ppo_epochs):  # 5
-            for chunks in minibatches:
+            for chunks, n in zip(minibatches, n_tokens.tolist()):
                 updates.append(
                     self._update(
-                        chunks, sampled, mask, old_logprobs, old_values, advantages, returns
+                        chunks, n, sampled, mask, old_logprobs, old_values, advantages, returns
                     )
                 )
         for u in updates:
@@ -306,13 +360,19 @@ class PPOTrainer:
                 totals[k] += v / len(updates)
         zeros = torch.zeros_like(old_logprobs)
         kl = torch.where(mask, old_logprobs - ref_logprobs, zeros).sum(-1)  # (B,) Σ_t k1
-        return {
-            "reward/mean": float(scores.mean()),
-            "reward/total_mean": float(rewards.sum(-1).mean()),  # clipped score + KL reward
-            "kl/mean": float(kl.mean()),
-            "advantage/mean": float(masked_mean(advantages, mask)),
-            "value/mean": float(masked_mean(old_values, mask)),
-            "value/returns_mean": float(masked_mean(returns, mask)),
+        all_tokens = n_tokens.sum()
+
+        def token_share(x: torch.Tensor) -> float:  # this rank's part of the global token mean
+            return float(token_mean(values=x, mask=mask, denominator=all_tokens))
+
+        N = self.world_size  # equal row counts: a row mean / N is this rank's share
+        shares = {
+            "reward/mean": float(scores.mean()) / N,
+            "reward/total_mean": float(rewards.sum(-1).mean()) / N,  # clipped score + KL reward
+            "kl/mean": float(kl.mean()) / N,
+            "advantage/mean": token_share(advantages),
+            "value/mean": token_share(old_values),
+            "value/returns_mean": token_share(returns),
             "loss/policy": totals["loss/policy"],
             "loss/value": totals["loss/value"],
             "ppo/clip_fraction": totals["ppo/clip_fraction"],
@@ -322,7 +382,11 @@ class PPOTrainer:
             "ppo/ratio_mean_first": updates[0]["ppo/ratio_mean"],
             "ppo/value_clip_fraction": totals["ppo/value_clip_fraction"],
             "value/mse": totals["value/mse"],
-            "response/length_mean": float(sampled.lengths.float().mean()),
+            "response/length_mean": float(sampled.lengths.float().mean()) / N,
+        }
+        return {
+            **distributed.sum_over_ranks(shares),  # rank 0 logs the global values
+            # The same on every rank: all ranks step on the same all-reduced gradients.
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),
             "optim/grad_norm": totals["optim/grad_norm"],
             "optim/critic_grad_norm": totals["optim/critic_grad_norm"],
@@ -377,7 +441,8 @@ class PPOTrainer:
     def before_training(self, run_dir) -> None:
         self.run_dir = run_dir
         path = run_dir / "eval_before.json"
-        if not path.exists():
+        # Evaluation is local and deterministic: rank 0 alone runs and writes it.
+        if distributed.is_main() and not path.exists():
             write_json(path, self._eval_summary())
 
     def should_stop_early(self) -> bool:
@@ -386,9 +451,12 @@ class PPOTrainer:
         return False
 
     def evaluate_final(self, run_dir) -> dict:
+        """Local (no collective), so it is correct whether rank 0 alone or every rank calls it;
+        rank 0 alone writes ``eval_after.json``."""
         before = json.loads((run_dir / "eval_before.json").read_text())
         after = self._eval_summary()
-        write_json(run_dir / "eval_after.json", after)
+        if distributed.is_main():
+            write_json(run_dir / "eval_after.json", after)
         ev = {
             "reward_before": before["reward"],
             "reward_after": after["reward"],

@@ -1,9 +1,17 @@
-"""Reward model: Bradley–Terry loss −log σ(r_chosen − r_rejected) on the end-token score."""
+"""Reward model: Bradley–Terry loss −log σ(r_chosen − r_rejected) on the end-token score.
+
+Data parallel at any world size, as the SFT trainer: every rank draws the same global batch and
+computes its parts of the step's micro-batches (``distributed.micro_batch_parts``). A part of n
+pairs carries n / (pairs of its micro-batch over all ranks) of that micro-batch's mean loss, and the
+step averages the ``train.grad_accum`` micro-batches, so every pair weighs 1 / batch_size on any
+number of ranks and the summed gradients are the world-size-1 gradient (spec test 20).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from remax import distributed
 from remax.algo.preference import bradley_terry_loss, pairwise_accuracy
 from remax.config import RewardModelJobConfig
 from remax.data.batching import EpochSampler, collate_pairs
@@ -20,11 +28,19 @@ class RewardModelTrainer:
         train, held_out = stage_records("preference", cfg.data)
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
+        self.world_size = distributed.world_size()
+        if cfg.train.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
+                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
+            )
         self.sampler = EpochSampler(len(self.train_records), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
+        if self.world_size > 1:
+            distributed.broadcast_params(self.model)
         self.step = 0
 
     def _scores(self, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,23 +56,38 @@ class RewardModelTrainer:
             score(self.model, b.rejected_ids, b.rejected_mask, end_r),
         )
 
+    def pair_counts(self, parts: list[tuple[int, slice]]) -> list[int]:
+        """Pairs of each of the step's K micro-batches, summed over the ranks that hold a part of
+        it: the global normaliser of that micro-batch's mean."""
+        counts = torch.zeros(self.cfg.train.grad_accum, dtype=torch.long, device=self.device)
+        for k, rows in parts:
+            counts[k] += rows.stop - rows.start
+        return distributed.all_reduce_sum(counts).tolist()
+
     def train_step(self) -> dict:
         self.model.train()
-        records = [self.train_records[i] for i in self.sampler.next_indices()]
-        micro = self.cfg.train.micro_batch_size
+        records = [self.train_records[i] for i in self.sampler.next_indices()]  # global batch
+        parts = distributed.micro_batch_parts(len(records), self.cfg.train.micro_batch_size)
+        pairs = self.pair_counts(parts)
         loss_sum, acc_sum = 0.0, 0.0
-        for start in range(0, len(records), micro):
-            chosen, rejected = self._scores(records[start : start + micro])
-            loss = bradley_terry_loss(chosen, rejected) / self.cfg.train.grad_accum
+        for k, rows in parts:
+            chosen, rejected = self._scores(records[rows])
+            share = (rows.stop - rows.start) / pairs[k]  # 1 when the micro-batch is whole here
+            loss = bradley_terry_loss(chosen, rejected) * share / self.cfg.train.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
-            acc_sum += float(pairwise_accuracy(chosen, rejected)) / self.cfg.train.grad_accum
+            acc = float(pairwise_accuracy(chosen, rejected)) * share
+            acc_sum += acc / self.cfg.train.grad_accum
+        # Summed, not averaged: each part's loss already carries the global normalisers.
+        distributed.all_reduce_grads(self.model.parameters())
         grad_norm = optimizer_step(
             self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
         )
         return {
-            "loss/reward_model": loss_sum,
-            "reward_model/accuracy": acc_sum,
+            # Each rank holds its share of the global loss and accuracy: rank 0 logs the sums.
+            **distributed.sum_over_ranks(
+                {"loss/reward_model": loss_sum, "reward_model/accuracy": acc_sum}
+            ),
             "optim/grad_norm": grad_norm,
             "optim/lr": self.scheduler.get_last_lr()[0],
         }

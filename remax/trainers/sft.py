@@ -1,12 +1,22 @@
-"""Supervised fine-tuning: next-token NLL on response tokens and the EOS only (spec test 23)."""
+"""Supervised fine-tuning: next-token NLL on response tokens and the EOS only (spec test 23).
+
+Data parallel at any world size, with one code path: every rank draws the same global batch, cuts
+it into the same micro-batches as a single process would, and computes the part of each micro-batch
+that falls in its contiguous block of rows (``distributed.micro_batch_parts``). A micro-batch's loss
+is its token mean over all its tokens, wherever they live (the count is all-reduced), and the step
+averages the ``train.grad_accum`` micro-batches, as a single process does (DS-Chat: per-micro-batch
+token mean, averaged over accumulation steps). The ranks' summed gradients are therefore the
+world-size-1 gradient for the same ``micro_batch_size`` (spec test 20).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from remax import distributed
 from remax.algo.sft import sft_loss
 from remax.config import SFTJobConfig
-from remax.data.batching import EpochSampler, collate_sft
+from remax.data.batching import EpochSampler, SFTBatch, collate_sft
 from remax.data.stage_data import format_prompts, stage_records
 from remax.models.policy import load_policy, token_logprobs
 from remax.trainers.loop import build_optimizer, optimizer_step, select_device
@@ -20,37 +30,56 @@ class SFTTrainer:
         train, held_out = stage_records("sft", cfg.data)
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
+        self.world_size = distributed.world_size()
+        if cfg.train.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
+                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
+            )
         self.sampler = EpochSampler(len(self.train_records), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
+        if self.world_size > 1:
+            distributed.broadcast_params(self.model)
         self.step = 0
         self.loss_before: float | None = None
 
-    def _batch(self, records: list[dict]):
+    def _batch(self, records: list[dict]) -> SFTBatch:
         d = self.cfg.data
         return collate_sft(self.tokenizer, records, d.max_prompt_len, d.max_seq_len, self.device)
 
-    def _loss(self, records: list[dict]) -> torch.Tensor:
-        batch = self._batch(records)
+    def _loss(self, batch: SFTBatch, denominator: torch.Tensor | None = None) -> torch.Tensor:
         logprobs = token_logprobs(self.model, batch.input_ids, batch.attention_mask)  # (B, L−1)
-        return sft_loss(logprobs, batch.loss_mask)
+        return sft_loss(logprobs, batch.loss_mask, denominator=denominator)
+
+    def token_counts(self, parts: list[tuple[int, slice]], batches: list[SFTBatch]) -> torch.Tensor:
+        """(K,) trained tokens of each of the step's K micro-batches, summed over the ranks that
+        hold a part of it: the global normaliser of that micro-batch's token mean."""
+        counts = torch.zeros(self.cfg.train.grad_accum, dtype=torch.long, device=self.device)
+        for (k, _), batch in zip(parts, batches):
+            counts[k] += batch.loss_mask.sum()
+        return distributed.all_reduce_sum(counts)
 
     def train_step(self) -> dict:
         self.model.train()
-        records = [self.train_records[i] for i in self.sampler.next_indices()]
-        micro = self.cfg.train.micro_batch_size
+        records = [self.train_records[i] for i in self.sampler.next_indices()]  # global batch
+        parts = distributed.micro_batch_parts(len(records), self.cfg.train.micro_batch_size)
+        batches = [self._batch(records[rows]) for _, rows in parts]
+        tokens = self.token_counts(parts, batches)
         total = 0.0
-        for start in range(0, len(records), micro):
-            loss = self._loss(records[start : start + micro]) / self.cfg.train.grad_accum
+        for (k, _), batch in zip(parts, batches):
+            loss = self._loss(batch, denominator=tokens[k]) / self.cfg.train.grad_accum
             loss.backward()
             total += float(loss.detach())
+        # Summed, not averaged: each part's loss already carries the global normalisers.
+        distributed.all_reduce_grads(self.model.parameters())
         grad_norm = optimizer_step(
             self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
         )
         return {
-            "loss/sft": total,
+            **distributed.sum_over_ranks({"loss/sft": total}),  # each rank's share of the loss
             "optim/grad_norm": grad_norm,
             "optim/lr": self.scheduler.get_last_lr()[0],
         }
@@ -60,13 +89,15 @@ class SFTTrainer:
         self.model.eval()
         mb = self.cfg.train.micro_batch_size
         losses = [
-            float(self._loss(self.eval_records[i : i + mb])) * len(self.eval_records[i : i + mb])
+            float(self._loss(self._batch(self.eval_records[i : i + mb])))
+            * len(self.eval_records[i : i + mb])
             for i in range(0, len(self.eval_records), mb)
         ]
         return sum(losses) / len(self.eval_records)
 
     def before_training(self, run_dir) -> None:
-        if self.loss_before is None:
+        # Only rank 0 reports it (``evaluate_final`` runs there); the other ranks skip the pass.
+        if self.loss_before is None and distributed.is_main():
             self.loss_before = self.eval_loss()
 
     def should_stop_early(self) -> bool:
