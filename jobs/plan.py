@@ -6,7 +6,7 @@ prefix (``sft_``, ``rm_``, ``remax_``, ``ppo_``), else PPO for ``algo=ppo_*``, e
 
 Every planner input comes from the composed config: world size ``cluster.gpus``; placement from
 ``deepspeed`` when enabled (``zero_stage``, ``inference_zero_stage``, ``offload_optimizer``,
-``offload_params``), else the release's (actor ZeRO-2, reference and RM ZeRO-3, no offload); rows
+``offload_params``, ``inference_offload_params``), else plain PyTorch (every model replicated); rows
 per rank from ``train`` (micro-batch ``min(micro_batch_size, batch_size / gpus)``, generation batch
 ``batch_size / gpus``, times ``algo.samples_per_prompt``); lengths from ``data``; the RM's shape from
 ``reward_model.path`` when it is a model preset's hub id or a local dir with a ``config.json``, else
@@ -15,7 +15,7 @@ the actor's. ``plan.*`` keys override: ``plan.offload`` (the release's ``--offlo
 per generation), ``plan.prompt_len``, ``plan.response_len``, ``plan.actor_zero``,
 ``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
-``data.max_seq_len``) in the release's ZeRO-2 placement: their configs hold no ``deepspeed``.
+``data.max_seq_len``) in the same placement.
 
 Prints per-GPU memory by part and model, the largest micro-batch that fits, and a last line
 ``verdict: fits`` or ``verdict: OOM``.
@@ -177,22 +177,28 @@ def reward_shape(config, opts: PlanOptions, actor: planner.ModelShape):
     )
 
 
-def _placement(config) -> tuple[int, int, bool, bool]:
-    """(actor ZeRO, frozen ZeRO, optimizer offload, parameter offload) of the config's DeepSpeed."""
+def _placement(config) -> tuple[int, int, bool, bool, bool]:
+    """(actor ZeRO, frozen ZeRO, optimizer offload, actor parameter offload, frozen parameter
+    offload) of the config's DeepSpeed; without it every model is replicated on every GPU."""
     ds = getattr(config, "deepspeed", None)
     if ds is None or not ds.enabled:
-        return 2, 3, False, False  # the release's placement (remax-spec §3)
-    return ds.zero_stage, ds.inference_zero_stage, ds.offload_optimizer, ds.offload_params
+        return 0, 0, False, False, False  # plain PyTorch data parallelism
+    return (
+        ds.zero_stage,
+        ds.inference_zero_stage,
+        ds.offload_optimizer,
+        ds.offload_params,
+        ds.inference_offload_params,
+    )
 
 
 def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
     """The planner's input for a composed stage config, ``plan.*`` keys over its values."""
     world = max(1, config.cluster.gpus)
     actor = shape_of(config.model)
-    zero, frozen_zero, offload_optimizer, offload_params = _placement(config)
+    zero, frozen_zero, offload_optimizer, offload_params, offload_frozen = _placement(config)
     zero = zero if opts.actor_zero is None else opts.actor_zero
     frozen_zero = frozen_zero if opts.frozen_zero is None else opts.frozen_zero
-    offload_frozen = offload_params
     if opts.offload is not None:  # the release's three flags; the actor's parameters stay on GPU
         offload_optimizer = offload_frozen = opts.offload
         offload_params = False

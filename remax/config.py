@@ -479,6 +479,8 @@ class _StageConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig())
+    """DeepSpeed engines for the trained model(s) (``hydra_conf/deepspeed/``); off by default."""
 
 
 @dataclass(kw_only=True)
@@ -506,8 +508,6 @@ class RemaxJobConfig(_StageConfig):
     """Held-out prompts for the before/after evaluation (>= 64)."""
     export_policy: ExportPolicy = ExportPolicy.last
     """Which actor is exported: the last one, or the best eval reward (the release)."""
-    deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig())
-    """Multi-rank engines (``hydra_conf/deepspeed/``); off by default."""
 
     def __post_init__(self) -> None:
         _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
@@ -821,7 +821,10 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     """Optimizer state in CPU memory (needs DeepSpeed's cpu_adam op, built once per cache)."""
     offload_params: bool = False
-    """ZeRO-3 parameters in CPU memory (actor, reference and RM)."""
+    """The actor's ZeRO-3 parameters in CPU memory."""
+    inference_offload_params: bool = False
+    """The frozen reference's and RM's ZeRO-3 parameters in CPU memory (release:
+    ``--offload_reference_model --offload_reward_model``); any actor stage."""
     reduce_bucket_size: int = 500_000_000
     """Elements per gradient reduce/partition bucket."""
     allgather_bucket_size: int = 500_000_000
@@ -842,6 +845,13 @@ class DeepSpeedConfig:
             "deepspeed.offload_params",
             self.offload_params,
             f"parameter offload needs deepspeed.zero_stage=3 (is {self.zero_stage})",
+        )
+        _require(
+            not self.inference_offload_params or self.inference_zero_stage == 3,
+            "deepspeed.inference_offload_params",
+            self.inference_offload_params,
+            f"parameter offload needs deepspeed.inference_zero_stage=3 "
+            f"(is {self.inference_zero_stage})",
         )
         _require(
             not self.offload_optimizer or self.zero_stage >= 1,
@@ -895,7 +905,7 @@ def deepspeed_json(
         )
     if stage == 3:
         zero.update(reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm)
-        if ds.offload_params:
+        if ds.inference_offload_params if inference else ds.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_optimizer and not inference:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -2,10 +2,12 @@
 
 One interface, so the trainer reads the same at world size 1 and N, with or without DeepSpeed:
 
-- ``actor.model``: what training forwards call. Under DeepSpeed it is the engine, whose forward
-  advances ZeRO's micro-step counter; calling the bare module instead makes ZeRO-3 overwrite,
-  not accumulate, the gradients of earlier micro-batches (measured: only the last one survived).
-- ``actor.module``: the bare model, for generation and evaluation without gradients.
+- ``actor.model``: what training forwards call (the engine under DeepSpeed); ``actor.module``: the
+  bare model, for generation, evaluation, and forwards through submodules (the RM's score head).
+  ZeRO counts micro-batches at the start of the engine's forward; a forward through the bare
+  module skips that, and ZeRO-3 then overwrites instead of accumulating the earlier micro-batches'
+  gradients (measured: only the last one survived). ``backward`` therefore closes each micro-batch
+  itself, so either forward is correct.
 - ``actor.backward(loss)`` once per micro-batch; ``actor.step() -> grad_norm`` once per step.
   The loss of every micro-batch already carries the *global* normaliser (tokens or rows of the
   whole batch across ranks), so the micro-batches' and ranks' gradients must be **summed**:
@@ -137,6 +139,8 @@ class DeepSpeedActor:
             params = [p for p in self.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         self.engine.step()  # a no-op until the accumulation boundary
+        if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+            self.engine.optimizer.clear_backward_seen_flag()  # this micro-batch is accumulated
         self._micro += 1
 
     def step(self) -> float:
@@ -201,14 +205,18 @@ class DeepSpeedActor:
             raise ValueError(f"DeepSpeed could not load its engine state from {path / _TAG}")
 
 
-def build_actor(model, cfg, total_steps: int, rows_per_prompt: int = 1):
-    """The actor of a stage config (``cfg.deepspeed``, ``cfg.optim``, ``cfg.train``, ``cfg.model``)."""
+def build_actor(
+    model, cfg, total_steps: int, rows_per_prompt: int = 1, *, optim: OptimConfig | None = None
+):
+    """A trained model of a stage config (``cfg.deepspeed``, ``cfg.train``, ``cfg.model``), with
+    ``cfg.optim`` or another ``optim`` (PPO's critic)."""
+    optim = optim or cfg.optim
     if not cfg.deepspeed.enabled:
-        return TorchActor(model, cfg.optim, total_steps)
+        return TorchActor(model, optim, total_steps)
     return DeepSpeedActor(
         model,
         cfg.deepspeed,
-        optim=cfg.optim,
+        optim=optim,
         train=cfg.train,
         dtype=cfg.model.dtype,
         total_steps=total_steps,
@@ -220,7 +228,7 @@ def frozen(model, ds: DeepSpeedConfig, *, train: TrainConfig, dtype: DType):
     """A frozen model (reference, reward model) placed for inference; returns the module to call.
 
     ZeRO-3 (``deepspeed.inference_zero_stage=3``): parameters sharded across ranks (in CPU memory
-    with ``offload_params``), gathered layer by layer during each forward — every rank must then
+    with ``inference_offload_params``), gathered layer by layer during each forward — every rank must then
     run the same number of forwards. Stages 0–2 hold nothing to shard without an optimizer: the
     model stays replicated as it is.
     """

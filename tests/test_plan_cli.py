@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import run_job
 
-A800 = ["model=llama2_7b", "cluster=slurm_a800"]
+# The release places the actor at ZeRO-2 and the frozen models at ZeRO-3 (deepspeed=zero2).
+A800 = ["model=llama2_7b", "cluster=slurm_a800", "deepspeed=zero2"]
 
 
 @pytest.mark.parametrize(

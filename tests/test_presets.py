@@ -158,10 +158,10 @@ def test_the_planner_reads_the_preset_and_plan_keys_still_win():
     config = compose_stage("remax", ["experiment=remax_llama2_7b_official"])
     inp = plan_input("remax", config, PlanOptions())
     actor, reference, reward = inp.models
-    # deepspeed.zero_stage / inference_zero_stage / offload_optimizer; the frozen models' offload is
-    # not expressible in DeepSpeedConfig (offload_params needs an actor at ZeRO-3), so none here
+    # deepspeed.zero_stage / inference_zero_stage / offload_optimizer / inference_offload_params
     assert (actor.zero_stage, reference.zero_stage, reward.zero_stage) == (2, 3, 3)
-    assert actor.offload_optimizer and not reference.offload_params and not reward.offload_params
+    assert actor.offload_optimizer and not actor.offload_params
+    assert reference.offload_params and reward.offload_params
     # 4 prompts / 4 GPUs = 1 per rank, 256 + 256 tokens from data=rm_static
     assert (inp.micro_batch, inp.gen_batch, inp.prompt_len, inp.response_len) == (1, 1, 256, 256)
     explicit = PlanOptions(offload=True, micro_batch=8, actor_zero=3, frozen_zero=0, prompt_len=64)

@@ -181,8 +181,7 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
         bar.close()
         save()
         summary = trainer.evaluate_final(run_dir)  # collective: every rank evaluates its share
-        exported = trainer.export_model(run_dir)  # collective under ZeRO-3: the shards gather
-        module, weights = exported if isinstance(exported, tuple) else (exported, None)
+        module, weights = trainer.export_model(run_dir)  # collective under ZeRO-3: shards gather
         if rank:
             distributed.barrier()  # rank 0 writes the export and the summary
             return json.loads(summary_file.read_text())

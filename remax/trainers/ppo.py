@@ -84,6 +84,11 @@ def critic_values(critic, rollout: Rollout) -> torch.Tensor:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOJobConfig) -> None:
+        if cfg.deepspeed.enabled:
+            raise ValueError(
+                "deepspeed.enabled=true: the PPO baseline runs plain PyTorch data parallelism only; "
+                "drop the deepspeed=... override (ReMax, SFT and RM run on DeepSpeed engines)"
+            )
         self.cfg, algo = cfg, cfg.algo
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
@@ -470,8 +475,8 @@ class PPOTrainer:
         reward_source = "reward_model" if self.reward_model is not None else "gold"
         return {"eval": ev, "reward_source": reward_source}
 
-    def export_model(self, run_dir):
-        return self.model
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, None]:
+        return self.model, None
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:

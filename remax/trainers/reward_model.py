@@ -16,8 +16,9 @@ from remax.algo.preference import bradley_terry_loss, pairwise_accuracy
 from remax.config import RewardModelJobConfig
 from remax.data.batching import EpochSampler, collate_pairs
 from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import build_actor
 from remax.models.reward import load_reward_model, score
-from remax.trainers.loop import build_optimizer, optimizer_step, select_device
+from remax.trainers.loop import select_device
 
 
 class RewardModelTrainer:
@@ -38,9 +39,11 @@ class RewardModelTrainer:
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
-        if self.world_size > 1:
-            distributed.broadcast_params(self.model)
+        # Rank 0's weights everywhere, before an engine shards them.
+        distributed.broadcast_params(self.model)
+        self.actor = build_actor(self.model, cfg, self.total_steps)  # plain or DeepSpeed
+        self.model = self.actor.module
+        self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         self.step = 0
 
     def _scores(self, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,22 +77,19 @@ class RewardModelTrainer:
             chosen, rejected = self._scores(records[rows])
             share = (rows.stop - rows.start) / pairs[k]  # 1 when the micro-batch is whole here
             loss = bradley_terry_loss(chosen, rejected) * share / self.cfg.train.grad_accum
-            loss.backward()
+            self.actor.backward(loss)
             loss_sum += float(loss.detach())
             acc = float(pairwise_accuracy(chosen, rejected)) * share
             acc_sum += acc / self.cfg.train.grad_accum
-        # Summed, not averaged: each part's loss already carries the global normalisers.
-        distributed.all_reduce_grads(self.model.parameters())
-        grad_norm = optimizer_step(
-            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
-        )
+        # Summed over parts and ranks: each part's loss already carries the global normalisers.
+        grad_norm = self.actor.step()
         return {
             # Each rank holds its share of the global loss and accuracy: rank 0 logs the sums.
             **distributed.sum_over_ranks(
                 {"loss/reward_model": loss_sum, "reward_model/accuracy": acc_sum}
             ),
             "optim/grad_norm": grad_norm,
-            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/lr": self.actor.lr,
         }
 
     @torch.no_grad()
@@ -118,19 +118,18 @@ class RewardModelTrainer:
     def evaluate_final(self, run_dir) -> dict:
         return {"eval": self.evaluate()}
 
-    def export_model(self, run_dir):
-        return self.model
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
+        """The module and its weights (consolidated from ZeRO-3 shards: collective)."""
+        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
 
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.actor.state_dict(),  # optimizer, scheduler (the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])

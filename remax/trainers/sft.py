@@ -18,8 +18,9 @@ from remax.algo.sft import sft_loss
 from remax.config import SFTJobConfig
 from remax.data.batching import EpochSampler, SFTBatch, collate_sft
 from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import build_actor
 from remax.models.policy import load_policy, token_logprobs
-from remax.trainers.loop import build_optimizer, optimizer_step, select_device
+from remax.trainers.loop import select_device
 
 
 class SFTTrainer:
@@ -40,9 +41,11 @@ class SFTTrainer:
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.total_steps)
-        if self.world_size > 1:
-            distributed.broadcast_params(self.model)
+        # Rank 0's weights everywhere, before an engine shards them.
+        distributed.broadcast_params(self.model)
+        self.actor = build_actor(self.model, cfg, self.total_steps)  # plain or DeepSpeed
+        self.model = self.actor.module
+        self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         self.step = 0
         self.loss_before: float | None = None
 
@@ -71,17 +74,14 @@ class SFTTrainer:
         total = 0.0
         for (k, _), batch in zip(parts, batches):
             loss = self._loss(batch, denominator=tokens[k]) / self.cfg.train.grad_accum
-            loss.backward()
+            self.actor.backward(loss)
             total += float(loss.detach())
-        # Summed, not averaged: each part's loss already carries the global normalisers.
-        distributed.all_reduce_grads(self.model.parameters())
-        grad_norm = optimizer_step(
-            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
-        )
+        # Summed over parts and ranks: each part's loss already carries the global normalisers.
+        grad_norm = self.actor.step()
         return {
             **distributed.sum_over_ranks({"loss/sft": total}),  # each rank's share of the loss
             "optim/grad_norm": grad_norm,
-            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/lr": self.actor.lr,
         }
 
     @torch.no_grad()
@@ -96,8 +96,8 @@ class SFTTrainer:
         return sum(losses) / len(self.eval_records)
 
     def before_training(self, run_dir) -> None:
-        # Only rank 0 reports it (``evaluate_final`` runs there); the other ranks skip the pass.
-        if self.loss_before is None and distributed.is_main():
+        # Every rank: under ZeRO-3 each forward gathers parameters from all of them.
+        if self.loss_before is None:
             self.loss_before = self.eval_loss()
 
     def should_stop_early(self) -> bool:
@@ -106,21 +106,20 @@ class SFTTrainer:
     def evaluate_final(self, run_dir) -> dict:
         return {"eval": {"loss_before": self.loss_before, "loss_after": self.eval_loss()}}
 
-    def export_model(self, run_dir):
-        return self.model
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
+        """The module and its weights (consolidated from ZeRO-3 shards: collective)."""
+        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
 
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.actor.state_dict(),  # optimizer, scheduler (the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
             "loss_before": self.loss_before,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
         self.loss_before = state["loss_before"]
