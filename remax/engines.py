@@ -38,7 +38,6 @@ from remax.config import DeepSpeedConfig, DType, OptimConfig, TrainConfig, deeps
 from remax.trainers.loop import build_optimizer, optimizer_step
 
 ENGINE_DIR = "deepspeed"  # inside checkpoints/step_<N>/
-_TAG = "engine"
 
 
 class TorchActor:
@@ -107,11 +106,12 @@ class DeepSpeedActor:
         dtype: DType,
         total_steps: int,
         rows_per_prompt: int = 1,
+        name: str = "actor",
     ) -> None:
         import deepspeed
 
         ensure_process_group()
-        self.ds = ds
+        self.ds, self.name = ds, name
         self.world_size = distributed.world_size()
         config = deepspeed_json(
             ds,
@@ -185,42 +185,53 @@ class DeepSpeedActor:
 
     def save(self, directory: Path) -> None:
         """Every rank writes its shards into ``directory/deepspeed/`` (collective)."""
-        self.engine.save_checkpoint(str(Path(directory) / ENGINE_DIR), tag=_TAG, save_latest=False)
+        self.engine.save_checkpoint(
+            str(Path(directory) / ENGINE_DIR), tag=self.name, save_latest=False
+        )
 
     def load(self, directory: Path) -> None:
         path = Path(directory) / ENGINE_DIR
-        if not (path / _TAG).is_dir():
+        if not (path / self.name).is_dir():
             raise ValueError(
-                f"{directory} holds no DeepSpeed engine state ({path / _TAG} is missing): it was "
+                f"{directory} holds no DeepSpeed engine state ({path / self.name} is missing): it was "
                 "written without deepspeed=...; resume with the same deepspeed setting"
             )
         loaded, _ = self.engine.load_checkpoint(
             str(path),
-            tag=_TAG,
+            tag=self.name,
             load_module_strict=True,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         if loaded is None:
-            raise ValueError(f"DeepSpeed could not load its engine state from {path / _TAG}")
+            raise ValueError(f"DeepSpeed could not load its engine state from {path / self.name}")
 
 
 def build_actor(
-    model, cfg, total_steps: int, rows_per_prompt: int = 1, *, optim: OptimConfig | None = None
+    model,
+    cfg,
+    total_steps: int,
+    rows_per_prompt: int = 1,
+    *,
+    optim: OptimConfig | None = None,
+    train: TrainConfig | None = None,
+    name: str = "actor",
 ):
-    """A trained model of a stage config (``cfg.deepspeed``, ``cfg.train``, ``cfg.model``), with
-    ``cfg.optim`` or another ``optim`` (PPO's critic)."""
-    optim = optim or cfg.optim
+    """A trained model of a stage config (``cfg.deepspeed``, ``cfg.model``), with ``cfg.optim`` and
+    ``cfg.train`` or others (PPO's critic optimizer; PPO's minibatch as the engine's batch).
+    ``name`` tags its engine files (``step_<N>/deepspeed/<name>/``)."""
+    optim, train = optim or cfg.optim, train or cfg.train
     if not cfg.deepspeed.enabled:
         return TorchActor(model, optim, total_steps)
     return DeepSpeedActor(
         model,
         cfg.deepspeed,
         optim=optim,
-        train=cfg.train,
+        train=train,
         dtype=cfg.model.dtype,
         total_steps=total_steps,
         rows_per_prompt=rows_per_prompt,
+        name=name,
     )
 
 

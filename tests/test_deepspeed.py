@@ -281,8 +281,8 @@ def test_deepspeed_run_stop_resume_is_bit_identical_and_exports(tmp_path, stage)
     step3 = run_dir / "checkpoints" / "step_3"
     assert (step3 / "COMPLETE").is_file() and not (run_dir / "summary.json").exists()
     assert not (step3 / "model.safetensors").exists()  # the weights are the engine's shards
-    shards = sorted(p.name for p in (step3 / "deepspeed" / "engine").iterdir())
-    print(f"ZeRO-{stage} step_3/deepspeed/engine: {shards}")
+    shards = sorted(p.name for p in (step3 / "deepspeed" / "actor").iterdir())
+    print(f"ZeRO-{stage} step_3/deepspeed/actor: {shards}")
     assert sum("optim_states" in name for name in shards) == 2  # one optimizer shard per rank
     spawn(_ds_run, 2, cfg, 0)  # resumed from the engine state
 
@@ -351,7 +351,100 @@ def test_deepspeed_resume_needs_the_engine_state(tmp_path):
 
     step = tmp_path / "step_2"
     step.mkdir()
-    actor = object.__new__(DeepSpeedActor)
+    actor = object.__new__(DeepSpeedActor)  # no engine needed to read the directory
+    actor.name = "actor"
     with pytest.raises(ValueError, match="holds no DeepSpeed engine state"):
         actor.load(step)
     assert _resume_config(tmp_path).deepspeed.enabled is False
+
+
+def _ds_ppo_step(rank, world, cfg, rollout, out_dir) -> None:
+    from test_distributed_stages import trainer_for
+
+    trainer = trainer_for(cfg)
+    rows = torch.tensor(trainer.shard(list(range(rollout.response.shape[0]))))
+    metrics = trainer.update(rollout.select(rows))
+    params = {k: v.detach().clone() for k, v in trainer.actor.full_state_dict().items()}
+    critic = trainer.critic_actor.full_state_dict()
+    params.update({f"critic.{k}": v.detach().clone() for k, v in critic.items()})
+    if rank == 0:
+        torch.save({"params": params, "metrics": metrics}, f"{out_dir}/ds_ppo.pt")
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_ppo_on_deepspeed_matches_plain_one_rank(tmp_path, zero):
+    """PPO's actor and critic as DeepSpeed engines (each optimizer step one minibatch, two
+    micro-batches per rank): 4 actor and 4 critic steps on 2 ranks equal 1 plain rank's."""
+    from test_distributed import shorten
+    from test_distributed_stages import config, one_step
+
+    from remax.trainers.ppo import PPOTrainer
+
+    cfg = config("ppo", micro=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe = PPOTrainer(cfg)
+        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            rollout = probe.rollout(prompts)
+        rollout = shorten(rollout, probe.tokenizer, {0: 2, 1: 3, 4: 5})
+        single = one_step(cfg, rollout)
+    finally:
+        torch.set_num_threads(threads)
+    spawn(_ds_ppo_step, 2, _ds_config(cfg, zero), rollout, str(tmp_path))
+    ds = torch.load(tmp_path / "ds_ppo.pt", weights_only=True)
+    assert ds["params"].keys() == single["params"].keys()
+    assert any(k.startswith("critic.") for k in ds["params"])
+    diff = max(float((ds["params"][k] - single["params"][k]).abs().max()) for k in ds["params"])
+    print(f"ppo ZeRO-{zero}: max |Δparam| vs plain {diff:.3g}")
+    assert diff <= 2.5e-7  # as for SFT/RM: two fp32 ulps at weights ≈ 1, over 4 Adam steps
+    for key in ("loss/policy", "loss/value", "optim/grad_norm", "optim/critic_grad_norm"):
+        assert ds["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5), key
+
+
+def _ppo_run(rank, world, cfg, stop_after) -> None:
+    from test_distributed import StopAfter
+
+    from jobs._stage import run_stage
+
+    run_stage("ppo", cfg, stop=StopAfter(stop_after) if stop_after else None)
+
+
+def test_ppo_deepspeed_stop_resume_is_bit_identical(tmp_path):
+    """Both PPO engines (actor and critic) checkpoint into step_<N>/deepspeed/ and resume exactly."""
+    from safetensors.torch import load_file
+    from test_distributed_stages import config
+
+    from remax.config import CheckpointConfig
+    from remax.run_dir import run_dir_for
+
+    def cfg_at(root):
+        cfg = _ds_config(config("ppo", micro=1, root=str(root)), 2)
+        return dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, max_steps=3),
+            checkpoint=CheckpointConfig(every_steps=1),
+        )
+
+    ref_cfg, cfg = cfg_at(tmp_path / "a"), cfg_at(tmp_path / "b")
+    spawn(_ppo_run, 2, ref_cfg, 0)
+    spawn(_ppo_run, 2, cfg, 2)  # stopped after step 2
+    run_dir = run_dir_for(cfg, "ppo")
+    engines = sorted(
+        p.name for p in (run_dir / "checkpoints" / "step_2" / "deepspeed").iterdir() if p.is_dir()
+    )
+    assert engines == ["actor", "critic"] and not (run_dir / "summary.json").exists()
+    spawn(_ppo_run, 2, cfg, 0)
+    wa, wb = (
+        load_file(d / "export" / "model.safetensors")
+        for d in (run_dir_for(ref_cfg, "ppo"), run_dir)
+    )
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref = [
+        json.loads(x)
+        for x in (run_dir_for(ref_cfg, "ppo") / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["optim/critic_grad_norm"] for r in rows] == [r["optim/critic_grad_norm"] for r in ref]

@@ -3,9 +3,9 @@
 A trainer (composition, no base class) provides ``model``, ``tokenizer``, ``step`` (optimizer
 steps done), ``total_steps``, ``train_step() -> metrics``, ``state_dict()``/``load_state_dict()``
 (everything but the model weights), ``evaluate_final() -> summary`` and ``export_model() ->
-(module, state_dict | None)``. A trainer whose weights live in an engine (``trainer.actor`` with
-``uses_deepspeed``, see ``remax.engines``) has the engine write and read its own files inside each
-``step_<N>/``. The loop owns the run directory: ``checkpoints/step_<N>/``, ``metrics.jsonl``,
+(module, state_dict | None)``. A trainer whose weights live in engines (``trainer.actor``, and
+PPO's ``trainer.critic_actor``, with ``uses_deepspeed``; see ``remax.engines``) has them write and
+read their own files inside each ``step_<N>/``. The loop owns the run directory: ``checkpoints/step_<N>/``, ``metrics.jsonl``,
 ``export/``, ``summary.json``.
 
 At world size N > 1 every rank runs this loop in lockstep; rank 0 alone writes metrics, the
@@ -104,8 +104,7 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
         log.info("%s already complete: %s", stage, summary_file)
         return json.loads(summary_file.read_text())
     rank, world = distributed.rank(), distributed.world_size()
-    actor = getattr(trainer, "actor", None)
-    engine = actor if actor is not None and actor.uses_deepspeed else None
+    engines = _engines(trainer)
     latest = ckpt.latest()
     if latest is not None:
         device = next(trainer.model.parameters()).device
@@ -115,9 +114,9 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
                 f"{latest} was written by {state.get('world_size', 1)} ranks, this run has {world}: "
                 "resume with the same number of ranks (each rank's RNG stream is in the checkpoint)"
             )
-        if engine is not None:
-            engine.load(latest)  # weights, optimizer and scheduler, each rank its shards
-        else:
+        for engine in engines:  # weights, optimizer and scheduler, each rank its shards
+            engine.load(latest)
+        if not engines:
             trainer.model.load_state_dict(model_state)
         trainer.load_state_dict(state["trainer"])
         set_rng_state(state["rng"])
@@ -140,13 +139,16 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
     )
 
     def save() -> None:
-        write = engine.save if engine is not None else None
+        def write(directory: Path) -> None:
+            for engine in engines:
+                engine.save(directory)
+
         if rank:  # weights, optimizer, sampler are identical across ranks: rank 0 writes them
             ckpt.save(trainer.step, None, {"rng": rng_state()}, write=write)
             return
         ckpt.save(
             trainer.step,
-            None if engine is not None else trainer.model.state_dict(),
+            None if engines else trainer.model.state_dict(),
             {"trainer": trainer.state_dict(), "rng": rng_state(), "world_size": world},
             write=write,
         )
@@ -210,6 +212,13 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
         return summary
     finally:
         writer.close()
+
+
+def _engines(trainer) -> list:
+    """The trainer's DeepSpeed-backed trained models: ``trainer.actor`` (every stage) and
+    ``trainer.critic_actor`` (PPO)."""
+    models = [getattr(trainer, name, None) for name in ("actor", "critic_actor")]
+    return [m for m in models if m is not None and m.uses_deepspeed]
 
 
 class _NullWriter:

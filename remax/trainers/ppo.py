@@ -41,23 +41,23 @@ import copy
 import json
 import logging
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 
 from remax import distributed
 from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
-from remax.config import EmptyResponse, EvalDecoding, PPOJobConfig
+from remax.config import EmptyResponse, PPOJobConfig
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import build_actor, frozen
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
+from remax.trainers import rl_eval
 from remax.trainers.loop import (
-    build_optimizer,
-    mean_stderr,
-    optimizer_step,
     select_device,
     write_json,
 )
@@ -84,22 +84,17 @@ def critic_values(critic, rollout: Rollout) -> torch.Tensor:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOJobConfig) -> None:
-        if cfg.deepspeed.enabled:
-            raise ValueError(
-                "deepspeed.enabled=true: the PPO baseline runs plain PyTorch data parallelism only; "
-                "drop the deepspeed=... override (ReMax, SFT and RM run on DeepSpeed engines)"
-            )
         self.cfg, algo = cfg, cfg.algo
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        distributed.broadcast_params(self.model)  # rank 0's weights, before an engine shards them
+        self.reference = copy.deepcopy(self.model)
         self.reward_model = None
         if cfg.reward_model.path is not None:
             # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
             self.reward_model, rm_tok = load_reward_model(
                 cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
             )
-            self.reward_model.eval().requires_grad_(False)
             if rm_tok.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(
                     f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
@@ -114,6 +109,7 @@ class PPOTrainer:
             torch.manual_seed(cfg.seed + 1)  # a fresh head (and tiny backbone), not the policy's
             self.critic, _ = load_reward_model(cfg.model, seed=cfg.seed + 1, device=self.device)
         self.critic.requires_grad_(True)
+        distributed.broadcast_params(self.critic)
         train, held_out = stage_records("prompts", cfg.data)
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
         self.eval_prompts = [
@@ -132,12 +128,28 @@ class PPOTrainer:
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
-        # Each train_step makes ppo_epochs × mini_batches optimizer steps: schedule over all.
+        # Each train_step makes ppo_epochs × mini_batches optimizer steps: schedule over all. An
+        # optimizer step is one minibatch (a DeepSpeed engine's batch), in micro-batches per rank.
         updates = self.total_steps * algo.ppo_epochs * algo.mini_batches
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, updates)
-        self.critic_optimizer, self.critic_scheduler = build_optimizer(
-            self.critic, cfg.critic_optim, updates
+        step = replace(
+            cfg.train,
+            batch_size=cfg.train.batch_size // algo.mini_batches,
+            micro_batch_size=min(
+                cfg.train.micro_batch_size, cfg.train.batch_size // algo.mini_batches
+            ),
         )
+        self.actor = build_actor(self.model, cfg, updates, train=step)  # plain or DeepSpeed
+        self.critic_actor = build_actor(
+            self.critic, cfg, updates, train=step, optim=cfg.critic_optim, name="critic"
+        )
+        self.model, self.critic = self.actor.module, self.critic_actor.module
+        self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
+        self.critic_optimizer = self.critic_actor.optimizer
+        self.critic_scheduler = self.critic_actor.scheduler
+        placement = dict(train=step, dtype=cfg.model.dtype)
+        self.reference = frozen(self.reference, cfg.deepspeed, **placement)
+        if self.reward_model is not None:
+            self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.data.max_response_len,
             temperature=algo.temperature,
@@ -157,8 +169,6 @@ class PPOTrainer:
             )
         self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
         if self.world_size > 1:
-            for model in (self.model, self.reference, self.critic):
-                distributed.broadcast_params(model)
             # Same weights, different samples: each rank its own (reproducible) stream. Not done at
             # world size 1, which keeps single-process runs bit-identical to earlier releases.
             torch.manual_seed(distributed.rank_seed(cfg.seed))
@@ -216,16 +226,22 @@ class PPOTrainer:
     def rollout(self, prompts: list[str]) -> Rollout:
         """Step 1: one sampled response per prompt."""
         batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
-        sampled = generate(
-            self.model,
-            batch.input_ids,
-            batch.attention_mask,
-            self.sampling,
-            greedy=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return self._postprocess(sampled)
+        return self.decode(batch.input_ids, batch.attention_mask, greedy=False)
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
+        """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
+        with self.actor.generation():
+            rollout = generate(
+                self.model,
+                ids,
+                mask,
+                self.sampling,
+                greedy=greedy,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                all_finished=self.actor.all_finished,
+            )
+        return self._postprocess(rollout)
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
@@ -259,13 +275,13 @@ class PPOTrainer:
     def experience(self, sampled: Rollout, chunks: list[slice]):
         """Step 3: (B, T) log π_old, log π_ref and V_old, over the rows the update will use."""
         parts = [sampled.select(rows) for rows in chunks]
-        logprobs = torch.cat([self._logprobs(self.model, p) for p in parts])
-        ref_logprobs = torch.cat([self._logprobs(self.reference, p) for p in parts])
+        logprobs = torch.cat([self.logprobs(self.model, p) for p in parts])
+        ref_logprobs = torch.cat([self.logprobs(self.reference, p) for p in parts])
         values = torch.cat([critic_values(self.critic, p) for p in parts])
         return logprobs, ref_logprobs, values
 
     # ----------------------------------------------------------------- update
-    def _logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
         """(B, T) realised-token log-probs of the raw softmax (DS-Chat)."""
         return response_logprobs(
             model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
@@ -285,7 +301,7 @@ class PPOTrainer:
         n_tokens = max(1, n_tokens)
         for rows in chunks:
             w = int(mask[rows].sum()) / n_tokens
-            logprobs = self._logprobs(self.model, sampled.select(rows))  # (b, T), with grad
+            logprobs = self.logprobs(self.actor.model, sampled.select(rows))  # (b, T), with grad
             loss, st = ppo_policy_loss(
                 logprobs,
                 old_logprobs[rows],
@@ -293,15 +309,12 @@ class PPOTrainer:
                 mask[rows],
                 clip_range=algo.clip_range,
             )
-            (loss * w).backward()
+            self.actor.backward(loss * w)
             out["loss/policy"] += float(loss.detach()) * w
             out["ppo/clip_fraction"] += float(st.clip_fraction) * w
             out["ppo/approx_kl"] += float(st.approx_kl) * w
             out["ppo/ratio_mean"] += float(st.ratio_mean) * w
-        distributed.all_reduce_grads(self.model.parameters())  # summed: w is already global
-        out["optim/grad_norm"] = optimizer_step(
-            self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip
-        )
+        out["optim/grad_norm"] = self.actor.step()  # summed over ranks: w is already global
         for rows in chunks:
             w = int(mask[rows].sum()) / n_tokens
             values = critic_values(self.critic, sampled.select(rows))  # (b, T), with grad
@@ -312,17 +325,11 @@ class PPOTrainer:
                 mask[rows],
                 clip_range_value=algo.clip_range_value,
             )
-            (loss * w).backward()
+            self.critic_actor.backward(loss * w)
             out["loss/value"] += float(loss.detach()) * w
             out["ppo/value_clip_fraction"] += float(st.clip_fraction) * w
             out["value/mse"] += float(st.mse) * w
-        distributed.all_reduce_grads(self.critic.parameters())
-        out["optim/critic_grad_norm"] = optimizer_step(
-            self.critic,
-            self.critic_optimizer,
-            self.critic_scheduler,
-            self.cfg.critic_optim.grad_clip,
-        )
+        out["optim/critic_grad_norm"] = self.critic_actor.step()
         return out
 
     def train_step(self) -> dict:
@@ -395,60 +402,18 @@ class PPOTrainer:
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),
             "optim/grad_norm": totals["optim/grad_norm"],
             "optim/critic_grad_norm": totals["optim/critic_grad_norm"],
-            "optim/lr": self.scheduler.get_last_lr()[0],
-            "optim/critic_lr": self.critic_scheduler.get_last_lr()[0],
+            "optim/lr": self.actor.lr,
+            "optim/critic_lr": self.critic_actor.lr,
         }
 
     # ----------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, torch.Tensor]:
-        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length.
-
-        Deterministic and side-effect free: a fixed seed inside a forked RNG, so evaluating never
-        changes the training run's random stream (resume stays bit-identical).
-        """
-        self.model.eval()
-        greedy = self.cfg.algo.eval_decoding == EvalDecoding.greedy
-        devices = [self.device] if self.device.type == "cuda" else []
-        out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
-        bs = self.cfg.train.batch_size
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed + 7919)
-            for i in range(0, len(self.eval_prompts), bs):
-                prompts = self.eval_prompts[i : i + bs]
-                batch = collate_prompts(
-                    self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device
-                )
-                ro = self._postprocess(
-                    generate(
-                        self.model,
-                        batch.input_ids,
-                        batch.attention_mask,
-                        self.sampling,
-                        greedy=greedy,
-                        eos_token_id=self.tokenizer.eos_token_id,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
-                )
-                logp = self._logprobs(self.model, ro)
-                ref = self._logprobs(self.reference, ro)
-                out["reward"].append(self.rewards(ro))
-                if self.cfg.data.source == "synthetic":
-                    out["gold"].append(self.gold(ro))
-                out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
-                out["length"].append(ro.lengths.float())
-        self.model.train()
-        return {k: torch.cat(v) for k, v in out.items() if v}
-
-    def _eval_summary(self) -> dict:
-        return {k: mean_stderr(v) for k, v in self.evaluate().items()}
+        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length (collective)."""
+        return rl_eval.evaluate_policy(self)
 
     def before_training(self, run_dir) -> None:
         self.run_dir = run_dir
-        path = run_dir / "eval_before.json"
-        # Evaluation is local and deterministic: rank 0 alone runs and writes it.
-        if distributed.is_main() and not path.exists():
-            write_json(path, self._eval_summary())
+        rl_eval.write_eval_before(self, run_dir)
 
     def should_stop_early(self) -> bool:
         """Never: DS-Chat's PPO has neither a KL early stop nor a best-actor export (ReMax's
@@ -456,10 +421,9 @@ class PPOTrainer:
         return False
 
     def evaluate_final(self, run_dir) -> dict:
-        """Local (no collective), so it is correct whether rank 0 alone or every rank calls it;
-        rank 0 alone writes ``eval_after.json``."""
+        """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
         before = json.loads((run_dir / "eval_before.json").read_text())
-        after = self._eval_summary()
+        after = rl_eval.eval_summary(self)
         if distributed.is_main():
             write_json(run_dir / "eval_after.json", after)
         ev = {
@@ -475,30 +439,35 @@ class PPOTrainer:
         reward_source = "reward_model" if self.reward_model is not None else "gold"
         return {"eval": ev, "reward_source": reward_source}
 
-    def export_model(self, run_dir) -> tuple[torch.nn.Module, None]:
-        return self.model, None
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
+        """The actor and its weights (consolidated from ZeRO-3 shards: collective)."""
+        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Everything but the actor's weights (the loop saves those), the critic's included: its
-        weights go in as plain tensors, so ``torch.load(weights_only=True)`` reads them."""
-        return {
+        """Everything but the actor's weights (the loop saves those). Plain PyTorch: the critic's
+        weights go in as plain tensors (``torch.load(weights_only=True)`` reads them), with its
+        optimizer and scheduler; under DeepSpeed both models' states are their engines' files."""
+        state = {
             "step": self.step,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "critic": {k: v.detach().cpu() for k, v in self.critic.state_dict().items()},
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "critic_scheduler": self.critic_scheduler.state_dict(),
+            **self.actor.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
+        if not self.critic_actor.uses_deepspeed:
+            critic = self.critic_actor.state_dict()
+            state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
+            state["critic_optimizer"] = critic["optimizer"]
+            state["critic_scheduler"] = critic["scheduler"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.critic.load_state_dict(state["critic"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        self.actor.load_state_dict(state)
+        if not self.critic_actor.uses_deepspeed:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_actor.load_state_dict(
+                {"optimizer": state["critic_optimizer"], "scheduler": state["critic_scheduler"]}
+            )
         self.sampler.load_state_dict(state["sampler"])

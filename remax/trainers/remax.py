@@ -29,7 +29,6 @@ from remax.config import (
     Aggregation,
     Baseline,
     EmptyResponse,
-    EvalDecoding,
     ExportPolicy,
     KLEstimator,
     LogprobDist,
@@ -43,7 +42,8 @@ from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
-from remax.trainers.loop import mean_stderr, select_device, write_json
+from remax.trainers import rl_eval
+from remax.trainers.loop import select_device, write_json
 
 log = logging.getLogger("remax.trainers.remax")
 
@@ -323,59 +323,28 @@ class RemaxTrainer:
         )
 
     # ----------------------------------------------------------------- evaluation
-    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
+        """A post-processed decode (evaluation's; rollouts decode sampled and greedy rows at once)."""
+        return self._postprocess(self._generate(ids, mask, greedy))
+
+    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log-probs of the realised tokens under ``model`` (the distribution trained on)."""
+        return self._logprobs(model, rollout)[0]
+
     def evaluate(self) -> dict[str, torch.Tensor]:
-        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length.
-
-        Deterministic and side-effect free: a fixed seed inside a forked RNG, so evaluating never
-        changes the training run's random stream (resume stays bit-identical). Collective: each
-        rank answers its block of the prompts (padded to equal blocks, so ZeRO-3's per-layer
-        gathers line up), and every rank returns all of them in prompt order.
-        """
-        self.model.eval()
-        greedy = self.cfg.algo.eval_decoding == EvalDecoding.greedy
-        devices = [self.device] if self.device.type == "cuda" else []
-        out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
-        bs = self.cfg.train.batch_size
-        prompts = distributed.block(self.eval_prompts, pad=True)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed + 7919 + self.rank)
-            for i in range(0, len(prompts), bs):
-                batch = collate_prompts(
-                    self.tokenizer, prompts[i : i + bs], self.cfg.data.max_prompt_len, self.device
-                )
-                ro = self._postprocess(
-                    self._generate(batch.input_ids, batch.attention_mask, greedy)
-                )
-                logp, _ = self._logprobs(self.model, ro)
-                ref, _ = self._logprobs(self.reference, ro)
-                out["reward"].append(self.rewards(ro))
-                if self.cfg.data.source == "synthetic":
-                    out["gold"].append(self.gold(ro))
-                out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
-                out["length"].append(ro.lengths.float())
-        self.model.train()
-        n = len(self.eval_prompts)
-        return {k: distributed.all_gather_cat(torch.cat(v))[:n] for k, v in out.items() if v}
-
-    def _eval_summary(self) -> dict:
-        return {k: mean_stderr(v) for k, v in self.evaluate().items()}
+        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length (collective)."""
+        return rl_eval.evaluate_policy(self)
 
     def before_training(self, run_dir) -> None:
         self.run_dir = run_dir
-        path = run_dir / "eval_before.json"
-        # Every rank evaluates its share (collective); rank 0 writes.
-        if distributed.any_rank(not path.exists()):
-            summary = self._eval_summary()
-            if distributed.is_main():
-                write_json(path, summary)
+        rl_eval.write_eval_before(self, run_dir)
 
     def should_stop_early(self) -> bool:
         """Periodic eval (``train.eval_every``): track the best actor and the KL early stop."""
         every = self.cfg.train.eval_every
         if not every or self.step == 0 or self.step % every:
             return False
-        ev = self._eval_summary()
+        ev = rl_eval.eval_summary(self)
         self.last_eval_kl = ev["kl"]["mean"]
         improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
         if improved:
@@ -400,7 +369,7 @@ class RemaxTrainer:
     def evaluate_final(self, run_dir) -> dict:
         """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
         before = json.loads((run_dir / "eval_before.json").read_text())
-        after = self._eval_summary()
+        after = rl_eval.eval_summary(self)
         if distributed.is_main():
             write_json(run_dir / "eval_after.json", after)
         ev = {
