@@ -97,6 +97,9 @@ def run_variant(args) -> dict:
             times.append(time.perf_counter() - t0)
             metrics.append(m)
         print(f"[bench] {args.variant} step {step}: {time.perf_counter() - t0:.3f}s", flush=True)
+    from remax.engines import close_all
+
+    close_all()
     return {
         "variant": args.variant,
         "step_time_median_s": statistics.median(times),

@@ -13,6 +13,7 @@ import torch
 
 from jobs._config import fail
 from remax import distributed
+from remax.engines import close_all
 from remax.log import init_logging
 from remax.run_dir import RunDirError, prepare, run_dir_for
 
@@ -81,7 +82,10 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
 
         summary = evaluate(config, run_dir)
     else:
-        summary = loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+        try:
+            summary = loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+        finally:
+            close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)
     if summary is None:
         log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
         if requeue_self:

@@ -60,6 +60,9 @@ def _entry(rank: int, fn, world: int, port: int, args) -> None:
     try:
         fn(rank, world, *args)
     finally:
+        from remax.engines import close_all
+
+        close_all()  # as jobs._stage does: a ZeRO-3 engine alive at exit can abort the process
         distributed.shutdown()
 
 

@@ -52,10 +52,10 @@ from remax.config import EmptyResponse, PPOJobConfig
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
-from remax.engines import build_actor, frozen
+from remax.engines import build_actor, decode, frozen
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model, score
-from remax.rollout import Rollout, SamplingConfig, generate
+from remax.rollout import Rollout, SamplingConfig
 from remax.trainers import rl_eval
 from remax.trainers.loop import (
     select_device,
@@ -230,17 +230,9 @@ class PPOTrainer:
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
-        with self.actor.generation():
-            rollout = generate(
-                self.model,
-                ids,
-                mask,
-                self.sampling,
-                greedy=greedy,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                all_finished=self.actor.all_finished,
-            )
+        rollout = decode(
+            self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer
+        )
         return self._postprocess(rollout)
 
     def shard(self, indices: list[int]) -> list[int]:

@@ -37,11 +37,11 @@ from remax.config import (
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
-from remax.engines import build_actor, frozen
+from remax.engines import build_actor, decode, frozen
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
-from remax.rollout import Rollout, SamplingConfig, generate
+from remax.rollout import Rollout, SamplingConfig
 from remax.trainers import rl_eval
 from remax.trainers.loop import select_device, write_json
 
@@ -196,17 +196,7 @@ class RemaxTrainer:
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """One decode with the actor; under ZeRO-3 its parameters are gathered once for it."""
-        with self.actor.generation():
-            return generate(
-                self.model,
-                ids,
-                mask,
-                self.sampling,
-                greedy=greedy,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                all_finished=self.actor.all_finished,
-            )
+        return decode(self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer)
 
     # ----------------------------------------------------------------- update
     def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
