@@ -55,6 +55,9 @@ def sbatch_params(stage: str, cluster) -> dict:
         # submitit emits neither --requeue (scontrol requeue would fail where the site default is
         # JobRequeue=0) nor a kill of dependents when a dependency fails (slurm-notes §2.5, §5.4).
         "additional_parameters": {"requeue": True, "kill_on_invalid_dep": "yes"},
+        # A rank that dies takes the step's other tasks with it at once, instead of leaving them
+        # billed while they wait in a collective until the process group's timeout.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if cluster.gpus_per_node:
         if cluster.gres:

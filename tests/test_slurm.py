@@ -235,6 +235,7 @@ def test_dry_run_prints_script_and_estimate_and_submits_nothing(tmp_path):
         "jobs.remax", f"run.root={tmp_path}", *JOB, "cluster.dry_run=true", "cluster.time_min=90"
     )
     assert "#SBATCH --requeue" in out.stdout and "#SBATCH --signal=USR2@30" in out.stdout
+    assert "--kill-on-bad-exit=1" in out.stdout  # a dead rank ends the step, not a timeout
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["dry_run"] and info["estimate"]["gpu_hours"] == 1.5  # 1 GPU × 90 min
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
@@ -273,7 +274,12 @@ def test_templates_render_and_pass_sbatch_test_only(tmp_path, template):
 
     config = compose_stage("remax", [*JOB, f"run.root={tmp_path}", "cluster.nodes=1"])
     script = render_template(template, "remax", config, ["train.max_steps=4"])
-    for line in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=USR2@30"):
+    for line in (
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=USR2@30",
+        "srun --unbuffered --kill-on-bad-exit=1",
+    ):
         assert line in script
     assert "${SBATCH_DIRECTIVES}" not in script and "${COMMAND}" not in script
     path = tmp_path / f"{template}.sbatch"
