@@ -154,8 +154,15 @@ class CheckpointManager:
         torch.save(state, tmp / "state.pt")
         if write is not None:
             write(tmp)
-        (tmp / MARKER).write_text(json.dumps({"step": step}))
         _fsync_tree(tmp)
+        return self._publish(tmp, final, step)
+
+    def _publish(self, tmp: Path, final: Path, step: int) -> Path:
+        """Mark ``tmp`` complete and rename it to ``final`` (one atomic step); prune old ones."""
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        with open(tmp / MARKER, "rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -186,19 +193,7 @@ class CheckpointManager:
         distributed.barrier()  # every rank's part is written before the fsync and the marker
         if rank == 0:
             _fsync_tree(tmp)
-        distributed.barrier()  # every rank's part is on disk before the marker
-        if rank == 0:
-            (tmp / MARKER).write_text(json.dumps({"step": step}))
-            with open(tmp / MARKER, "rb") as fh:
-                os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            for old in self.complete_steps()[: -self.keep_last]:
-                shutil.rmtree(self.root / f"step_{old}", ignore_errors=True)
-            log.info("checkpoint saved: %s", final)
+            self._publish(tmp, final, step)
         distributed.barrier()  # nobody runs ahead of (or resumes from) a half-renamed checkpoint
         return final
 

@@ -18,9 +18,9 @@ One interface, so the trainer reads the same at world size 1 and N, with or with
   parameters once per rollout instead of once per decoding step (``deepspeed.gather_for_generation``).
 - ``actor.full_state_dict()``: every parameter, consolidated from ZeRO-3 shards (collective; the
   full dict on rank 0 only).
-- ``actor.save(dir)``/``actor.load(dir)``: engine state (partitioned fp32 master weights,
-  optimizer, scheduler) inside the run's ``step_<N>/``; a no-op for plain PyTorch, whose weights,
-  optimizer and scheduler the loop saves itself.
+- DeepSpeed only, ``actor.save(dir)``/``actor.load(dir)``: engine state (partitioned fp32 master
+  weights, optimizer, scheduler) inside the run's ``step_<N>/``. Plain PyTorch's weights the loop
+  saves itself, its optimizer and scheduler travel in ``actor.state_dict()``.
 
 ``frozen(model, ...)`` places the reference and the reward model: as they are, or as ZeRO-3
 inference engines (parameters sharded across ranks, optionally in CPU memory), as the release does.
@@ -79,12 +79,6 @@ class TorchActor:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-    def save(self, directory: Path) -> None:
-        pass
-
-    def load(self, directory: Path) -> None:
-        pass
 
 
 class DeepSpeedActor:
