@@ -371,12 +371,7 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
                 f"policy {path} and reference {cfg.reference.path} use different tokenizers: "
                 "the KL needs both to score the same tokens; drop reference.path"
             )
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.response_len,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-        )
+        sampling = cfg.sampling(cfg.response_len)
         partial.write_text(
             "".join(json.dumps({"batch": b, **r}) + "\n" for b in done for r in done[b])
         )

@@ -12,23 +12,13 @@ Notation: B batch, P prompt length (left-padded), T generated length (right-padd
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from remax.algo.sampling import filter_logits
+from remax.config.sampling import SamplingConfig
 from remax.models.policy import position_ids
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """Decoding of the sampled rows. Greedy rows ignore everything but ``max_new_tokens``."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
 
 
 class Rollout(NamedTuple):

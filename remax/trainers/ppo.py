@@ -55,7 +55,7 @@ from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import build_actor, decode, frozen
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model, score
-from remax.rollout import Rollout, SamplingConfig
+from remax.rollout import Rollout
 from remax.trainers import rl_eval
 from remax.trainers.loop import (
     select_device,
@@ -150,15 +150,10 @@ class PPOTrainer:
         self.reference = frozen(self.reference, cfg.deepspeed, **placement)
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
-        self.sampling = SamplingConfig(
-            max_new_tokens=cfg.data.max_response_len,
-            temperature=algo.temperature,
-            top_p=algo.top_p,
-            top_k=algo.top_k,
-        )
+        self.sampling = algo.sampling(cfg.data.max_response_len)
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
-        self.off_policy_sampling = algo.top_p < 1 or algo.temperature != 1 or algo.top_k > 0
+        self.off_policy_sampling = self.sampling.filtered
         if self.off_policy_sampling:
             log.warning(
                 "top_p=%s temperature=%s top_k=%s: log-probs score the raw softmax, not the "

@@ -41,7 +41,7 @@ from remax.engines import build_actor, decode, frozen
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
-from remax.rollout import Rollout, SamplingConfig
+from remax.rollout import Rollout
 from remax.trainers import rl_eval
 from remax.trainers.loop import select_device, write_json
 
@@ -104,16 +104,11 @@ class RemaxTrainer:
         self.reference = frozen(reference, cfg.deepspeed, **placement)
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
-        self.sampling = SamplingConfig(
-            max_new_tokens=cfg.data.max_response_len,
-            temperature=algo.temperature,
-            top_p=algo.top_p,
-            top_k=algo.top_k,
-        )
+        self.sampling = algo.sampling(cfg.data.max_response_len)
         # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
         # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
-        self.off_policy_sampling = algo.logprob_dist == LogprobDist.raw_softmax and (
-            algo.top_p < 1 or algo.temperature != 1 or algo.top_k > 0
+        self.off_policy_sampling = (
+            algo.logprob_dist == LogprobDist.raw_softmax and self.sampling.filtered
         )
         if self.off_policy_sampling:
             log.warning(
