@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 
 import torch
 
+from jobs import _policy
 from jobs._config import fail
-from remax import distributed
+from remax import distributed, ledger, preemption, watchdog
 from remax.engines import close_all
 from remax.log import init_logging
+from remax.preemption import StopRequest
 from remax.run_dir import RunDirError, prepare, run_dir_for
+from remax.watchdog import Watchdog
 
 log = logging.getLogger("remax.jobs")
 
@@ -39,24 +40,18 @@ def _trainer(stage: str, config):
     return RemaxTrainer(config)
 
 
-def run_stage(stage: str, config, stop=None) -> dict | None:
+def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | None:
     """Train ``stage`` with ``config`` (a dataclass) to completion or resume it; return the summary.
 
     Returns None when ``stop`` asked for a checkpoint-and-exit (a Slurm requeue). Inside a
-    hand-submitted sbatch script (``slurm_templates/``) the stage watches USR2 itself and requeues
-    its own job after the checkpoint.
+    hand-submitted sbatch script (``slurm_templates/``) the stage watches USR2 and SIGTERM itself
+    and requeues its own job after the checkpoint.
     """
-    from remax.trainers import loop
-
     requeue_self = (
         stop is None and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID")
     )
     if requeue_self:
-        from jobs._submit import SlurmStop, job_end_time
-
-        stop = SlurmStop(job_end_time(), config.cluster.deadline_margin_s)
-        signal.signal(signal.SIGUSR2, stop.on_signal)
-
+        stop = preemption.install(stop_request(config.cluster))
     init_logging()
     if config.cluster.num_threads:
         torch.set_num_threads(config.cluster.num_threads)
@@ -76,26 +71,80 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
     distributed.barrier()  # rank 0 created (or checked) the run dir
     run_dir = run_dir or run_dir_for(config, stage)
     log.info("%s run dir: %s", stage, run_dir)
-    if stage == "evaluate":
-        # Not a training loop: answer, score, summarise; resumable batch by batch on its own.
-        from remax.evaluation import run as evaluate
-
-        summary = evaluate(config, run_dir)
-    else:
-        try:
-            summary = loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
-        finally:
-            close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)
+    summary = _guarded(stage, config, run_dir, stop)
     if summary is None:
-        log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
+        log.info("%s stopped for a requeue: %s", stage, run_dir)
         if requeue_self:
-            if distributed.is_main():  # one requeue per job, not one per task
-                subprocess.run(
-                    ["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60
-                )
-            sys.exit(0)
+            requeue_or_fail(run_dir)
         return None
     if not distributed.is_main():
         return summary
     print(json.dumps({"stage": stage, "run_dir": str(run_dir), "eval": summary.get("eval")}))
     return summary
+
+
+def stop_request(cluster) -> StopRequest:
+    """The segment's stop request: end time from Slurm, the teardown margin, the signal window."""
+    return StopRequest(preemption.job_end_time(), cluster.deadline_margin_s, cluster.signal_delay_s)
+
+
+def requeue_or_fail(run_dir) -> None:
+    """Requeue this job (retried) and exit; a requeue that never succeeds fails the job loudly."""
+    if not preemption.requeue():
+        raise RuntimeError(
+            "stopped for a requeue but `scontrol requeue` failed 5 times: resume with "
+            f"`python -m jobs.resume {run_dir}`"
+        )
+    sys.exit(preemption.EXIT_REQUEUED)
+
+
+def _guarded(stage: str, config, run_dir, stop) -> dict | None:
+    """The stage under the failure policy: segment ledger, watchdog, failure classes."""
+    main = distributed.is_main()
+    ledger.begin()
+    if main:
+        ledger.attach(run_dir)
+        _policy.check_start(config.cluster, run_dir, ledger.current().restart)
+    if config.cluster.watchdog_s:
+        dog = Watchdog(
+            run_dir,
+            config.cluster.watchdog_s,
+            config.cluster.watchdog_factor,
+            _policy.on_hang(config.cluster),
+        )
+        watchdog.activate(dog.start())
+    try:
+        summary = _run(stage, config, run_dir, stop)
+    except Exception as exc:
+        if main:
+            cls = _policy.on_exception(run_dir, exc, stage)
+            ledger.finish("failed", cls.value)
+        raise
+    finally:
+        watchdog.activate(None)
+    if main:
+        reason = "completed" if summary is not None else _stop_reason(stop)
+        ledger.finish(reason)
+    return summary
+
+
+def _stop_reason(stop) -> str:
+    reason = getattr(stop, "reason", None)
+    return reason.value if reason is not None else "stopped"
+
+
+def _run(stage: str, config, run_dir, stop) -> dict | None:
+    from remax.trainers import loop
+
+    if stage == "evaluate":
+        # Not a training loop: answer, score, summarise; resumable batch by batch on its own.
+        from remax.evaluation import run as evaluate
+
+        try:
+            return evaluate(config, run_dir)
+        except preemption.Stopped:  # between two answer batches: the done ones are on disk
+            return None
+    try:
+        return loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+    finally:
+        close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)

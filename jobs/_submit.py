@@ -5,9 +5,10 @@ submission record into each run dir, print job id, run dir, W&B id and the estim
 cost, and return at once (no process waits for the jobs, unlike hydra-submitit-launcher).
 
 Compute node: :class:`StageJob` runs the stage in the job step (srun, so USR2 reaches Python,
-slurm-notes §2.4). On USR2 — or when one more step would not fit before the job's end time — the
-training loop writes a checkpoint at the next step boundary; then submitit's own handler pickles the
-job again and runs ``scontrol requeue``. The restarted job resumes from that checkpoint.
+slurm-notes §2.4). On USR2 or SIGTERM — or when one more step and a save would not fit before the
+job's end time — the training loop writes a checkpoint at the next step boundary (or between two
+evaluation batches) and the job requeues itself (``remax.preemption``). The restarted job resumes
+from that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import string
 import subprocess
 import sys
@@ -26,6 +26,7 @@ from pathlib import Path
 import submitit
 
 from jobs._config import fail
+from remax import preemption
 from remax.run_dir import prepare, run_dir_for, signature, to_plain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,51 +273,15 @@ def _record(stage, config, run_dir, job_id, estimate, *, dependency=None, sweep=
 
 
 # ------------------------------------------------------------------ compute node
-def job_end_time() -> float | None:
-    """The job's projected end (Unix time): SLURM_JOB_END_TIME (Slurm >= 23.02) or squeue."""
-    if os.environ.get("SLURM_JOB_END_TIME"):
-        return float(os.environ["SLURM_JOB_END_TIME"])
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True)
-    try:
-        return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:  # "N/A", "Unknown" or no squeue: only the signal will stop us
-        return None
-
-
-class SlurmStop:
-    """Stop request for the training loop: USR2 arrived, or one more step would not fit."""
-
-    def __init__(self, end_time: float | None, margin_s: float) -> None:
-        self.end_time, self.margin_s = end_time, margin_s
-        self.signalled = False
-        self.step_s = 0.0
-
-    def on_signal(self, *_args) -> None:
-        self.signalled = True  # only a flag: the save happens at the next step boundary
-
-    def observe(self, step_s: float) -> None:
-        self.step_s = max(step_s, 0.9 * self.step_s)  # slow decay: steps vary in length
-
-    @property
-    def requested(self) -> bool:
-        if self.signalled:
-            return True
-        return (
-            self.end_time is not None and time.time() + self.step_s + self.margin_s >= self.end_time
-        )
-
-
 class StageJob(submitit.helpers.Checkpointable):
-    """The pickled callable of a stage's Slurm job. Holds only the config, never tensors."""
+    """The pickled callable of a stage's Slurm job. Holds only the config, never tensors, so a
+    requeue needs no new pickle: ``remax.preemption`` requeues with ``scontrol`` (retried)."""
 
     def __init__(self, stage: str, config) -> None:
         self.stage, self.config = stage, config
 
     def __call__(self):
-        from jobs._stage import run_stage
+        from jobs._stage import requeue_or_fail, run_stage, stop_request
 
         cluster = self.config.cluster
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -324,16 +289,12 @@ class StageJob(submitit.helpers.Checkpointable):
             raise RuntimeError(
                 f"job restarted {restarts} times, more than cluster.max_restarts={cluster.max_restarts}"
             )
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        stop = SlurmStop(job_end_time(), cluster.deadline_margin_s)
-        signal.signal(signal.SIGUSR2, stop.on_signal)
+        # Replaces submitit's USR2 handler (checkpoint + one unretried requeue) and its SIGTERM
+        # bypass: both signals now take the one stop path of remax.preemption.
+        stop = preemption.install(stop_request(cluster))
         summary = run_stage(self.stage, self.config, stop=stop)
-        if summary is None:  # checkpoint written: let submitit pickle us again and requeue
-            if not callable(requeue):
-                raise RuntimeError(
-                    "stopped for a requeue but no submitit signal handler is installed"
-                )
-            requeue(signal.SIGUSR2, None)
+        if summary is None:  # stopped (after a checkpoint when it fit): requeue ourselves
+            requeue_or_fail(run_dir_for(self.config, self.stage))
         return summary
 
 

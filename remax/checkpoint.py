@@ -7,6 +7,13 @@ a temporary sibling directory, fsynced, and renamed: a ``kill -9`` at any moment
 leaves either the previous complete checkpoint or the new one, never a torn one. ``latest()`` only
 considers directories with the marker; leftovers of an interrupted save are deleted on the next one.
 
+The marker lists every file with its size and SHA-256, so a checkpoint that a disk, a copy or a
+kill tore after the fact is found on resume: ``latest_intact()`` moves it to ``quarantine/`` and
+falls back to the previous one. Publishing never deletes a complete checkpoint before its
+replacement is in place (the old directory is renamed aside first), pruning removes the marker
+before the files (a half-deleted directory is never "complete"), and a save first checks that the
+disk has room for one more checkpoint of the last one's size.
+
 At world size N > 1 the same directory also holds ``state_rank<r>.pt`` for r = 1 … N−1 (each rank's
 RNG state; everything else is identical across ranks and lives once in ``state.pt``). All ranks
 write into one temporary directory; after a barrier rank 0 alone writes the marker, fsyncs and
@@ -19,12 +26,14 @@ files in ``step_<N>/deepspeed/`` (each rank its ZeRO shards, written by the coll
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,6 +115,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """Not enough free space for the next checkpoint: a failure class of its own (stop, not retry)."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _manifest(root: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``root`` except the marker."""
+    files = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            rel = str(path.relative_to(root))
+            if rel != MARKER:
+                files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def verify(path: Path) -> str | None:
+    """None when every file the marker lists is there with its size and hash, else the reason."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable marker: {exc}"
+    for rel, want in marker.get("files", {}).items():  # markers before hashes list no files
+        f = Path(path) / rel
+        if not f.is_file():
+            return f"{rel} missing"
+        if f.stat().st_size != want["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the marker says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
+
+
 class CheckpointManager:
     """``step_<N>/`` directories under ``root``; keeps the newest ``keep_last`` complete ones."""
 
@@ -127,6 +174,38 @@ class CheckpointManager:
         steps = self.complete_steps()
         return self.root / f"step_{steps[-1]}" if steps else None
 
+    def latest_intact(self) -> Path | None:
+        """The newest complete checkpoint whose files match its marker; torn ones are moved to
+        ``quarantine/`` (kept for a post-mortem, out of ``latest()``'s way)."""
+        for step in reversed(self.complete_steps()):
+            path = self.root / f"step_{step}"
+            problem = verify(path)
+            if problem is None:
+                return path
+            dest = self.root / "quarantine" / f"step_{step}-{int(time.time())}"
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(path, dest)
+            log.warning("checkpoint %s is corrupt (%s): moved to %s", path, problem, dest)
+        return None
+
+    def space_problem(self) -> str | None:
+        """Why the disk cannot hold one more checkpoint of the last one's size (+ 10 %), or None."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        try:
+            files = json.loads((latest / MARKER).read_text()).get("files", {})
+        except (OSError, json.JSONDecodeError):
+            return None
+        need = int(1.1 * sum(f["size"] for f in files.values()))
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return None
+        return (
+            f"{self.root} has {free / 1e9:.2f} GB free, a checkpoint needs ~{need / 1e9:.2f} GB: "
+            "free space or lower checkpoint.keep_last"
+        )
+
     def save(
         self,
         step: int,
@@ -144,8 +223,10 @@ class CheckpointManager:
         if distributed.world_size() > 1:
             return self._save_ranks(step, model_state, state, write)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        self._clean_stale()
+        problem = self.space_problem()
+        if problem:
+            raise DiskFullError(problem)
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
         tmp.mkdir()
@@ -157,31 +238,51 @@ class CheckpointManager:
         _fsync_tree(tmp)
         return self._publish(tmp, final, step)
 
+    def _clean_stale(self) -> None:
+        """Leftovers of an interrupted save or publish (never a complete ``step_<N>``)."""
+        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".old_step_*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+
     def _publish(self, tmp: Path, final: Path, step: int) -> Path:
         """Mark ``tmp`` complete and rename it to ``final`` (one atomic step); prune old ones."""
-        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        marker = {"step": step, "files": _manifest(tmp)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
         with open(tmp / MARKER, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
-            shutil.rmtree(final)
+        aside = None
+        if final.exists():  # a re-save of the same step: the complete one stays until replaced
+            aside = self.root / f".old_step_{step}_{os.getpid()}"
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         for old in self.complete_steps()[: -self.keep_last]:
-            shutil.rmtree(self.root / f"step_{old}", ignore_errors=True)
+            self._prune(self.root / f"step_{old}")
         log.info("checkpoint saved: %s", final)
         return final
+
+    def _prune(self, path: Path) -> None:
+        """Marker first: a kill mid-delete leaves an incomplete directory, never a torn complete one."""
+        (path / MARKER).unlink(missing_ok=True)
+        _fsync_dir(path)
+        shutil.rmtree(path, ignore_errors=True)
 
     def _save_ranks(self, step: int, model_state, state: dict, write=None) -> Path:
         rank = distributed.rank()
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"  # one name all ranks agree on (pids differ)
+        problem = None
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp_step_*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        distributed.barrier()  # the directory exists before anyone writes into it
+            self._clean_stale()
+            problem = self.space_problem()
+            if not problem:
+                tmp.mkdir()
+        # Every rank raises together (no rank left waiting in a barrier for the timeout).
+        if distributed.any_rank(problem is not None):
+            raise DiskFullError(problem or "rank 0 found too little space for the checkpoint")
         if rank == 0:
             if model_state is not None:
                 _save_weights(model_state, tmp / "model.safetensors")
@@ -190,9 +291,11 @@ class CheckpointManager:
             torch.save(state, tmp / f"state_rank{rank}.pt")
         if write is not None:
             write(tmp)  # collective: every rank writes its shards
-        distributed.barrier()  # every rank's part is written before the fsync and the marker
+        # Every rank flushes what it wrote (its shards may sit in its own page cache, on its own
+        # node) before rank 0 hashes the files and writes the marker.
+        _fsync_tree(tmp)
+        distributed.barrier()
         if rank == 0:
-            _fsync_tree(tmp)
             self._publish(tmp, final, step)
         distributed.barrier()  # nobody runs ahead of (or resumes from) a half-renamed checkpoint
         return final

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from remax import preemption, watchdog
 from remax.config import (
     AnswerFormat,
     EvalDecoding,
@@ -378,6 +379,8 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
         devices = [device] if device.type == "cuda" else []
         todo = [b for b in range(len(chunks)) if b not in done]
         for b in tqdm(todo, desc=f"evaluate {name}", disable=not cfg.log.progress):
+            preemption.check()  # a stop unwinds to the job, which requeues; done batches stay
+            watchdog.beat("eval")
             chunk = chunks[b]
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(_batch_seed(cfg.seed, b))
@@ -506,6 +509,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
     )
     writer.summary({"eval": ev})
     writer.close()
+    preemption.check()  # before the summary: a requeued segment redoes only the cheap summary
     write_json(summary_file, summary)
     shutil.rmtree(run_dir / "partial", ignore_errors=True)
     return summary

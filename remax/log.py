@@ -5,6 +5,11 @@ wandb. The W&B run id is derived from the run-dir signature, so every restart of
 same id; steps are the global optimizer step (offline runs restart W&B's own step counter, so it
 is always passed explicitly), and ``metrics.jsonl`` rows past the resumed step are dropped so no
 step appears twice.
+
+W&B never fails or strands a job: an online ``init`` that fails (a compute node without network,
+a bad key) falls back to offline mode, a failing ``log`` is dropped with one warning, and
+``finish`` runs in a daemon thread that is abandoned after a bound (a hung upload must not burn
+the rest of the allocation, nor the signal window before a requeue).
 """
 
 from __future__ import annotations
@@ -14,9 +19,15 @@ import logging
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger("remax")
+
+WANDB_INIT_TIMEOUT_S = 60
+"""Online ``wandb.init`` gives up after this long (its default is 90 s) and we go offline."""
+WANDB_FINISH_TIMEOUT_S = 120
+"""``wandb.finish`` after a completed run may upload for this long; after it we leave it."""
 
 
 def init_logging(level: int = logging.INFO) -> None:
@@ -80,10 +91,9 @@ class MetricWriter:
             os.environ.setdefault("WANDB_CONFIG_DIR", str(wandb_dir / "wandb"))
             os.environ.setdefault("WANDB_CACHE_DIR", str(wandb_dir / "wandb" / ".cache"))
             os.environ.setdefault("WANDB_DATA_DIR", str(wandb_dir / "wandb" / ".data"))
-            self._wandb = wandb.init(
+            kwargs = dict(
                 id=run_id,
                 resume="allow",
-                mode=mode,
                 dir=str(wandb_dir),
                 project=project,
                 entity=entity,
@@ -91,8 +101,8 @@ class MetricWriter:
                 job_type=stage,
                 name=run_id,
                 config=config,
-                settings=wandb.Settings(silent=True, console="off"),
             )
+            self._wandb = _init_or_offline(wandb, mode, kwargs)
         (Path(run_dir) / "wandb_id").write_text(run_id + "\n")
 
     def _truncate_after(self, step: int) -> None:
@@ -120,16 +130,65 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            self._wandb.log(row, step=int(step))
+            try:
+                self._wandb.log(row, step=int(step))
+            except Exception as exc:  # noqa: BLE001 - metrics.jsonl has the row; W&B is a mirror
+                log.warning("W&B log failed, W&B off for this segment: %s", exc)
+                self._wandb = None
 
     def summary(self, summary: dict) -> None:
         if self._wandb is not None:
-            self._wandb.summary.update(_flatten(summary))
+            try:
+                self._wandb.summary.update(_flatten(summary))
+            except Exception as exc:  # noqa: BLE001 - summary.json has it
+                log.warning("W&B summary failed: %s", exc)
 
-    def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+    def close(self, timeout_s: float | None = None) -> bool:
+        """``wandb.finish`` bounded by ``timeout_s`` (default WANDB_FINISH_TIMEOUT_S); returns
+        whether it finished in time."""
+        run, self._wandb = self._wandb, None
+        if run is None:
+            return True
+        bound = WANDB_FINISH_TIMEOUT_S if timeout_s is None else timeout_s
+        done = threading.Thread(
+            target=_finish_quietly, args=(run,), name="wandb-finish", daemon=True
+        )
+        done.start()
+        done.join(bound)
+        if done.is_alive():
+            log.warning(
+                "wandb.finish still running after %.0f s: leaving it (offline files kept)", bound
+            )
+            return False
+        return True
+
+
+def _finish_quietly(run) -> None:
+    try:
+        run.finish()
+    except Exception as exc:  # noqa: BLE001 - a failed upload must not fail the job
+        log.warning("wandb.finish failed: %s", exc)
+
+
+def _init_or_offline(wandb, mode: str, kwargs: dict):
+    """``wandb.init`` in ``mode``; an online init that fails is retried offline (the run syncs
+    later with ``wandb sync``); an offline one that fails leaves W&B off."""
+    settings = dict(silent=True, console="off")
+    try:
+        if mode == "online":
+            settings["init_timeout"] = WANDB_INIT_TIMEOUT_S
+        return wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - wandb raises many types (CommError, UsageError...)
+        if mode != "online":
+            log.warning("W&B %s init failed, W&B off: %s", mode, exc)
+            return None
+        log.warning("W&B online init failed, falling back to offline: %s", exc)
+    settings.pop("init_timeout", None)
+    try:
+        return wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("W&B offline init failed too, W&B off: %s", exc)
+        return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -6,11 +6,12 @@ import time
 
 from jobs._config import compose_stage
 from jobs._main import sweep_id
-from jobs._submit import SlurmStop, sbatch_params
+from jobs._submit import sbatch_params
+from remax.preemption import StopRequest
 
 
 def test_deadline_stop_fires_when_one_more_step_would_not_fit():
-    stop = SlurmStop(end_time=time.time() + 10, margin_s=2)
+    stop = StopRequest(end_time=time.time() + 10, margin_s=2)
     stop.observe(3.0)
     assert not stop.requested  # now + 3 + 2 < end
     stop.observe(9.0)
@@ -18,7 +19,7 @@ def test_deadline_stop_fires_when_one_more_step_would_not_fit():
 
 
 def test_signal_stop_and_no_deadline():
-    stop = SlurmStop(end_time=None, margin_s=60)
+    stop = StopRequest(end_time=None, margin_s=60)
     stop.observe(1e6)
     assert not stop.requested
     stop.on_signal()

@@ -53,6 +53,17 @@ class ClusterConfig:
     """Requeues after hitting the time limit before giving up (submitit's countdown)."""
     max_restarts: int = 50
     """Requeues of any cause (preemptions included) before the job refuses to run again."""
+    watchdog_s: int = 900
+    """Hang watchdog: floor of every phase's budget (startup: twice this), seconds; 0 disables.
+    A phase's budget is max(this, ``watchdog_factor`` × the longest that phase took so far)."""
+    watchdog_factor: float = 4.0
+    """Multiple of a phase's longest measured time that still counts as progress."""
+    max_failure_requeues: int = 2
+    """Requeues after a hang or a lost node before the job stops (each away from that node)."""
+    exclude_failed_node: bool = True
+    """Requeue a hung or failed job with the node in ``--exclude`` (off on one-node clusters)."""
+    no_progress_segments: int = 3
+    """Stop when this many segments in a row published no new checkpoint; 0 disables."""
     array_parallelism: int = 16
     """Array elements running at once (``%K`` of ``--array``)."""
     gres: bool = False
@@ -86,6 +97,9 @@ class ClusterConfig:
             "deadline_margin_s",
             "max_num_timeout",
             "max_restarts",
+            "watchdog_s",
+            "max_failure_requeues",
+            "no_progress_segments",
         ):
             value = getattr(self, key)
             _require(value >= 0, f"cluster.{key}", value, "use an integer >= 0")
@@ -94,6 +108,12 @@ class ClusterConfig:
             "cluster.tasks_per_node",
             self.tasks_per_node,
             f"use at most one task per GPU (cluster.gpus_per_node={self.gpus_per_node})",
+        )
+        _require(
+            self.watchdog_factor >= 1,
+            "cluster.watchdog_factor",
+            self.watchdog_factor,
+            "use >= 1 (a phase may take as long as it took before)",
         )
         _require(self.gpu_hour_rate >= 0, "cluster.gpu_hour_rate", self.gpu_hour_rate, "use >= 0")
         _require(

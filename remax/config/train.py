@@ -75,7 +75,24 @@ class CheckpointConfig:
     """Write ``checkpoints/step_<N>/`` every N optimizer steps (and at the end); 0 disables."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    every_minutes: float | None = None
+    """Also checkpoint when this many minutes passed since the last save; 0 disables; None:
+    Young's interval sqrt(2 · measured save time · 1 day / ``failures_per_day``)."""
+    failures_per_day: float = 1.0
+    """Expected interruptions (preemptions, failures) per day, for the default ``every_minutes``."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use >= 0")
+        _require(
+            self.every_minutes is None or self.every_minutes >= 0,
+            "checkpoint.every_minutes",
+            self.every_minutes,
+            "use minutes >= 0 (0 disables), or null for the interval from the measured save time",
+        )
+        _require(
+            self.failures_per_day > 0,
+            "checkpoint.failures_per_day",
+            self.failures_per_day,
+            "use a positive rate, e.g. 1.0",
+        )
         _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use >= 1")

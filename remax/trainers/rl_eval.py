@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from remax import distributed
+from remax import distributed, preemption, watchdog
 from remax.config import EvalDecoding
 from remax.data.batching import collate_prompts
 from remax.trainers.loop import mean_stderr, write_json
@@ -36,6 +36,10 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
+            # Padded shards: every rank runs the same batches, so they agree on a stop here.
+            if distributed.any_rank(preemption.requested()):
+                raise preemption.Stopped("stop requested during evaluation")
+            watchdog.beat("eval")
             batch = collate_prompts(
                 trainer.tokenizer, prompts[i : i + bs], cfg.data.max_prompt_len, trainer.device
             )

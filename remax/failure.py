@@ -1,0 +1,91 @@
+"""Failure classes and ``failure.json``: how a segment ended when it did not end well.
+
+The class decides what the job does next (``jobs/_policy.py``): a preemption or a time limit is
+requeued, a hang or a lost node is requeued away from the node a bounded number of times, an OOM,
+a disk-full and a plain Python exception stop (a rerun would fail the same way, billed again).
+``failure.json`` in the run dir holds the last failure (class, phase, step, host, job, restart,
+reason); ``failures.jsonl`` keeps them all, for the status table and the bounds.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+EXIT_HANG = 4
+"""Exit status of a rank the watchdog ended (distinct from a crash's 1 and a requeue's 3)."""
+
+
+class FailureClass(str, enum.Enum):
+    preemption = "preemption"
+    time_limit = "time_limit"
+    hang = "hang"
+    node_failure = "node_failure"
+    oom = "oom"
+    exception = "exception"
+    no_progress = "no_progress"
+    disk_full = "disk_full"
+
+
+def classify(exc: BaseException) -> FailureClass:
+    """The class of an exception that ended a stage."""
+    import torch  # the caller is already training; not at module import (login-node tools)
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return FailureClass.oom
+    if isinstance(exc, OSError) and (
+        exc.errno in (errno.ENOSPC, errno.EDQUOT) or type(exc).__name__ == "DiskFullError"
+    ):
+        return FailureClass.disk_full
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        return FailureClass.oom  # some kernels raise a plain RuntimeError for a CUDA OOM
+    return FailureClass.exception
+
+
+def record(
+    run_dir: Path,
+    cls: FailureClass,
+    reason: str,
+    *,
+    phase: str | None = None,
+    step: int | None = None,
+    **extra,
+) -> dict:
+    """Write ``failure.json`` (atomically) and append it to ``failures.jsonl``; returns it."""
+    info = {
+        "class": cls.value,
+        "reason": reason,
+        "phase": phase,
+        "step": step,
+        "host": socket.gethostname(),
+        "job": os.environ.get("SLURM_JOB_ID"),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        "rank": int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0),
+        "time": time.time(),
+        **extra,
+    }
+    run_dir = Path(run_dir)
+    tmp = run_dir / f"failure.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+    tmp.replace(run_dir / "failure.json")
+    with open(run_dir / "failures.jsonl", "a") as f:
+        f.write(json.dumps(info, sort_keys=True) + "\n")
+    return info
+
+
+def history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "failures.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

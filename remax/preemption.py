@@ -1,0 +1,216 @@
+"""The whole preemption path of a job segment: one typed stop request, the signals that set it,
+the deadline that sets it, the fallback that requeues when nothing else can, and the requeue.
+
+Why one module: every way a segment can end early (USR2 before the time limit, SIGTERM at a
+preemption, the job's end time coming closer than one more step plus a save) must end the same
+way, in ``scontrol requeue``, or the ``afterok`` dependents are cancelled and the billed hours of
+the chain are lost. The training loop (``remax.trainers.loop``), the evaluation loops and the job
+layer (``jobs/``) all import from here and nothing here imports them back.
+
+Timeline of a stop (t = the signal):
+
+- the handler only sets the request (a signal handler must not write checkpoints);
+- the loop sees it at the next step boundary, or between two evaluation batches
+  (:func:`check` raises :class:`Stopped`), saves if the measured save time still fits before the
+  kill, and returns; the job layer calls :func:`requeue`;
+- a guard thread requeues *without saving* and exits if the segment has not ended by
+  ``kill time - margin``: a save longer than the signal window, a hung ``wandb.finish()`` or a
+  stuck evaluation batch then cost the steps since the last checkpoint, never the whole chain.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+
+from remax import ledger
+
+log = logging.getLogger("remax.preemption")
+
+EXIT_REQUEUED = 3
+"""Exit status of a segment that requeued itself from the guard thread (no checkpoint)."""
+
+
+class StopReason(str, enum.Enum):
+    usr2 = "usr2"  # Slurm's --signal warning: time limit near, or a preemption (preempt_send_user_signal)
+    sigterm = "sigterm"  # preemption (GraceTime) or the time limit itself
+    deadline = "deadline"  # no signal, but one more step + save + teardown would not fit
+    manual = "manual"  # set in-process (tests, a trainer's own reason)
+
+
+class Stopped(Exception):
+    """Raised by :func:`check` between evaluation batches: unwind to the loop, which requeues."""
+
+
+class StopRequest:
+    """Stop request of one job segment; the loop checks :attr:`requested` at each step boundary.
+
+    ``end_time``: the job's projected end (Unix time) or None. ``margin_s``: time kept for the
+    teardown and the requeue itself (``cluster.deadline_margin_s``). ``grace_s``: how long after a
+    signal the kill is expected when the end time does not say (``cluster.signal_delay_s``).
+    """
+
+    def __init__(
+        self, end_time: float | None = None, margin_s: float = 0.0, grace_s: float = 0.0
+    ) -> None:
+        self.end_time, self.margin_s, self.grace_s = end_time, margin_s, grace_s
+        self.reason: StopReason | None = None
+        self.signalled_at: float | None = None
+        self.step_s = 0.0  # slowly decaying maximum of the step time
+        self.save_s = 0.0  # last measured checkpoint save time (kept across restarts)
+        self.eval_s = 0.0  # last measured periodic evaluation time
+        self.eval_due = False  # the loop says: the next step boundary runs a periodic eval
+
+    # ------------------------------------------------------------------ setting it
+    def on_signal(self, signum: int = 0, _frame=None) -> None:
+        """Signal handler: only flags (the save happens at the next step boundary)."""
+        if self.reason in (None, StopReason.deadline):
+            self.reason = StopReason.sigterm if signum == signal.SIGTERM else StopReason.usr2
+        if self.signalled_at is None:  # the guard thread counts from the first signal
+            self.signalled_at = time.time()
+
+    def set(self, *_args) -> None:
+        if self.reason is None:
+            self.reason, self.signalled_at = StopReason.manual, time.time()
+
+    # ------------------------------------------------------------------ measurements
+    def observe(self, step_s: float) -> None:
+        self.step_s = max(step_s, 0.9 * self.step_s)  # slow decay: steps vary in length
+
+    def observe_save(self, save_s: float) -> None:
+        self.save_s = save_s
+
+    def observe_eval(self, eval_s: float) -> None:
+        self.eval_s = eval_s
+
+    # ------------------------------------------------------------------ deciding
+    @property
+    def requested(self) -> bool:
+        if self.reason is not None:
+            return True
+        if self.end_time is None:
+            return False
+        # The next boundary must still leave room for one step, a save, a due eval, the teardown.
+        need = self.step_s + self.save_s + (self.eval_s if self.eval_due else 0.0) + self.margin_s
+        if time.time() + need >= self.end_time:
+            self.reason = StopReason.deadline
+            return True
+        return False
+
+    def kill_time(self) -> float | None:
+        """When the kill is expected: the end time, or ``grace_s`` after a preemption signal."""
+        after_signal = self.signalled_at + self.grace_s if self.signalled_at else None
+        times = [t for t in (self.end_time, after_signal) if t is not None]
+        return min(times) if times else None
+
+    def can_save(self) -> bool:
+        """Whether the measured save still fits before the kill (else requeue without saving)."""
+        kill = self.kill_time()
+        return kill is None or time.time() + self.save_s + self.margin_s < kill
+
+
+_ACTIVE: StopRequest | None = None
+
+
+def activate(stop: StopRequest | None) -> None:
+    """Make ``stop`` the request :func:`check` consults (evaluation loops take no argument)."""
+    global _ACTIVE
+    _ACTIVE = stop
+
+
+def active() -> StopRequest | None:
+    return _ACTIVE
+
+
+def requested() -> bool:
+    return _ACTIVE is not None and _ACTIVE.requested
+
+
+def check() -> None:
+    """Between evaluation batches: raise :class:`Stopped` when a stop was requested."""
+    if requested():
+        raise Stopped(str(_ACTIVE.reason.value))
+
+
+def install(stop: StopRequest) -> StopRequest:
+    """USR2 and SIGTERM set ``stop``; it becomes the active request; a guard thread watches it."""
+    signal.signal(signal.SIGUSR2, stop.on_signal)
+    # A preemption with GraceTime sends SIGTERM to the job step: the same path as USR2.
+    signal.signal(signal.SIGTERM, stop.on_signal)
+    activate(stop)
+    threading.Thread(target=_guard, args=(stop,), name="remax-stop-guard", daemon=True).start()
+    return stop
+
+
+def _guard(stop: StopRequest) -> None:
+    """Requeue without saving when the segment is still alive at ``kill time - margin``."""
+    while stop.signalled_at is None:
+        time.sleep(0.5)
+    ledger.note_signal(stop.reason.value)
+    kill = stop.kill_time()
+    if kill is None:
+        return
+    time.sleep(max(0.0, kill - stop.margin_s - time.time()))
+    log.warning(
+        "stop (%s) not reached %.0f s before the kill: requeueing without a checkpoint",
+        stop.reason.value,
+        stop.margin_s,
+    )
+    requeue()
+    ledger.finish(f"{stop.reason.value}: requeued without a checkpoint")
+    os._exit(EXIT_REQUEUED)  # the main thread is stuck (a save, an eval batch, wandb.finish)
+
+
+def job_end_time() -> float | None:
+    """The job's projected end (Unix time): SLURM_JOB_END_TIME (Slurm >= 23.02) or squeue."""
+    if os.environ.get("SLURM_JOB_END_TIME"):
+        return float(os.environ["SLURM_JOB_END_TIME"])
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30
+        )
+        return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OSError, subprocess.TimeoutExpired):  # "N/A", "Unknown", no squeue
+        return None
+
+
+def requeue(attempts: int = 5, wait_s: float = 2.0, exclude: str | None = None) -> bool:
+    """``scontrol requeue $SLURM_JOB_ID``, retried: a busy slurmctld refuses now and then.
+
+    Only rank 0 requeues (one requeue per job, not one per task; the others return True).
+    ``exclude``: a node the requeued job must avoid (a hang, a lost GPU). Returns False when
+    every try failed (or outside Slurm); a job that a preemption is already requeueing reports
+    an error here and needs nothing more.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    if int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0):
+        return True
+    for attempt in range(1, attempts + 1):
+        try:
+            out = subprocess.run(
+                ["scontrol", "requeue", job], capture_output=True, text=True, timeout=30
+            )
+            if out.returncode == 0:
+                log.info("requeued job %s", job)
+                if exclude:  # only a pending job accepts a new exclude list
+                    subprocess.run(
+                        ["scontrol", "update", f"JobId={job}", f"ExcNodeList={exclude}"],
+                        capture_output=True,
+                        timeout=30,
+                    )
+                return True
+            log.warning("scontrol requeue %s failed (try %d): %s", job, attempt, out.stderr.strip())
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("scontrol requeue %s failed (try %d): %s", job, attempt, exc)
+        time.sleep(wait_s * attempt)
+    return False
