@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger("remax")
 
-WANDB_INIT_TIMEOUT_S = 60
+WANDB_INIT_TIMEOUT_S = 30
 """Online ``wandb.init`` gives up after this long (its default is 90 s) and we go offline."""
 WANDB_FINISH_TIMEOUT_S = 120
 """``wandb.finish`` after a completed run may upload for this long; after it we leave it."""
@@ -170,6 +170,13 @@ def _finish_quietly(run) -> None:
         log.warning("wandb.finish failed: %s", exc)
 
 
+def _teardown(wandb) -> None:
+    try:
+        wandb.teardown()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("W&B teardown after a failed init: %s", exc)
+
+
 def _init_or_offline(wandb, mode: str, kwargs: dict):
     """``wandb.init`` in ``mode``; an online init that fails is retried offline (the run syncs
     later with ``wandb sync``); an offline one that fails leaves W&B off."""
@@ -183,6 +190,7 @@ def _init_or_offline(wandb, mode: str, kwargs: dict):
             log.warning("W&B %s init failed, W&B off: %s", mode, exc)
             return None
         log.warning("W&B online init failed, falling back to offline: %s", exc)
+        _teardown(wandb)  # the failed run still holds its id in this process
     settings.pop("init_timeout", None)
     try:
         return wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)

@@ -32,7 +32,9 @@ class Saver:
         self.last_save_at = time.monotonic()
 
     def restore_timing(self, timing: dict, signal_delay_s: float | None = None) -> None:
-        self._measured(float(timing.get("save_s", 0.0)))
+        if "save_s" not in timing:  # a fresh run: nothing measured yet
+            return
+        self._measured(float(timing["save_s"]))
         if signal_delay_s and self.save_s > signal_delay_s:
             log.warning(
                 "the last checkpoint took %.0f s but cluster.signal_delay_s=%s: USR2 comes too "

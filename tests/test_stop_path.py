@@ -1,0 +1,223 @@
+"""The stop path, checkpoints that cannot lie, the watchdog and W&B, without a cluster.
+
+Every test here runs the tiny CPU stages of ``test_resume`` (a few seconds each); the same paths on
+the real local Slurm are in ``test_slurm_failures.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_resume import STEPS, _assert_identical, _config, _run, _trainer
+
+from remax import ledger, preemption
+from remax.checkpoint import MARKER, CheckpointManager, DiskFullError
+from remax.preemption import StopRequest
+from remax.run_dir import prepare
+from remax.trainers import loop
+
+
+def _stop_after(trainer, stop: StopRequest, k: int) -> None:
+    """Set ``stop`` once the trainer has done ``k`` steps (as USR2 would, mid-step k)."""
+    train_step = trainer.train_step
+
+    def step():
+        if trainer.step + 1 == k:
+            stop.set()
+        return train_step()
+
+    trainer.train_step = step
+
+
+def _saves(monkeypatch) -> list[int]:
+    steps: list[int] = []
+    save = CheckpointManager.save
+
+    def counting(self, step, *args, **kwargs):
+        steps.append(step)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save", counting)
+    return steps
+
+
+def test_deadline_budgets_step_save_due_eval_and_teardown():
+    stop = StopRequest(end_time=time.time() + 100, margin_s=10)
+    stop.observe(20.0)
+    stop.observe_save(30.0)
+    assert not stop.requested  # 20 + 30 + 10 = 60 < 100
+    stop.observe_eval(50.0)
+    assert not stop.requested  # the eval is not due at the next boundary
+    stop.eval_due = True
+    assert stop.requested and stop.reason == preemption.StopReason.deadline  # 110 >= 100
+
+
+def test_save_that_cannot_finish_before_the_kill_is_skipped():
+    stop = StopRequest(end_time=None, margin_s=5, grace_s=60)
+    stop.on_signal(15)  # SIGTERM: the kill is expected 60 s later
+    assert stop.reason == preemption.StopReason.sigterm and stop.kill_time() is not None
+    stop.observe_save(10.0)
+    assert stop.can_save()  # 10 + 5 < 60
+    stop.observe_save(58.0)
+    assert not stop.can_save()  # 58 + 5 >= 60: requeue without saving
+
+
+def test_stop_at_a_periodic_save_saves_that_step_once(tmp_path, monkeypatch):
+    saves = _saves(monkeypatch)
+    cfg = _config("sft", tmp_path)  # every_steps=2
+    run_dir = prepare(cfg, "sft")
+    trainer, stop = _trainer("sft", cfg), StopRequest()
+    _stop_after(trainer, stop, 2)
+    assert loop.run(trainer, cfg, run_dir, "sft", stop=stop) is None
+    assert saves == [2], "the periodic save of step 2 and the stop's save are one save"
+    assert CheckpointManager(run_dir / "checkpoints").complete_steps() == [2]
+
+
+def test_no_time_to_save_requeues_without_a_checkpoint(tmp_path, monkeypatch):
+    saves = _saves(monkeypatch)
+    cfg = _config("sft", tmp_path)
+    run_dir = prepare(cfg, "sft")
+    trainer = _trainer("sft", cfg)
+    stop = StopRequest(end_time=None, margin_s=5, grace_s=30)
+    stop.observe_save(1000.0)  # as measured by an earlier segment
+    _stop_after(trainer, stop, 1)  # before the first periodic save (every_steps=2)
+    assert loop.run(trainer, cfg, run_dir, "sft", stop=stop) is None
+    assert saves == [] and trainer.step == 1  # returned for the requeue, nothing written
+
+
+def test_stop_during_final_evaluation_requeues_and_the_rerun_is_identical(tmp_path):
+    straight, _ = _run("remax", _config("remax", tmp_path / "a"))
+    cfg = _config("remax", tmp_path / "b")
+    run_dir = prepare(cfg, "remax")
+    trainer, stop = _trainer("remax", cfg), StopRequest()
+    evaluate_final = trainer.evaluate_final
+
+    def usr2_then_evaluate(run_dir):
+        stop.set()  # arrives while the final evaluation runs
+        return evaluate_final(run_dir)
+
+    trainer.evaluate_final = usr2_then_evaluate
+    preemption.activate(stop)
+    try:
+        assert loop.run(trainer, cfg, run_dir, "remax", stop=stop) is None
+    finally:
+        preemption.activate(None)
+    assert not (run_dir / "export").exists() and not (run_dir / "summary.json").exists()
+    assert CheckpointManager(run_dir / "checkpoints").complete_steps()[-1] == STEPS
+    resumed = _trainer("remax", cfg)
+    calls, train_step = [], resumed.train_step
+    resumed.train_step = lambda: calls.append(1) or train_step()
+    assert loop.run(resumed, cfg, run_dir, "remax") is not None
+    assert calls == [], "resumed at the final step: only evaluation and export are redone"
+    _assert_identical(straight, run_dir)
+
+
+def test_truncated_latest_checkpoint_is_quarantined_and_the_previous_used(tmp_path):
+    straight, _ = _run("sft", _config("sft", tmp_path / "a"))
+    cfg = _config("sft", tmp_path / "b")
+    run_dir = prepare(cfg, "sft")
+    trainer, stop = _trainer("sft", cfg), StopRequest()
+    _stop_after(trainer, stop, 4)
+    assert loop.run(trainer, cfg, run_dir, "sft", stop=stop) is None
+    ckpt = CheckpointManager(run_dir / "checkpoints")
+    assert ckpt.complete_steps() == [2, 4]
+    weights = run_dir / "checkpoints" / "step_4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # torn after it was marked complete
+    resumed = _trainer("sft", cfg)
+    calls, train_step = [], resumed.train_step
+    resumed.train_step = lambda: calls.append(1) or train_step()
+    assert loop.run(resumed, cfg, run_dir, "sft") is not None
+    assert len(calls) == STEPS - 2, "resumed from step 2, the intact one"
+    assert [p.name.split("-")[0] for p in (ckpt.root / "quarantine").iterdir()] == ["step_4"]
+    _assert_identical(straight, run_dir)
+
+
+def test_marker_lists_sizes_and_hashes_and_resave_keeps_one_complete_dir(tmp_path):
+    import torch
+
+    ckpt = CheckpointManager(tmp_path, keep_last=1)
+    ckpt.save(1, {"w": torch.ones(3)}, {"x": 1})
+    marker = json.loads((tmp_path / "step_1" / MARKER).read_text())
+    assert set(marker["files"]) == {"model.safetensors", "state.pt"}
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in marker["files"].values())
+    ckpt.save(1, {"w": torch.zeros(3)}, {"x": 2})  # a re-save replaces it, renamed aside first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    assert CheckpointManager.load(tmp_path / "step_1", "cpu")[1] == {"x": 2}
+    ckpt.save(2, {"w": torch.zeros(3)}, {"x": 3})  # prunes step_1 (keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+
+
+def test_save_refused_when_the_disk_cannot_hold_it(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    ckpt = CheckpointManager(tmp_path)
+    ckpt.save(1, {"w": torch.ones(1000)}, {})
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=100))
+    with pytest.raises(DiskFullError, match="GB free"):
+        ckpt.save(2, {"w": torch.ones(1000)}, {})
+    assert ckpt.complete_steps() == [1] and not list(tmp_path.glob(".tmp_step_*"))
+
+
+HANG = """
+import sys, time
+from remax import watchdog
+from remax.watchdog import Watchdog
+dog = Watchdog(sys.argv[1], floor_s=1.0, factor=4.0)
+watchdog.activate(dog.start())
+for step in range(3):
+    time.sleep(0.1)
+    watchdog.beat("step", step + 1)
+def stuck_in_a_read():
+    time.sleep(600)
+stuck_in_a_read()
+"""
+
+
+def test_hung_rank_exits_with_failure_json_and_stack_dump(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", HANG, str(tmp_path)], cwd=REPO, timeout=120, capture_output=True
+    )
+    assert out.returncode == 4, out.stderr.decode()[-2000:]  # EXIT_HANG, long before 600 s
+    info = json.loads((tmp_path / "failure.json").read_text())
+    assert info["class"] == "hang" and info["phase"] == "step" and info["step"] == 3
+    stacks = Path(info["stacks"]).read_text()
+    assert "stuck_in_a_read" in stacks and "remax-watchdog" not in stacks.split("\n")[0]
+
+
+def test_no_progress_guard_stops_after_k_segments_without_a_checkpoint(tmp_path, monkeypatch):
+    from jobs import _policy
+    from remax.config import ClusterConfig
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for restart in range(3):
+        ledger.append(tmp_path, {"job": "77", "restart": restart, "checkpoints": []})
+    cluster = ClusterConfig(no_progress_segments=3)
+    with pytest.raises(_policy.StopJob, match="no_progress"):
+        _policy.check_start(cluster, tmp_path, restarts=3)
+    assert json.loads((tmp_path / "failure.json").read_text())["class"] == "no_progress"
+    ledger.append(tmp_path, {"job": "77", "restart": 3, "checkpoints": [40]})
+    _policy.check_start(cluster, tmp_path, restarts=4)  # progress in the last 3: runs on
+
+
+def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatch):
+    import remax.log
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789" * 4)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: refused
+    monkeypatch.setattr(remax.log, "WANDB_INIT_TIMEOUT_S", 5)
+    writer = remax.log.MetricWriter(
+        tmp_path, run_id="remax-test", stage="remax", config={}, wandb_mode="online"
+    )
+    assert writer._wandb is not None and writer._wandb.settings.mode == "offline"
+    writer.log(1, {"loss": 1.0})
+    assert writer.close(timeout_s=60)
+    assert list((tmp_path / "wandb").glob("offline-run-*-remax-test"))
