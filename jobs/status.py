@@ -92,20 +92,27 @@ def collect(root: Path) -> list[dict]:
                 ),  # JSON keeps small costs; the table shows 2 decimals
                 "currency": recs[-1]["currency"] if recs else "",
                 "complete": done,
+                **run_health(d, sum(s["elapsed_s"] for s in segs), gpus),
             }
         )
     return rows
+
+
+def run_health(run_dir: Path, billed_s: float, gpus: int) -> dict:
+    """Failure class and reason, billed / productive / wasted GPU-hours and the top waste reason."""
+    from jobs._waste import failure_columns, waste
+
+    return {**failure_columns(run_dir), **waste(run_dir, billed_s, gpus)}
 
 
 def render(rows: list[dict]):
     from rich.table import Table
 
     table = Table(title=f"remax runs ({len(rows)})")
-    for col in ("run", "stage", "job", "state", "step", "restarts", "reward", "GPU-h", "cost"):
-        table.add_column(
-            col,
-            justify="right" if col in ("step", "restarts", "reward", "GPU-h", "cost") else "left",
-        )
+    numeric = ("step", "restarts", "reward", "GPU-h", "cost", "wasted")
+    columns = ("run", "stage", "job", "state", "step", "restarts", "reward", "GPU-h", "cost")
+    for col in (*columns, "wasted", "failure"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in rows:
         reward = "" if r["reward"] is None else f"{r['reward']:.3f}"
         table.add_row(
@@ -118,8 +125,15 @@ def render(rows: list[dict]):
             reward,
             f"{r['gpu_hours']:.2f}",
             f"{r['cost']:.2f} {r['currency']}".strip(),
+            *_health_cells(r),
         )
     return table
+
+
+def _health_cells(r: dict) -> list[str]:
+    wasted = f"{r['wasted_gpu_h']:.2f}" + (f" ({r['top_waste']})" if r["top_waste"] else "")
+    failure = f"{r['failure_class']}: {r['failure_reason']}" if r["failure_class"] else ""
+    return [wasted, failure[:60]]
 
 
 def main(argv: list[str]) -> int:

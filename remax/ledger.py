@@ -39,6 +39,8 @@ class Segment:
     last_step: int | None = None
     checkpoints: list[int] = field(default_factory=list)
     save_s: list[float] = field(default_factory=list)
+    saved_at: list[float] = field(default_factory=list)
+    """Unix time each checkpoint was published (the steps before it survive this segment)."""
     stop_reason: str | None = None
     failure_class: str | None = None
     end: float | None = None
@@ -113,6 +115,7 @@ def note_save(step: int, seconds: float) -> None:
     if _CURRENT is not None:
         _CURRENT.checkpoints.append(step)
         _CURRENT.save_s.append(round(seconds, 3))
+        _CURRENT.saved_at.append(time.time())
 
 
 def finish(stop_reason: str, failure_class: str | None = None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_job
-from test_slurm import JOB, _assert_same_export, _submit, _wait_done, _wait_for
+from test_slurm import JOB, _assert_same_export, _status, _submit, _wait_done, _wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -36,6 +36,9 @@ def test_usr2_during_the_final_evaluation_requeues_instead_of_timing_out(tmp_pat
     assert segments[0]["checkpoints"] == [3, 6]
     assert segments[1]["checkpoints"] == [], "step 6 is never saved twice"
     assert segments[1]["resume_step"] == 6
+    [row] = _status(tmp_path / "eval")
+    assert row["billed_gpu_h"] >= row["productive_gpu_h"] > 0 and row["wasted_gpu_h"] > 0
+    assert row["top_waste"] is not None and row["failure_class"] is None
 
 
 def test_exception_fails_once_with_failure_json_and_no_requeue(tmp_path):

@@ -221,3 +221,34 @@ def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatc
     writer.log(1, {"loss": 1.0})
     assert writer.close(timeout_s=60)
     assert list((tmp_path / "wandb").glob("offline-run-*-remax-test"))
+
+
+def test_waste_splits_billed_time_by_the_segment_ledger(tmp_path):
+    from jobs._waste import waste
+
+    # Segment 0: started 0, first step 10, last checkpoint 70, stopped at 100 (30 s lost).
+    # Segment 1: started 200, first step 215 (15 s reload), completed at 300.
+    ledger.append(
+        tmp_path,
+        {"start": 0, "first_step_at": 10, "saved_at": [40, 70], "end": 100, "stop_reason": "usr2"},
+    )
+    ledger.append(
+        tmp_path,
+        {
+            "start": 200,
+            "first_step_at": 215,
+            "saved_at": [],
+            "end": 300,
+            "stop_reason": "completed",
+        },
+    )
+    out = waste(tmp_path, billed_s=210, gpus=4)  # sacct: 210 s, 10 more than ledger
+    hours = 4 / 3600
+    assert out["productive_gpu_h"] == round((70 + 85) * hours, 5)  # 0..70 and 215..300
+    assert out["waste_by_reason_gpu_h"] == {
+        "lost steps": round(30 * hours, 5),
+        "restart": round(15 * hours, 5),
+        "outside the ledger": round(10 * hours, 5),
+    }
+    assert out["wasted_gpu_h"] == round(55 * hours, 5) and out["top_waste"] == "lost steps"
+    assert out["billed_gpu_h"] == round(210 * hours, 5)
