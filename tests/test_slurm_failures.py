@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,58 @@ def test_exception_fails_once_with_failure_json_and_no_requeue(tmp_path):
     info = json.loads((Path(rec["run_dir"]) / "failure.json").read_text())
     assert info["class"] == "exception" and "nonexistent" in info["reason"], info
     assert info["job"] == rec["job_id"] and info["restart"] == 0
+
+
+def _tiny_export(root: Path) -> str:
+    import torch
+
+    from remax.models.tiny import build_tokenizer, llama_config, tiny_policy
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_policy(
+        llama_config(
+            len(tok),
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=64,
+        )
+    )
+    model.save_pretrained(root / "export")
+    tok.save_pretrained(root / "export")
+    return str(root / "export")
+
+
+def test_evaluate_stage_stopped_mid_answers_requeues_and_resumes_them(tmp_path):
+    """USR2 (the time-limit warning) while the evaluate stage answers: its done batches stay in
+    partial/, the job requeues, and the answers equal an uninterrupted evaluation's."""
+    policy = _tiny_export(tmp_path / "policy")
+    args = [
+        "cluster=local_slurm",
+        f"policies=[{policy}]",
+        "names=[a]",
+        "num_prompts=128",
+        "batch_size=4",
+        "log.progress=false",
+        "log.wandb_mode=disabled",
+    ]
+    recs = {}
+    for name in ("ref", "usr2"):
+        out = run_job("jobs.evaluate", f"run.root={tmp_path / name}", *args)
+        recs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    run_dir = Path(recs["usr2"]["run_dir"])
+    partial = run_dir / "partial" / "a.jsonl"
+    deadline = time.monotonic() + 600
+    while not (partial.exists() and partial.read_text().count("\n") >= 8):  # 2 batches done
+        assert time.monotonic() < deadline, "the evaluation never wrote a batch"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", recs["usr2"]["job_id"]], check=True)
+    states = _wait_done(recs["usr2"]["job_id"], timeout=600)
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    _wait_done(recs["ref"]["job_id"], timeout=600)
+    answers = [(Path(r["run_dir"]) / "answers.jsonl").read_text() for r in recs.values()]
+    assert answers[0] == answers[1]
+    segments = [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert [s["stop_reason"] for s in segments] == ["usr2", "completed"], segments
