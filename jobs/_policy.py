@@ -105,17 +105,16 @@ def on_hang(cluster):
     """The watchdog's policy: requeue away from this node while the bound allows."""
 
     def apply(info: dict) -> None:
-        run_dir = Path(ledger.current().run_dir) if ledger.current() else None
         n = sum(
             1
-            for f in (failure.history(run_dir) if run_dir else [])
+            for f in failure.history(Path(info["run_dir"]))
             if f.get("job") == info["job"] and f["class"] in _values(REQUEUE_ELSEWHERE)
         )
         if n > cluster.max_failure_requeues:
             log.error("hang %d > cluster.max_failure_requeues: not requeued", n)
             return
         exclude = info["host"] if cluster.exclude_failed_node else None
-        preemption.requeue(exclude=exclude)
+        preemption.requeue(exclude=exclude, any_rank=True)
 
     return apply
 

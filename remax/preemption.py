@@ -182,18 +182,21 @@ def job_end_time() -> float | None:
         return None
 
 
-def requeue(attempts: int = 5, wait_s: float = 2.0, exclude: str | None = None) -> bool:
+def requeue(
+    attempts: int = 5, wait_s: float = 2.0, exclude: str | None = None, any_rank: bool = False
+) -> bool:
     """``scontrol requeue $SLURM_JOB_ID``, retried: a busy slurmctld refuses now and then.
 
     Only rank 0 requeues (one requeue per job, not one per task; the others return True).
-    ``exclude``: a node the requeued job must avoid (a hang, a lost GPU). Returns False when
+    ``exclude``: a node the requeued job must avoid (a hang, a lost GPU). ``any_rank``: requeue
+    from this rank whatever its number (a hung rank is alone to know it). Returns False when
     every try failed (or outside Slurm); a job that a preemption is already requeueing reports
     an error here and needs nothing more.
     """
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return False
-    if int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0):
+    if not any_rank and int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0):
         return True
     for attempt in range(1, attempts + 1):
         try:

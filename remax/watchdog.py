@@ -78,6 +78,7 @@ class Watchdog:
             phase=phase,
             step=step,
             stacks=str(self._dump_stacks()),
+            run_dir=str(self.run_dir),
         )
         log.error("watchdog: %s; stacks in %s", info["reason"], info["stacks"])
         if self.on_expiry is not None:

@@ -7,6 +7,7 @@ and without REMAX_REQUIRE_SLURM=1.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -113,3 +114,48 @@ def test_evaluate_stage_stopped_mid_answers_requeues_and_resumes_them(tmp_path):
     assert answers[0] == answers[1]
     segments = [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
     assert [s["stop_reason"] for s in segments] == ["usr2", "completed"], segments
+
+
+def test_hung_rank_is_requeued_once_then_stopped_with_failure_json_and_stacks(tmp_path):
+    """A read that never returns (a FIFO nobody writes: a stuck NFS mount) in the data loading:
+    the watchdog ends the segment after its startup budget (2 × cluster.watchdog_s), dumps the
+    stacks, and the policy requeues once (cluster.max_failure_requeues=1), then stops."""
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    args = [a for a in JOB if not a.startswith("eval_prompts")]  # a remax-only key
+    out = run_job(
+        "jobs.reward_model",
+        f"run.root={tmp_path / 'runs'}",
+        *args,
+        "log.wandb_mode=disabled",
+        f"data.source={fifo}",
+        "cluster.watchdog_s=10",
+        "cluster.max_failure_requeues=1",
+        timeout=120,
+    )
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    states = _wait_done(rec["job_id"], timeout=600)
+    assert states == [("REQUEUED", "4:0"), ("FAILED", "4:0")], states
+    run_dir = Path(rec["run_dir"])
+    info = json.loads((run_dir / "failure.json").read_text())
+    assert info["class"] == "hang" and info["phase"] == "startup" and info["restart"] == 1, info
+    assert "_json_lines" in Path(info["stacks"]).read_text()  # where it was stuck
+    assert len(list((run_dir / "failure").glob("stacks-*.txt"))) == 2
+
+
+def test_real_time_limit_requeues_until_done_and_the_export_is_identical(tmp_path):
+    """cluster.time_min=2 with USR2 30 s before it (sent at 60-90 s): every segment stops for a
+    requeue before Slurm's limit, never TIMEOUT, and the run finishes like an uninterrupted one."""
+    long = ("train.max_steps=300", "train.epochs=10", "checkpoint.every_steps=50")
+    ref = _submit(tmp_path / "ref", *long, "log.wandb_mode=disabled")
+    rec = _submit(tmp_path / "limit", *long, "log.wandb_mode=disabled", "cluster.time_min=2")
+    states = _wait_done(rec["job_id"], timeout=1500)
+    kinds = [s for s, _ in states]
+    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) == {"REQUEUED"}, states
+    _wait_done(ref["job_id"], timeout=900)
+    _assert_same_export(ref["run_dir"], rec["run_dir"])
+    segments = [
+        json.loads(line)
+        for line in (Path(rec["run_dir"]) / "segments.jsonl").read_text().splitlines()
+    ]
+    assert {s["stop_reason"] for s in segments[:-1]} <= {"usr2", "deadline", "sigterm"}, segments
