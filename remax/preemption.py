@@ -104,7 +104,9 @@ class StopRequest:
 
     def kill_time(self) -> float | None:
         """When the kill is expected: the end time, or ``grace_s`` after a preemption signal."""
-        after_signal = self.signalled_at + self.grace_s if self.signalled_at else None
+        # grace_s = 0: no window known (an in-process flag), only the end time bounds the save.
+        signalled = self.signalled_at is not None and self.grace_s > 0
+        after_signal = self.signalled_at + self.grace_s if signalled else None
         times = [t for t in (self.end_time, after_signal) if t is not None]
         return min(times) if times else None
 

@@ -79,6 +79,16 @@ def test_stop_at_a_periodic_save_saves_that_step_once(tmp_path, monkeypatch):
     assert CheckpointManager(run_dir / "checkpoints").complete_steps() == [2]
 
 
+def test_stop_between_periodic_saves_saves_the_current_step(tmp_path, monkeypatch):
+    saves = _saves(monkeypatch)
+    cfg = _config("sft", tmp_path)  # every_steps=2
+    run_dir = prepare(cfg, "sft")
+    trainer, stop = _trainer("sft", cfg), StopRequest()  # an in-process flag: no kill time
+    _stop_after(trainer, stop, 3)
+    assert loop.run(trainer, cfg, run_dir, "sft", stop=stop) is None
+    assert saves == [2, 3]
+
+
 def test_no_time_to_save_requeues_without_a_checkpoint(tmp_path, monkeypatch):
     saves = _saves(monkeypatch)
     cfg = _config("sft", tmp_path)

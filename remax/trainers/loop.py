@@ -32,7 +32,7 @@ from remax.config import OptimConfig, Scheduler
 from remax.log import MetricWriter
 from remax.preemption import StopRequest
 from remax.run_dir import to_plain
-from remax.trainers.saving import Saver
+from remax.saving import Saver
 
 log = logging.getLogger("remax.loop")
 
