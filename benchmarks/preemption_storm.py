@@ -32,7 +32,7 @@ JOB = [
     "cluster=local_slurm",
     "train.batch_size=8",
     "train.micro_batch_size=8",
-    "train.max_steps=120",
+    "train.max_steps=60",
     "train.log_every=1",
     "checkpoint.every_steps=10",
     "data.num_train=1024",
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> int:
             k: round(v * 3600, 1) for k, v in health["waste_by_reason_gpu_h"].items()
         },
         "uninterrupted_billed_gpu_s": _sacct_elapsed(ref["job_id"]),
-        "steps": 120,
+        "steps": 60,
     }
     print(json.dumps(result, indent=2))
     Path(args.out).mkdir(parents=True, exist_ok=True)

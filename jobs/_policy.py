@@ -34,6 +34,12 @@ def check_start(cluster, run_dir: Path, restarts: int) -> None:
     """At the start of a restarted segment: record a killed predecessor, apply the bounds."""
     if restarts == 0:
         return
+    if restarts > cluster.max_restarts:  # also for hand-written sbatch templates (no submitit)
+        _stop(
+            run_dir,
+            FailureClass.exception,
+            f"job restarted {restarts} times, more than cluster.max_restarts={cluster.max_restarts}",
+        )
     segments = ledger.read(run_dir)
     fails = failure.history(run_dir)
     job = _job()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import string
 import subprocess
 import sys
@@ -283,12 +282,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self):
         from jobs._stage import requeue_or_fail, run_stage, stop_request
 
-        cluster = self.config.cluster
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-        if restarts > cluster.max_restarts:
-            raise RuntimeError(
-                f"job restarted {restarts} times, more than cluster.max_restarts={cluster.max_restarts}"
-            )
+        cluster = self.config.cluster  # cluster.max_restarts: jobs._policy.check_start
         # Replaces submitit's USR2 handler (checkpoint + one unretried requeue) and its SIGTERM
         # bypass: both signals now take the one stop path of remax.preemption.
         stop = preemption.install(stop_request(cluster))
