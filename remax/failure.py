@@ -48,7 +48,7 @@ def classify(exc: BaseException) -> FailureClass:
 
 
 def record(
-    run_dir: Path,
+    folder: Path,
     cls: FailureClass,
     reason: str,
     *,
@@ -69,11 +69,11 @@ def record(
         "time": time.time(),
         **extra,
     }
-    run_dir = Path(run_dir)
-    tmp = run_dir / f"failure.json.tmp{os.getpid()}"
+    folder = Path(folder)  # the run dir
+    tmp = folder / f"failure.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-    tmp.replace(run_dir / "failure.json")
-    with open(run_dir / "failures.jsonl", "a") as f:
+    tmp.replace(folder / "failure.json")
+    with open(folder / "failures.jsonl", "a") as f:
         f.write(json.dumps(info, sort_keys=True) + "\n")
     return info
 
