@@ -222,6 +222,9 @@ class StopAfter:
         self.seen += 1
         return self.seen >= self.k
 
+    def observe(self, step_s: float) -> None:
+        pass
+
 
 class CrashAfter(StopAfter):
     """Rank 1 dies at the ``k``-th step boundary, with no checkpoint (rank 0 is then killed by
