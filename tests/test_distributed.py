@@ -178,7 +178,7 @@ def test_world_size_must_divide_the_batch(monkeypatch):
     from remax.trainers.remax import RemaxTrainer
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
-    with pytest.raises(ValueError, match=r"train.batch_size=8 .* world size 3"):
+    with pytest.raises(ValueError, match=r"train.batch_size=8.* world size 3"):
         RemaxTrainer(config(Aggregation.token_mean))
 
 
