@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from remax.fileio import write_json
+
 EXIT_HANG = 4
 """Exit status of a rank the watchdog ended (distinct from a crash's 1 and a requeue's 3)."""
 
@@ -48,7 +50,7 @@ def classify(exc: BaseException) -> FailureClass:
 
 
 def record(
-    run_dir: Path,
+    folder: Path,
     cls: FailureClass,
     reason: str,
     *,
@@ -69,11 +71,9 @@ def record(
         "time": time.time(),
         **extra,
     }
-    run_dir = Path(run_dir)
-    tmp = run_dir / f"failure.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-    tmp.replace(run_dir / "failure.json")
-    with open(run_dir / "failures.jsonl", "a") as f:
+    folder = Path(folder)  # the run dir
+    write_json(folder / "failure.json", info)
+    with open(folder / "failures.jsonl", "a") as f:
         f.write(json.dumps(info, sort_keys=True) + "\n")
     return info
 

@@ -71,6 +71,12 @@ class Watchdog:
                 return
 
     def _expire(self, phase: str, step: int | None, elapsed: float) -> None:
+        try:
+            self._report(phase, step, elapsed)
+        finally:  # whatever failed in the report, the hung process must not stay billed
+            os._exit(failure.EXIT_HANG)
+
+    def _report(self, phase: str, step: int | None, elapsed: float) -> None:
         info = failure.record(
             self.run_dir,
             failure.FailureClass.hang,
@@ -87,7 +93,6 @@ class Watchdog:
             except Exception as exc:  # noqa: BLE001 - the exit below must happen regardless
                 log.error("watchdog policy failed: %s", exc)
         ledger.finish("hang", failure_class="hang")
-        os._exit(failure.EXIT_HANG)
 
     def _dump_stacks(self) -> Path:
         folder = self.run_dir / "failure"
