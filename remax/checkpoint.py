@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from remax import distributed
+from remax.fileio import replace_dir
 
 log = logging.getLogger("remax.checkpoint")
 
@@ -93,7 +94,7 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
+def save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
     # safetensors refuses shared storage (tied embeddings): save contiguous clones.
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, path)
 
@@ -231,7 +232,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
         tmp.mkdir()
         if model_state is not None:
-            _save_weights(model_state, tmp / "model.safetensors")
+            save_weights(model_state, tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
         if write is not None:
             write(tmp)
@@ -240,7 +241,7 @@ class CheckpointManager:
 
     def _clean_stale(self) -> None:
         """Leftovers of an interrupted save or publish (never a complete ``step_<N>``)."""
-        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".old_step_*")]:
+        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".step_*.old.*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def _publish(self, tmp: Path, final: Path, step: int) -> Path:
@@ -250,14 +251,8 @@ class CheckpointManager:
         with open(tmp / MARKER, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        aside = None
-        if final.exists():  # a re-save of the same step: the complete one stays until replaced
-            aside = self.root / f".old_step_{step}_{os.getpid()}"
-            os.replace(final, aside)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a re-save: the complete one is renamed aside until replaced
         _fsync_dir(self.root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
         for old in self.complete_steps()[: -self.keep_last]:
             self._prune(self.root / f"step_{old}")
         log.info("checkpoint saved: %s", final)
@@ -285,7 +280,7 @@ class CheckpointManager:
             raise DiskFullError(problem or "rank 0 found too little space for the checkpoint")
         if rank == 0:
             if model_state is not None:
-                _save_weights(model_state, tmp / "model.safetensors")
+                save_weights(model_state, tmp / "model.safetensors")
             torch.save(state, tmp / "state.pt")
         else:
             torch.save(state, tmp / f"state_rank{rank}.pt")
@@ -306,12 +301,17 @@ class CheckpointManager:
         from ``state_rank<r>.pt``."""
         weights = Path(path) / "model.safetensors"
         model_state = load_file(weights, device=str(device)) if weights.is_file() else None
+        return model_state, CheckpointManager.load_state(path, rank)
+
+    @staticmethod
+    def load_state(path: Path, rank: int = 0) -> dict:
+        """``state.pt`` (counters, sampler, RNG); rank r > 0 gets its own RNG state."""
         state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
         if rank > 0:
             own_file = Path(path) / f"state_rank{rank}.pt"
             own = torch.load(own_file, map_location="cpu", weights_only=True)
             state["rng"] = own["rng"]
-        return model_state, state
+        return state
 
 
 def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -> Path:
@@ -326,7 +326,4 @@ def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    os.replace(tmp, export_dir)
-    return export_dir
+    return replace_dir(tmp, export_dir)

@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from remax.fileio import write_json
+
 EXIT_HANG = 4
 """Exit status of a rank the watchdog ended (distinct from a crash's 1 and a requeue's 3)."""
 
@@ -70,9 +72,7 @@ def record(
         **extra,
     }
     folder = Path(folder)  # the run dir
-    tmp = folder / f"failure.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-    tmp.replace(folder / "failure.json")
+    write_json(folder / "failure.json", info)
     with open(folder / "failures.jsonl", "a") as f:
         f.write(json.dumps(info, sort_keys=True) + "\n")
     return info

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from remax.fileio import atomic_write_text
+
 FILE = "segments.jsonl"
 LIVE = "segment.live.json"
 """The running segment's line so far (rewritten at its start and at a stop signal): when a
@@ -81,10 +83,8 @@ def note_signal(reason: str) -> None:
 
 
 def _write_live(seg: Segment) -> None:
-    path = Path(seg.run_dir) / LIVE
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**asdict(seg), "signal_at": time.time()}, sort_keys=True))
-    tmp.replace(path)
+    live = {**asdict(seg), "signal_at": time.time()}
+    atomic_write_text(Path(seg.run_dir) / LIVE, json.dumps(live, sort_keys=True))
 
 
 def read_live(run_dir: Path) -> dict | None:

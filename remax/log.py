@@ -22,6 +22,8 @@ import sys
 import threading
 from pathlib import Path
 
+from remax.fileio import atomic_write_text
+
 log = logging.getLogger("remax")
 
 WANDB_INIT_TIMEOUT_S = 30
@@ -121,9 +123,7 @@ class MetricWriter:
                 redone += 1
         if redone:
             log.info("resuming at step %d: %d logged step(s) after it are redone", step, redone)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": int(step), **_clean(metrics)}
