@@ -16,6 +16,7 @@ from remax import distributed
 from remax.engines import close_all
 from remax.log import init_logging
 from remax.run_dir import RunDirError, prepare, run_dir_for
+from remax.seeding import seed_everything
 
 log = logging.getLogger("remax.jobs")
 
@@ -62,6 +63,9 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
         torch.set_num_threads(config.cluster.num_threads)
     # One process per GPU (torchrun or Slurm tasks); a no-op in a plain single process.
     env = distributed.init_distributed()
+    # Before any model is built or loaded: a run is a function of its config whatever the model
+    # source (a tiny model from config or an export); each rank its own reproducible stream.
+    seed_everything(distributed.rank_seed(config.seed))
     if env.world_size > 1 and stage == "evaluate":
         # Every training stage is data parallel; evaluation is one process (its resumable
         # partial/*.jsonl files have one writer).
