@@ -14,6 +14,7 @@ import torch
 from jobs._config import fail
 from remax import distributed
 from remax.engines import close_all
+from remax.inputs import InputError, check_model_paths
 from remax.log import init_logging
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
@@ -73,6 +74,13 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
             f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
+    # Inputs first, run dir second: a missing export or a malformed data file is one line and
+    # exit 2 with nothing written (the trainer reads every input when it is built).
+    try:
+        check_model_paths(config)
+        trainer = None if stage == "evaluate" else _trainer(stage, config)
+    except InputError as exc:
+        fail(str(exc))
     try:
         run_dir = prepare(config, stage) if distributed.is_main() else None
     except RunDirError as exc:
@@ -87,7 +95,7 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
         summary = evaluate(config, run_dir)
     else:
         try:
-            summary = loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+            summary = loop.run(trainer, config, run_dir, stage, stop=stop)
         finally:
             close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)
     if summary is None:

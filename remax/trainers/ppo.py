@@ -53,6 +53,7 @@ from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import build_actor, decode, frozen
+from remax.inputs import InputError
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
@@ -96,8 +97,8 @@ class PPOTrainer:
                 cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
             )
             if rm_tok.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(
-                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
+                raise InputError(
+                    f"reward_model.path={cfg.reward_model.path!r} uses a different tokenizer than the policy "
                     f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
                 )
             # The critic starts as a trainable copy of the RM, in the actor's dtype and grad-ckpt.
