@@ -84,7 +84,8 @@ class EmptyResponse(str, Enum):
     """Handling of a response with no valid token (spec §4 row 14)."""
 
     space_token = "space_token"  # the release overwrites the first response token with " "
-    mask = "mask"  # keep it empty: the row contributes nothing to the loss
+    keep = "keep"  # Algorithm 1: an EOS-first answer is an answer; its EOS is trained as any token
+    mask = "mask"  # ablation: the row contributes nothing to the loss (biased, remax-spec §4 row 14)
 
 
 class EvalDecoding(str, Enum):

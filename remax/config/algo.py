@@ -47,8 +47,12 @@ class RemaxAlgoConfig(SamplingFields):
     """Which distribution the log-probs score (see remax-spec test 19)."""
     train_on_eos: bool = True
     """EOS is a trained action and the RM reads it."""
-    empty_response: EmptyResponse = EmptyResponse.mask
-    """Handling of answers that end at once: ``space_token`` (release) or ``mask``."""
+    empty_response: EmptyResponse = EmptyResponse.keep
+    """Answers that end at once: ``keep`` (Algorithm 1: trained like any answer), ``space_token``
+    (the release: rewritten to " " + EOS) or ``mask`` (no gradient; biases the EOS logit)."""
+    empty_max_tokens: int = 0
+    """``space_token`` only: answers with at most this many tokens before EOS count as empty. The
+    release rewrites answers with <= 1 non-pad token (``remax_trainer.py`` generate_experience): 1."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers."""
     early_stop_kl: float | None = None
@@ -68,6 +72,7 @@ class RemaxAlgoConfig(SamplingFields):
             "use a positive bound or null for no clip",
         )
         self.check_sampling("algo.")
+        _check_empty(self.empty_max_tokens)
         _require(
             self.samples_per_prompt >= 1,
             "algo.samples_per_prompt",
@@ -116,8 +121,12 @@ class PPOAlgoConfig(SamplingFields):
     """EOS is a trained action and carries the score (the ReMax release's convention; DS-Chat's
     "+1" end index expresses the same placement, remax-spec §7)."""
     empty_response: EmptyResponse = EmptyResponse.mask
-    """Answers that end at once: ``space_token`` (the ReMax release) or ``mask`` (no gradient; the
-    closest to DS-Chat, which drops answers of at most one token)."""
+    """Answers that end at once: ``space_token`` (the ReMax release), ``keep`` (trained like any
+    answer) or ``mask`` (no gradient; the closest to DS-Chat, which drops answers of at most one
+    token)."""
+    empty_max_tokens: int = 0
+    """``space_token`` only: answers with at most this many tokens before EOS count as empty (the
+    ReMax release: 1)."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers (the same as the ReMax run's for a fair comparison)."""
 
@@ -143,3 +152,13 @@ class PPOAlgoConfig(SamplingFields):
             "use a positive bound or null for no clip",
         )
         self.check_sampling("algo.")
+        _check_empty(self.empty_max_tokens)
+
+
+def _check_empty(empty_max_tokens: int) -> None:
+    _require(
+        empty_max_tokens in (0, 1),
+        "algo.empty_max_tokens",
+        empty_max_tokens,
+        "use 0 (EOS-first answers) or 1 (the release: <= 1 token)",
+    )
