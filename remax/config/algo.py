@@ -56,7 +56,8 @@ class RemaxAlgoConfig(SamplingFields):
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers."""
     early_stop_kl: float | None = None
-    """Stop when eval KL reaches this value (release: 1.0); None never stops."""
+    """Stop when the periodic eval's mean per-token KL (nats/token) reaches this value (release:
+    1.0, ``--target_kl``, a per-token mean); None never stops."""
     entropy_coef: float = 0.0
     """Entropy bonus (parsed but unused upstream; kept for ablation)."""
     epochs: int = 1
@@ -73,6 +74,7 @@ class RemaxAlgoConfig(SamplingFields):
         )
         self.check_sampling("algo.")
         _check_empty(self.empty_max_tokens)
+        _check_reference_support(self)
         _require(
             self.samples_per_prompt >= 1,
             "algo.samples_per_prompt",
@@ -161,4 +163,20 @@ def _check_empty(empty_max_tokens: int) -> None:
         "algo.empty_max_tokens",
         empty_max_tokens,
         "use 0 (EOS-first answers) or 1 (the release: <= 1 token)",
+    )
+
+
+def _check_reference_support(algo: RemaxAlgoConfig) -> None:
+    # sampling_adjusted scores the reference with the policy's top-p/top-k filter too: a token
+    # inside the policy's nucleus but outside the reference's has log π_ref = −inf, so the KL
+    # penalty and the eval KL (the early stop) become infinite or NaN.
+    truncated = algo.top_p < 1 or algo.top_k > 0
+    uses_kl = algo.kl_coef > 0 or algo.early_stop_kl is not None
+    _require(
+        not (algo.logprob_dist == LogprobDist.sampling_adjusted and truncated and uses_kl),
+        "algo.logprob_dist",
+        getattr(algo.logprob_dist, "value", algo.logprob_dist),
+        f"sampling_adjusted with top_p={algo.top_p}, top_k={algo.top_k} gives log π_ref = −inf for "
+        "tokens outside the reference's nucleus (infinite KL): use raw_softmax, or kl_coef=0 and "
+        "early_stop_kl=null",
     )

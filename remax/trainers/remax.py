@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -295,7 +296,9 @@ class RemaxTrainer:
         if not every or self.step == 0 or self.step % every:
             return False
         ev = rl_eval.eval_summary(self)
-        self.last_eval_kl = ev["kl"]["mean"]
+        # Per-token units: the release's --target_kl 1.0 is a mean over tokens, not over answers
+        # (an answer's Σ_t grows with its length: 256 tokens would stop at ~0.004 nats/token).
+        self.last_eval_kl = ev["kl_token"]["mean"]
         improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
         if improved:
             self.best_eval_reward = ev["reward"]["mean"]
@@ -308,9 +311,17 @@ class RemaxTrainer:
                 save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
                 tmp.replace(self.run_dir / "best_policy.safetensors")
         limit = self.cfg.algo.early_stop_kl
+        if limit is not None and not math.isfinite(self.last_eval_kl):
+            # A NaN compares False with everything: it would silently disable the early stop.
+            log.error("eval KL per token is %s at step %d: stopping", self.last_eval_kl, self.step)
+            self.total_steps = self.step
+            return True
         if limit is not None and self.last_eval_kl >= limit:
             log.info(
-                "early stop at step %d: eval KL %.4f >= %.4f", self.step, self.last_eval_kl, limit
+                "early stop at step %d: eval KL per token %.4f >= %.4f",
+                self.step,
+                self.last_eval_kl,
+                limit,
             )
             self.total_steps = self.step
             return True

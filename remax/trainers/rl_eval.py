@@ -25,12 +25,15 @@ from remax.trainers.loop import mean_stderr, write_json
 
 @torch.no_grad()
 def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
-    """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl``, ``length``."""
+    """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl`` (Σ_t of the
+    answer), ``kl_token`` (the answer's per-token mean, the release's early-stop units), ``length``."""
     cfg = trainer.cfg
     trainer.model.eval()
     greedy = cfg.algo.eval_decoding == EvalDecoding.greedy
     devices = [trainer.device] if trainer.device.type == "cuda" else []
-    out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
+    out: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("reward", "gold", "kl", "kl_token", "length")
+    }
     bs = cfg.train.batch_size
     prompts = distributed.block(trainer.eval_prompts, pad=True)
     with torch.random.fork_rng(devices=devices):
@@ -45,7 +48,9 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
             out["reward"].append(trainer.rewards(ro))
             if cfg.data.source == "synthetic":
                 out["gold"].append(trainer.gold(ro))
-            out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
+            kl = ((logp - ref) * ro.response_mask).sum(-1)  # (b,) Σ_t k1 over the answer
+            out["kl"].append(kl)
+            out["kl_token"].append(kl / ro.lengths.clamp(min=1))
             out["length"].append(ro.lengths.float())
     trainer.model.train()
     n = len(trainer.eval_prompts)

