@@ -119,3 +119,32 @@ def test_dropout_is_off_in_train_mode_for_an_opt_checkpoint(tmp_path, kind):
     ids = torch.randint(2, 30, (4, 12))
     out = [model(input_ids=ids).logits for _ in range(3)]
     assert all(torch.equal(out[0], o) for o in out[1:]), "dropout still acts in train mode"
+
+
+# --------------------------------------------------------------------------- 9. RM export in HF
+
+
+def test_rm_export_scores_in_hf_as_in_training(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from remax.config import RewardModelJobConfig, RunConfig
+    from remax.models.reward import score
+    from remax.run_dir import prepare
+    from remax.trainers import loop
+    from remax.trainers.reward_model import RewardModelTrainer
+
+    train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=2)
+    cfg = RewardModelJobConfig(**SMALL, train=train, run=RunConfig(root=str(tmp_path)))
+    run_dir = prepare(cfg, "reward_model")
+    loop.run(RewardModelTrainer(cfg), cfg, run_dir, "reward_model")
+    export = run_dir / "export"
+
+    ours, tok = load_reward_model(ModelConfig(path=str(export)), seed=0, device="cpu")
+    hf = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    for text in ("ab=ba", "abc=cba", "x=y", "hello="):  # prompt, answer, then the EOS
+        ids = torch.tensor([tok(text)["input_ids"] + [tok.eos_token_id]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            expected = score(ours, ids, mask, torch.tensor([ids.shape[1] - 1]))
+            got = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -17,7 +17,7 @@ from remax.config import RewardModelJobConfig
 from remax.data.batching import EpochSampler, collate_pairs
 from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import build_actor
-from remax.models.reward import load_reward_model, score
+from remax.models.reward import hf_pooling_at_end, load_reward_model, score
 from remax.trainers.loop import select_device
 
 
@@ -119,7 +119,9 @@ class RewardModelTrainer:
         return {"eval": self.evaluate()}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
-        """The module and its weights (consolidated from ZeRO-3 shards: collective)."""
+        """The module and its weights (consolidated from ZeRO-3 shards: collective). Its config
+        lets HF's sequence classifier score at the EOS, as training does (``hf_pooling_at_end``)."""
+        hf_pooling_at_end(self.model, self.tokenizer)
         return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
 
     def state_dict(self) -> dict:
