@@ -35,6 +35,7 @@ import torch
 
 from remax import distributed
 from remax.config import DeepSpeedConfig, DType, OptimConfig, TrainConfig, deepspeed_json
+from remax.master_weights import MasterWeights
 from remax.trainers.loop import build_optimizer, optimizer_step
 
 ENGINE_DIR = "deepspeed"  # inside checkpoints/step_<N>/
@@ -49,7 +50,9 @@ class TorchActor:
     def __init__(self, model, optim: OptimConfig, total_steps: int) -> None:
         self.model = self.module = model
         self.grad_clip = optim.grad_clip
-        self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
+        # bf16 weights: the optimizer steps fp32 copies (remax.master_weights); fp32: the weights.
+        self.master = MasterWeights(model)
+        self.optimizer, self.scheduler = build_optimizer(self.master.params, optim, total_steps)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -58,7 +61,10 @@ class TorchActor:
         # Summed, not averaged: each rank's loss already carries the global normaliser. Every
         # rank then clips and steps on the same gradient and keeps the same weights.
         distributed.all_reduce_grads(self.module.parameters())
-        return optimizer_step(self.module, self.optimizer, self.scheduler, self.grad_clip)
+        self.master.grads_to_master()
+        norm = optimizer_step(self.master.params, self.optimizer, self.scheduler, self.grad_clip)
+        self.master.copy_to_model()
+        return norm
 
     @property
     def lr(self) -> float:
@@ -74,11 +80,16 @@ class TorchActor:
         return self.module.state_dict()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.master.active:
+            state["master"] = self.master.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.master.active:
+            self.master.load_state_dict(state["master"])
 
 
 class DeepSpeedActor:

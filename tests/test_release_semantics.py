@@ -148,3 +148,30 @@ def test_rm_export_scores_in_hf_as_in_training(tmp_path):
             expected = score(ours, ids, mask, torch.tensor([ids.shape[1] - 1]))
             got = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 4. bf16 master weights
+
+
+def test_bf16_without_deepspeed_keeps_fp32_master_weights():
+    from remax.config import OptimConfig, Scheduler
+    from remax.engines import TorchActor
+
+    # A weight of 1.0 in bf16 moves only in steps of 2^-7 ≈ 0.0078; AdamW's update is ≈ lr = 1e-3
+    # per step, below half a step, so without an fp32 copy every update rounds away.
+    model = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    torch.nn.init.ones_(model.weight)
+    optim = OptimConfig(lr=1e-3, grad_clip=0.0, scheduler=Scheduler.constant)
+    actor = TorchActor(model, optim, total_steps=20)
+    x = torch.ones(1, 4, dtype=torch.bfloat16)
+    for _ in range(20):
+        actor.backward(model(x).sum())  # gradient +1 on every weight: Adam steps by −lr
+        actor.step()
+    # fp32 master: 1 − 20·1e-3 = 0.98 (Adam's first step is exactly lr; later ones lr within
+    # 1e-8 with a constant gradient), rounded to bf16 (0.98046875, half-step 0.002).
+    assert model.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.weight.float(), torch.full((1, 4), 0.98), rtol=0, atol=0.002)
+    # A resume restores the fp32 copy, not the rounded bf16 weights.
+    state = actor.state_dict()
+    assert state["master"][0].dtype == torch.float32
+    torch.testing.assert_close(state["master"][0], torch.full((1, 4), 0.98), rtol=0, atol=1e-6)

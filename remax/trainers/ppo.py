@@ -401,6 +401,8 @@ class PPOTrainer:
             state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
             state["critic_optimizer"] = critic["optimizer"]
             state["critic_scheduler"] = critic["scheduler"]
+            if "master" in critic:  # bf16 critic: its fp32 master weights
+                state["critic_master"] = critic["master"]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -409,7 +411,11 @@ class PPOTrainer:
         self.actor.load_state_dict(state)
         if not self.critic_actor.uses_deepspeed:
             self.critic.load_state_dict(state["critic"])
-            self.critic_actor.load_state_dict(
-                {"optimizer": state["critic_optimizer"], "scheduler": state["critic_scheduler"]}
-            )
+            critic = {
+                "optimizer": state["critic_optimizer"],
+                "scheduler": state["critic_scheduler"],
+            }
+            if "critic_master" in state:
+                critic["master"] = state["critic_master"]
+            self.critic_actor.load_state_dict(critic)
         self.sampler.load_state_dict(state["sampler"])
