@@ -175,3 +175,44 @@ def test_bf16_without_deepspeed_keeps_fp32_master_weights():
     state = actor.state_dict()
     assert state["master"][0].dtype == torch.float32
     torch.testing.assert_close(state["master"][0], torch.full((1, 4), 0.98), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 6. rank weighting
+
+
+def test_rank_token_mean_gives_each_rank_an_equal_share_as_the_release():
+    from remax.trainers.conventions import rank_token_denominator
+
+    # The Llama-2 preset: 4 ranks × 1 prompt, one 256-token answer and three of 10 tokens.
+    lengths = [256, 10, 10, 10]
+    masks = [torch.ones(1, n, dtype=torch.bool) for n in lengths]
+    # Weight of an answer in the step = its tokens / its normaliser (advantage 1 everywhere).
+    per_rank = [float(m.sum() / rank_token_denominator(m, 1, 4)) for m in masks]
+    assert per_rank == [0.25] * 4
+    global_share = lengths[0] / sum(lengths)  # aggregation=token_mean: the project's DP-exact mean
+    assert global_share == pytest.approx(0.895, abs=1e-3)
+    # Two micro-batches on a rank: each is a token mean scaled by 1/2 (gradient accumulation).
+    m = torch.ones(1, 8, dtype=torch.bool)
+    assert float(m.sum() / rank_token_denominator(m, 2, 1)) == 0.5
+
+
+# --------------------------------------------------------------------------- 7. special tokens
+
+
+def test_prompt_special_tokens_prefix_the_tokenizers_bos():
+    from tokenizers.processors import TemplateProcessing
+
+    from remax.data.batching import collate_prompts
+    from remax.models.tiny import EOS
+
+    tok = build_tokenizer()
+    # OPT's tokenizer prefixes </s> (its BOS is its EOS): the same on the tiny vocabulary.
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{EOS} $A", special_tokens=[(EOS, tok.eos_token_id)]
+    )
+    plain = collate_prompts(tok, ["ab", "abc"], 12, "cpu")
+    release = collate_prompts(tok, ["ab", "abc"], 12, "cpu", special_tokens=True)
+    assert release.input_ids.shape[1] == plain.input_ids.shape[1] + 1
+    assert release.input_ids[0, -3:].tolist() == [tok.eos_token_id, *tok("ab")["input_ids"][1:]]
+    assert release.attention_mask.sum(-1).tolist() == [3, 4]
+    assert plain.attention_mask.sum(-1).tolist() == [2, 3]

@@ -118,6 +118,17 @@ def train_mask(
     return mask
 
 
+def rank_token_denominator(mask: torch.Tensor, n_micro: int, world_size: int) -> torch.Tensor:
+    """Normaliser of one micro-batch under ``aggregation=rank_token_mean`` (the release).
+
+    The release's loss is a token mean over the micro-batch, scaled by 1/#micro-batches for
+    accumulation, and DeepSpeed averages gradients over ranks; our ranks sum gradients, hence the
+    world size. A rank's tokens thus share 1/N of the step whatever their count: with 4 ranks × 1
+    prompt a 256-token answer weighs 1/4, where the global ``token_mean`` gives it 256/Σ tokens.
+    """
+    return mask.sum().clamp(min=1) * n_micro * world_size
+
+
 def final_summary(trainer, run_dir) -> dict:
     """``evaluate_final`` of an RL trainer: before/after reward, KL and length (collective).
 

@@ -190,7 +190,13 @@ class PPOTrainer:
 
     def rollout(self, prompts: list[str]) -> Rollout:
         """Step 1: one sampled response per prompt."""
-        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        batch = collate_prompts(
+            self.tokenizer,
+            prompts,
+            self.cfg.data.max_prompt_len,
+            self.device,
+            special_tokens=self.cfg.algo.prompt_special_tokens,
+        )
         return self.decode(batch.input_ids, batch.attention_mask, greedy=False)
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:

@@ -147,7 +147,13 @@ class RemaxTrainer:
     def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout]:
         """Steps 1–2: n sampled responses per prompt and one greedy response, in one decode."""
         n = self.cfg.algo.samples_per_prompt
-        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        batch = collate_prompts(
+            self.tokenizer,
+            prompts,
+            self.cfg.data.max_prompt_len,
+            self.device,
+            special_tokens=self.cfg.algo.prompt_special_tokens,
+        )
         B = len(prompts)
         ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
         mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])
@@ -180,6 +186,8 @@ class RemaxTrainer:
         batch across ranks, so the ranks' losses add up to the world-size-1 loss (spec test 20)."""
         if self.cfg.algo.aggregation == Aggregation.token_mean:
             return distributed.all_reduce_sum(mask.sum())
+        if self.cfg.algo.aggregation == Aggregation.rank_token_mean:
+            return None  # per micro-batch: conventions.rank_token_denominator
         return mask.shape[0] * self.world_size
 
     def train_step(self) -> dict:
@@ -200,6 +208,8 @@ class RemaxTrainer:
         denominator = self.denominator(mask)
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
+        n_micro = -(-mask.shape[0] // micro)
+        per_rank = algo.aggregation == Aggregation.rank_token_mean
         kl_sum, loss_sum = 0.0, 0.0
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
@@ -227,8 +237,12 @@ class RemaxTrainer:
                 logprobs,
                 advantages,
                 mask[rows],
-                aggregation=algo.aggregation,
-                denominator=denominator,
+                aggregation=Aggregation.token_mean if per_rank else algo.aggregation,
+                denominator=(
+                    conventions.rank_token_denominator(mask[rows], n_micro, self.world_size)
+                    if per_rank
+                    else denominator
+                ),
             )
             self.actor.backward(loss)
             loss_sum += float(loss.detach())

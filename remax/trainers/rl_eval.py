@@ -40,7 +40,11 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
             batch = collate_prompts(
-                trainer.tokenizer, prompts[i : i + bs], cfg.data.max_prompt_len, trainer.device
+                trainer.tokenizer,
+                prompts[i : i + bs],
+                cfg.data.max_prompt_len,
+                trainer.device,
+                special_tokens=cfg.algo.prompt_special_tokens,
             )
             ro = trainer.decode(batch.input_ids, batch.attention_mask, greedy)
             logp = trainer.logprobs(trainer.model, ro)
