@@ -18,7 +18,6 @@ import logging
 import math
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from remax import distributed
 from remax.algo.kl import full_vocab_kl, kl_penalty
@@ -36,10 +35,11 @@ from remax.config import (
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import build_actor, decode, frozen
+from remax.inputs import InputError
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.rollout import Rollout
-from remax.trainers import conventions, rl_eval
+from remax.trainers import best_actor, conventions, rl_eval
 from remax.trainers.loop import select_device
 
 log = logging.getLogger("remax.trainers.remax")
@@ -63,10 +63,13 @@ class RemaxTrainer:
         self.reward_model = conventions.load_frozen_reward_model(cfg, self.tokenizer, self.device)
         train, held_out = stage_records("prompts", cfg.data)
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
-        self.eval_prompts = [
-            r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
-        ]
-        self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        held = [r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)]
+        self.eval_prompts = held[: cfg.eval_prompts]
+        self.keep_best = cfg.export_policy == ExportPolicy.best_eval_reward
+        # Periodic evals (best actor, KL early stop) on prompts the final report does not use.
+        self.select_prompts = (
+            best_actor.selection_prompts(held, cfg.eval_prompts) if self.keep_best else None
+        )
         # Data parallel: every rank draws the same global batch from the same sampler order and
         # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
         # blocks concatenated in rank order are exactly the world-size-1 batch.
@@ -84,6 +87,12 @@ class RemaxTrainer:
         # reference and RM: as they are, or ZeRO-3 inference engines (remax.engines).
         self.actor = build_actor(model, cfg, self.total_steps, algo.samples_per_prompt)
         self.model = self.actor.module
+        if self.keep_best and getattr(self.actor, "partitioned", False):
+            # The best actor is loaded back into the module for the final evaluation.
+            raise InputError(
+                "export_policy=best_eval_reward with a ZeRO-3 actor (deepspeed.zero_stage=3) is "
+                "not supported: use deepspeed=zero2 or export_policy=last"
+            )
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         placement = dict(train=cfg.train, dtype=cfg.model.dtype)
         self.reference = frozen(reference, cfg.deepspeed, **placement)
@@ -111,6 +120,7 @@ class RemaxTrainer:
             torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.step = 0
         self.best_eval_reward: float | None = None
+        self.best_step: int | None = None
         self.last_eval_kl: float | None = None
 
     # ----------------------------------------------------------------- experience
@@ -309,21 +319,12 @@ class RemaxTrainer:
         every = self.cfg.train.eval_every
         if not every or self.step == 0 or self.step % every:
             return False
-        ev = rl_eval.eval_summary(self)
+        ev = rl_eval.eval_summary(self, self.select_prompts)
         # Per-token units: the release's --target_kl 1.0 is a mean over tokens, not over answers
         # (an answer's Σ_t grows with its length: 256 tokens would stop at ~0.004 nats/token).
         self.last_eval_kl = ev["kl_token"]["mean"]
-        improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
-        if improved:
-            self.best_eval_reward = ev["reward"]["mean"]
-        # Every rank has the same gathered results, hence the same decision; rank 0 writes.
-        if improved:
-            weights = self.actor.full_state_dict()  # collective under ZeRO-3
-            if distributed.is_main():
-                # On disk, not in memory: a resumed run still exports the best actor it has seen.
-                tmp = self.run_dir / "best_policy.safetensors.tmp"
-                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
-                tmp.replace(self.run_dir / "best_policy.safetensors")
+        if self.keep_best:
+            best_actor.consider(self, ev["reward"]["mean"])
         limit = self.cfg.algo.early_stop_kl
         if limit is not None and not math.isfinite(self.last_eval_kl):
             # A NaN compares False with everything: it would silently disable the early stop.
@@ -342,14 +343,21 @@ class RemaxTrainer:
         return False
 
     def evaluate_final(self, run_dir) -> dict:
-        """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
-        return conventions.final_summary(self, run_dir)
+        """Collective (every rank calls it); rank 0 writes ``eval_after.json``. With
+        ``best_eval_reward`` the final actor competes, then the exported actor is evaluated."""
+        export = {"policy": self.cfg.export_policy.value, "step": self.step}
+        if self.keep_best:
+            best_actor.consider(
+                self, rl_eval.eval_summary(self, self.select_prompts)["reward"]["mean"]
+            )
+            best_actor.load_best(self)
+            export.update(step=self.best_step, selection_reward=self.best_eval_reward)
+        return {**conventions.final_summary(self, run_dir), "export": export}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The module to save and its weights (None: its own). Collective under ZeRO-3."""
-        best = run_dir / "best_policy.safetensors"
-        if self.cfg.export_policy == ExportPolicy.best_eval_reward and best.exists():
-            return self.model, load_file(best)
+        if self.keep_best:  # evaluate_final loaded the best actor into the module
+            return self.model, None
         if self.actor.uses_deepspeed:
             return self.model, self.actor.full_state_dict()
         return self.model, None
@@ -362,6 +370,7 @@ class RemaxTrainer:
             **self.actor.state_dict(),  # optimizer, scheduler (in the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
             "best_eval_reward": self.best_eval_reward,
+            "best_step": self.best_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -370,3 +379,4 @@ class RemaxTrainer:
         self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
         self.best_eval_reward = state["best_eval_reward"]
+        self.best_step = state.get("best_step")  # absent in checkpoints of earlier versions

@@ -24,7 +24,7 @@ from remax.trainers.loop import mean_stderr, write_json
 
 
 @torch.no_grad()
-def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
+def evaluate_policy(trainer, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
     """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl`` (Σ_t of the
     answer), ``kl_token`` (the answer's per-token mean, the release's early-stop units), ``length``."""
     cfg = trainer.cfg
@@ -35,7 +35,9 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
         k: [] for k in ("reward", "gold", "kl", "kl_token", "length")
     }
     bs = cfg.train.batch_size
-    prompts = distributed.block(trainer.eval_prompts, pad=True)
+    prompts = trainer.eval_prompts if prompts is None else prompts
+    n = len(prompts)
+    prompts = distributed.block(prompts, pad=True)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
@@ -57,13 +59,13 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
             out["kl_token"].append(kl / ro.lengths.clamp(min=1))
             out["length"].append(ro.lengths.float())
     trainer.model.train()
-    n = len(trainer.eval_prompts)
     return {k: distributed.all_gather_cat(torch.cat(v))[:n] for k, v in out.items() if v}
 
 
-def eval_summary(trainer) -> dict:
-    """``{metric: {"mean", "stderr", "n"}}`` of :func:`evaluate_policy` (collective)."""
-    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer).items()}
+def eval_summary(trainer, prompts: list[str] | None = None) -> dict:
+    """``{metric: {"mean", "stderr", "n"}}`` of :func:`evaluate_policy` (collective); ``prompts``
+    defaults to the trainer's held-out ``eval_prompts``."""
+    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer, prompts).items()}
 
 
 def write_eval_before(trainer, run_dir: Path) -> None:
