@@ -14,7 +14,7 @@ import torch
 from jobs._config import fail
 from remax import distributed
 from remax.engines import close_all
-from remax.inputs import InputError, check_model_paths
+from remax.inputs import InputError, check_inputs
 from remax.log import init_logging
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
@@ -77,7 +77,7 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
     # Inputs first, run dir second: a missing export or a malformed data file is one line and
     # exit 2 with nothing written (the trainer reads every input when it is built).
     try:
-        check_model_paths(config)
+        check_inputs(config)
         trainer = None if stage == "evaluate" else _trainer(stage, config)
     except InputError as exc:
         fail(str(exc))

@@ -65,6 +65,31 @@ def check_model_paths(config) -> None:
         check_model_path(f"policies[{i}]", path)
 
 
+def check_data_source(key: str, source: str | None) -> None:
+    """A local data path that does not exist fails here, before any model is loaded (hub names
+    and the built-in sets are left to the loaders)."""
+    if source is None or source in ("synthetic", "held_out"):
+        return
+    local = Path(source).expanduser()
+    if local.exists():
+        return
+    if _HUB_ID.match(source) and local.suffix not in (".json", ".jsonl", ".parquet", ".txt"):
+        return
+    raise InputError(
+        f"{key}={source!r}: no such file or directory; fix the path, or give a hub dataset as "
+        "owner/name (e.g. Dahoas/rm-static)"
+    )
+
+
+def check_inputs(config) -> None:
+    """Every model path and local data path a stage config names, before anything is loaded."""
+    check_model_paths(config)
+    data = getattr(config, "data", None)
+    if data is not None:
+        check_data_source("data.source", data.source)
+    check_data_source("prompt_source", getattr(config, "prompt_source", None))
+
+
 def data_error(source: str, exc: Exception) -> InputError:
     """``exc`` from reading ``data.source`` as an InputError that names the key."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -55,7 +55,17 @@ CASES = {
     "missing data.source": (
         "remax",
         lambda f: [f"reward_model.path={f['rm']}", f"data.source={f['root']}/missing.jsonl"],
-        "data source not found",
+        "no such file",
+    ),
+    "missing evaluate prompt_source": (
+        "evaluate",
+        lambda f: [f"policies=[{f['sft']}]", f"prompt_source={f['root']}/missing.jsonl"],
+        "prompt_source=",
+    ),
+    "missing evaluate policy": (
+        "evaluate",
+        lambda f: [f"policies=[{f['root']}/missing]"],
+        "policies[0]=",
     ),
     "empty data.source": (
         "sft",
@@ -79,12 +89,15 @@ CASES = {
 def test_bad_runtime_input_is_one_line_exit_2_nothing_written(tmp_path, files, case):
     stage, args, needle = CASES[case]
     root = tmp_path / "runs"
-    proc = run_job(f"jobs.{stage}", f"run.root={root}", *COMMON, *args(files), check=False)
+    common = COMMON if stage != "evaluate" else COMMON[:2]  # evaluate has no train group
+    proc = run_job(f"jobs.{stage}", f"run.root={root}", *common, *args(files), check=False)
     # Progress bars of a model loaded before the data may precede it; the error is one last line.
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in lines if line.startswith("error: ")]
     assert errors == lines[-1:] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert needle in errors[0]
-    assert "data.source=" in errors[0] or ".path=" in errors[0], "the line names the key"
+    assert any(k in errors[0] for k in ("data.source=", ".path=", "prompt_source=", "policies[")), (
+        "the line names the key"
+    )
     assert not root.exists(), f"written: {sorted(root.rglob('*'))}"
