@@ -153,7 +153,7 @@ def test_rm_export_scores_in_hf_as_in_training(tmp_path):
 # --------------------------------------------------------------------------- 4. bf16 master weights
 
 
-def test_bf16_without_deepspeed_keeps_fp32_master_weights():
+def test_bf16_without_deepspeed_keeps_fp32_master_weights(tmp_path):
     from remax.config import OptimConfig, Scheduler
     from remax.engines import TorchActor
 
@@ -172,7 +172,8 @@ def test_bf16_without_deepspeed_keeps_fp32_master_weights():
     assert model.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.weight.float(), torch.full((1, 4), 0.98), rtol=0, atol=0.002)
     # A resume restores the fp32 copy, not the rounded bf16 weights.
-    state = actor.state_dict()
+    actor.save(tmp_path)
+    state = torch.load(tmp_path / "actor_optimizer.pt", weights_only=True)
     assert state["master"][0].dtype == torch.float32
     torch.testing.assert_close(state["master"][0], torch.full((1, 4), 0.98), rtol=0, atol=1e-6)
 

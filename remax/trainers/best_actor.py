@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from remax import distributed
+from remax.fileio import atomic_write
 from remax.inputs import InputError
 
 BEST_FILE = "best_policy.safetensors"
@@ -43,9 +44,8 @@ def consider(trainer, reward: float) -> bool:
     trainer.best_eval_reward, trainer.best_step = reward, trainer.step
     weights = trainer.actor.full_state_dict()  # collective under ZeRO-3
     if distributed.is_main():  # every rank has the same gathered results: rank 0 writes
-        tmp = Path(trainer.run_dir) / (BEST_FILE + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
-        tmp.replace(Path(trainer.run_dir) / BEST_FILE)
+        cpu = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        atomic_write(Path(trainer.run_dir) / BEST_FILE, lambda tmp: save_file(cpu, tmp))
     return True
 
 

@@ -17,11 +17,11 @@ import torch
 from remax import distributed
 from remax.config import EmptyResponse
 from remax.data import synthetic
+from remax.fileio import write_json
 from remax.inputs import InputError
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
 from remax.trainers import rl_eval
-from remax.trainers.loop import write_json
 
 log = logging.getLogger("remax.trainers")
 
