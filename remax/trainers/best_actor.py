@@ -25,8 +25,9 @@ MIN_SELECTION = 64  # the same floor as eval_prompts: a choice on fewer is mostl
 
 
 def selection_prompts(held_out: list[str], eval_prompts: int) -> list[str]:
-    """The held-out prompts after the reported ones; InputError when too few remain."""
-    rest = held_out[eval_prompts:]
+    """Up to ``eval_prompts`` held-out prompts after the reported ones (a periodic eval then costs
+    what it cost on the reported set); InputError when fewer than 64 remain."""
+    rest = held_out[eval_prompts : 2 * eval_prompts]
     if len(rest) < MIN_SELECTION:
         raise InputError(
             f"data.num_eval={len(held_out)} held-out prompts leave {len(rest)} after "
