@@ -13,9 +13,11 @@ from jobs import _policy
 from jobs._config import fail
 from remax import distributed, ledger, preemption, watchdog
 from remax.engines import close_all
+from remax.inputs import InputError, check_inputs
 from remax.log import init_logging
 from remax.preemption import StopRequest
 from remax.run_dir import RunDirError, prepare, run_dir_for
+from remax.seeding import seed_everything
 from remax.watchdog import Watchdog
 
 log = logging.getLogger("remax.jobs")
@@ -57,6 +59,9 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
         torch.set_num_threads(config.cluster.num_threads)
     # One process per GPU (torchrun or Slurm tasks); a no-op in a plain single process.
     env = distributed.init_distributed()
+    # Before any model is built or loaded: a run is a function of its config whatever the model
+    # source (a tiny model from config or an export); each rank its own reproducible stream.
+    seed_everything(distributed.rank_seed(config.seed))
     if env.world_size > 1 and stage == "evaluate":
         # Every training stage is data parallel; evaluation is one process (its resumable
         # partial/*.jsonl files have one writer).
@@ -64,6 +69,13 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
             f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
+    # Inputs first, run dir second: a missing export or a malformed data file is one line and
+    # exit 2 with nothing written (the trainer reads every input when it is built).
+    try:
+        check_inputs(config)
+        trainer = None if stage == "evaluate" else _trainer(stage, config)
+    except InputError as exc:
+        fail(str(exc))
     try:
         run_dir = prepare(config, stage) if distributed.is_main() else None
     except RunDirError as exc:
@@ -71,7 +83,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     distributed.barrier()  # rank 0 created (or checked) the run dir
     run_dir = run_dir or run_dir_for(config, stage)
     log.info("%s run dir: %s", stage, run_dir)
-    summary = _guarded(stage, config, run_dir, stop)
+    summary = _guarded(stage, config, run_dir, stop, trainer)
     if summary is None:
         log.info("%s stopped for a requeue: %s", stage, run_dir)
         if requeue_self:
@@ -98,7 +110,7 @@ def requeue_or_fail(run_dir) -> None:
     sys.exit(preemption.EXIT_REQUEUED)
 
 
-def _guarded(stage: str, config, run_dir, stop) -> dict | None:
+def _guarded(stage: str, config, run_dir, stop, trainer) -> dict | None:
     """The stage under the failure policy: segment ledger, watchdog, failure classes."""
     main = distributed.is_main()
     ledger.begin()
@@ -114,7 +126,7 @@ def _guarded(stage: str, config, run_dir, stop) -> dict | None:
         )
         watchdog.activate(dog.start())
     try:
-        summary = _run(stage, config, run_dir, stop)
+        summary = _run(stage, config, run_dir, stop, trainer)
     except Exception as exc:
         if main:
             cls = _policy.on_exception(run_dir, exc, stage)
@@ -133,7 +145,7 @@ def _stop_reason(stop) -> str:
     return reason.value if reason is not None else "stopped"
 
 
-def _run(stage: str, config, run_dir, stop) -> dict | None:
+def _run(stage: str, config, run_dir, stop, trainer) -> dict | None:
     from remax.trainers import loop
 
     if stage == "evaluate":
@@ -145,6 +157,6 @@ def _run(stage: str, config, run_dir, stop) -> dict | None:
         except preemption.Stopped:  # between two answer batches: the done ones are on disk
             return None
     try:
-        return loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+        return loop.run(trainer, config, run_dir, stage, stop=stop)
     finally:
         close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)

@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from remax import distributed
 from remax.checkpoint import save_weights
 from remax.config import DeepSpeedConfig, DType, OptimConfig, TrainConfig, deepspeed_json
+from remax.master_weights import MasterWeights
 from remax.optim import build_optimizer, optimizer_step
 
 ENGINE_DIR = "deepspeed"  # inside checkpoints/step_<N>/
@@ -86,7 +87,9 @@ class TorchActor:
         self.name = name
         self.forward_module = self.module = model
         self.grad_clip = optim.grad_clip
-        self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
+        # bf16 weights: the optimizer steps fp32 copies (remax.master_weights); fp32: the weights.
+        self.master = MasterWeights(model)
+        self.optimizer, self.scheduler = build_optimizer(self.master.params, optim, total_steps)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -95,7 +98,10 @@ class TorchActor:
         # Summed, not averaged: each rank's loss already carries the global normaliser. Every
         # rank then clips and steps on the same gradient and keeps the same weights.
         distributed.all_reduce_grads(self.module.parameters())
-        return optimizer_step(self.module, self.optimizer, self.scheduler, self.grad_clip)
+        self.master.grads_to_master()
+        norm = optimizer_step(self.master.params, self.optimizer, self.scheduler, self.grad_clip)
+        self.master.copy_to_model()
+        return norm
 
     @property
     def lr(self) -> float:
@@ -123,6 +129,8 @@ class TorchActor:
         weights, optimizer = self._files(directory)
         save_weights(self.module.state_dict(), weights)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.master.active:  # the fp32 copies: not derivable from the bf16 weights
+            state["master"] = self.master.state_dict()
         torch.save(state, optimizer)
 
     def load(self, directory: Path) -> None:
@@ -137,6 +145,8 @@ class TorchActor:
         state = torch.load(optimizer, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.master.active:
+            self.master.load_state_dict(state["master"])
 
 
 class DeepSpeedActor:

@@ -146,8 +146,8 @@ def test_remax_default_is_remax_official():
     assert algo.kl_coef == 0.05
     assert algo.gamma == 0.99
     assert algo.reward_clip == 5.0
-    assert algo.aggregation is Aggregation.token_mean
-    assert algo.top_p == 0.9
+    assert algo.aggregation is Aggregation.rank_token_mean
+    assert algo.top_p == 0.9 and algo.top_k == 50
 
 
 def test_remax_paper_is_algorithm_1():

@@ -304,3 +304,20 @@ def test_wandb_key_never_lands_in_pickles_scripts_configs_or_logs(tmp_path):
     assert any(p.suffix == ".pkl" for p in files) and any(p.name.endswith(".sh") for p in files)
     leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert not leaked, f"W&B key written into {leaked}"
+
+
+def test_usr2_requeue_from_exports_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """The real path: SFT and RM exports as inputs. Before every RNG was seeded at stage start,
+    two such runs already differed, requeued or not."""
+    from tiny_exports import save_tiny_exports
+
+    sft, rm = save_tiny_exports(tmp_path / "exports")
+    inputs = (f"model.path={sft}", f"reward_model.path={rm}", "seed=7", "log.wandb_mode=disabled")
+    ref = _submit(tmp_path / "ref", *inputs)
+    rec = _submit(tmp_path / "usr2", *inputs)
+    _wait_for(Path(rec["run_dir"]), "checkpoints/step_10", timeout=600)
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    _wait_done(ref["job_id"], timeout=900)
+    _assert_same_export(ref["run_dir"], rec["run_dir"])

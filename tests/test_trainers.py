@@ -120,7 +120,7 @@ def test_with_kl_only_the_kl_term_remains_when_sample_equals_greedy():
     assert any(torch.count_nonzero(g) > 0 for g in _grads(trainer.model))
 
 
-@pytest.mark.parametrize("mode", [EmptyResponse.space_token, EmptyResponse.mask])
+@pytest.mark.parametrize("mode", list(EmptyResponse))
 def test_empty_answers_are_handled_without_nan(mode):
     trainer = _remax(empty_response=mode)
     # A large EOS bias on the LM head's output: every answer is empty (EOS first).
@@ -133,8 +133,10 @@ def test_empty_answers_are_handled_without_nan(mode):
         if mode == EmptyResponse.space_token:
             assert (sampled.response[:, 0] == trainer.space_id).all()
             assert mask[:, :2].all() and sampled.lengths.eq(2).all()
-        else:
+        elif mode == EmptyResponse.mask:
             assert not mask.any()
+        else:  # keep: the EOS of an empty answer is a trained action
+            assert mask[:, 0].all() and not mask[:, 1:].any()
         metrics = trainer.train_step()
     finally:
         handle.remove()

@@ -61,6 +61,8 @@ for the token estimators."""
 AGGREGATIONS: dict[Aggregation, Callable[..., torch.Tensor]] = {
     Aggregation.token_mean: token_mean,
     Aggregation.seq_sum: seq_sum,
+    # A token mean too: the caller passes each rank's micro-batch normaliser as ``denominator``.
+    Aggregation.rank_token_mean: token_mean,
 }
 """Per-token values (B, T) → scalar. Signature: ``(*, values, mask, denominator=None)``."""
 

@@ -70,7 +70,10 @@ class Aggregation(str, Enum):
     """How per-token policy-gradient terms become one scalar (spec §4 row 10)."""
 
     seq_sum = "seq_sum"  # Algorithm 1: sum over tokens, mean over sequences
-    token_mean = "token_mean"  # the release: mean over every valid token of the batch
+    token_mean = "token_mean"  # mean over every valid token of the global batch (all ranks)
+    # The release's DeepSpeed loss: a token mean per micro-batch of each rank, averaged over
+    # micro-batches and ranks, so every rank's batch weighs 1/N whatever its token count.
+    rank_token_mean = "rank_token_mean"
 
 
 class LogprobDist(str, Enum):
@@ -84,7 +87,10 @@ class EmptyResponse(str, Enum):
     """Handling of a response with no valid token (spec §4 row 14)."""
 
     space_token = "space_token"  # the release overwrites the first response token with " "
-    mask = "mask"  # keep it empty: the row contributes nothing to the loss
+    keep = "keep"  # Algorithm 1: an EOS-first answer is an answer; its EOS is trained as any token
+    mask = (
+        "mask"  # ablation: the row contributes nothing to the loss (biased, remax-spec §4 row 14)
+    )
 
 
 class EvalDecoding(str, Enum):

@@ -20,7 +20,7 @@ One module per concern; this package re-exports every schema so callers write
 | ``cluster`` | ``cluster`` |
 | ``stages`` / ``evaluate`` | the stage roots |
 
-Defaults of :class:`RemaxAlgoConfig` are the paper's Algorithm 1 (remax-spec §4.1); every departure
+Defaults of :class:`RemaxAlgoConfig` are the paper's Algorithm 1 (remax-spec §4.2); every departure
 is one explicit line of a preset in ``hydra_conf/algo/``.
 """
 

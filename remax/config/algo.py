@@ -47,12 +47,20 @@ class RemaxAlgoConfig(SamplingFields):
     """Which distribution the log-probs score (see remax-spec test 19)."""
     train_on_eos: bool = True
     """EOS is a trained action and the RM reads it."""
-    empty_response: EmptyResponse = EmptyResponse.mask
-    """Handling of answers that end at once: ``space_token`` (release) or ``mask``."""
+    empty_response: EmptyResponse = EmptyResponse.keep
+    """Answers that end at once: ``keep`` (Algorithm 1: trained like any answer), ``space_token``
+    (the release: rewritten to " " + EOS) or ``mask`` (no gradient; biases the EOS logit)."""
+    empty_max_tokens: int = 0
+    """``space_token`` only: answers with at most this many tokens before EOS count as empty. The
+    release rewrites answers with <= 1 non-pad token (``remax_trainer.py`` generate_experience): 1."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers."""
+    prompt_special_tokens: bool = False
+    """Tokenize prompts with the tokenizer's special tokens (BOS for Llama, ``</s>`` for OPT), as
+    the release's data pipeline does; False: the prompt's own tokens only."""
     early_stop_kl: float | None = None
-    """Stop when eval KL reaches this value (release: 1.0); None never stops."""
+    """Stop when the periodic eval's mean per-token KL (nats/token) reaches this value (release:
+    1.0, ``--target_kl``, a per-token mean); None never stops."""
     epochs: int = 1
     """Passes over one rollout. Fixed at 1: ReMax is on-policy with no importance ratio."""
 
@@ -66,6 +74,8 @@ class RemaxAlgoConfig(SamplingFields):
             "use a positive bound or null for no clip",
         )
         self.check_sampling("algo.")
+        _check_empty(self.empty_max_tokens)
+        _check_reference_support(self)
         _require(
             self.samples_per_prompt >= 1,
             "algo.samples_per_prompt",
@@ -113,10 +123,16 @@ class PPOAlgoConfig(SamplingFields):
     """EOS is a trained action and carries the score (the ReMax release's convention; DS-Chat's
     "+1" end index expresses the same placement, remax-spec §7)."""
     empty_response: EmptyResponse = EmptyResponse.mask
-    """Answers that end at once: ``space_token`` (the ReMax release) or ``mask`` (no gradient; the
-    closest to DS-Chat, which drops answers of at most one token)."""
+    """Answers that end at once: ``space_token`` (the ReMax release), ``keep`` (trained like any
+    answer) or ``mask`` (no gradient; the closest to DS-Chat, which drops answers of at most one
+    token)."""
+    empty_max_tokens: int = 0
+    """``space_token`` only: answers with at most this many tokens before EOS count as empty (the
+    ReMax release: 1)."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers (the same as the ReMax run's for a fair comparison)."""
+    prompt_special_tokens: bool = False
+    """Tokenize prompts with the tokenizer's special tokens (BOS), as the ReMax release does."""
 
     def __post_init__(self) -> None:
         _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.1")
@@ -140,3 +156,29 @@ class PPOAlgoConfig(SamplingFields):
             "use a positive bound or null for no clip",
         )
         self.check_sampling("algo.")
+        _check_empty(self.empty_max_tokens)
+
+
+def _check_empty(empty_max_tokens: int) -> None:
+    _require(
+        empty_max_tokens in (0, 1),
+        "algo.empty_max_tokens",
+        empty_max_tokens,
+        "use 0 (EOS-first answers) or 1 (the release: <= 1 token)",
+    )
+
+
+def _check_reference_support(algo: RemaxAlgoConfig) -> None:
+    # sampling_adjusted scores the reference with the policy's top-p/top-k filter too: a token
+    # inside the policy's nucleus but outside the reference's has log π_ref = −inf, so the KL
+    # penalty and the eval KL (the early stop) become infinite or NaN.
+    truncated = algo.top_p < 1 or algo.top_k > 0
+    uses_kl = algo.kl_coef > 0 or algo.early_stop_kl is not None
+    _require(
+        not (algo.logprob_dist == LogprobDist.sampling_adjusted and truncated and uses_kl),
+        "algo.logprob_dist",
+        getattr(algo.logprob_dist, "value", algo.logprob_dist),
+        f"sampling_adjusted with top_p={algo.top_p}, top_k={algo.top_k} gives log π_ref = −inf for "
+        "tokens outside the reference's nucleus (infinite KL): use raw_softmax, or kl_coef=0 and "
+        "early_stop_kl=null",
+    )

@@ -63,8 +63,16 @@ def _prompt_response(tokenizer, prompt: str, response: str, max_prompt_len: int,
     return p, r
 
 
-def collate_prompts(tokenizer, prompts: list[str], max_prompt_len: int, device) -> PromptBatch:
-    rows = [prompt_ids(tokenizer, p, max_prompt_len) for p in prompts]
+def collate_prompts(
+    tokenizer, prompts: list[str], max_prompt_len: int, device, *, special_tokens: bool = False
+) -> PromptBatch:
+    """Left-truncated, left-padded prompts. ``special_tokens``: the tokenizer's own prefix (BOS
+    for Llama, ``</s>`` for OPT, nothing for the tiny tokenizer), as the release's tokenizer call
+    adds; left truncation then keeps the last ``max_prompt_len`` tokens like any prompt's."""
+    if special_tokens:
+        rows = [tokenizer(p)["input_ids"][-max_prompt_len:] for p in prompts]
+    else:
+        rows = [prompt_ids(tokenizer, p, max_prompt_len) for p in prompts]
     return PromptBatch(*_left_pad(rows, tokenizer.pad_token_id, device))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from remax.config import DataConfig
 from remax.data import synthetic
+from remax.inputs import data_error
 
 _STAGE_INDEX = {"sft": 0, "preference": 1, "prompts": 2}
 
@@ -44,7 +45,10 @@ def stage_records(kind: str, cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` records of ``kind`` in {"sft", "preference", "prompts"}."""
     if cfg.source == "synthetic":
         return _synthetic(kind, cfg)
-    return _real(kind, cfg)
+    try:
+        return _real(kind, cfg)
+    except (OSError, ValueError) as exc:  # missing, empty or malformed file; wrong columns
+        raise data_error(cfg.source, exc) from exc
 
 
 def format_prompts(records: list[dict], cfg: DataConfig, tokenizer=None) -> list[dict]:

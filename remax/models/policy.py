@@ -29,6 +29,7 @@ _DROPOUT_KEYS = (
     "attn_pdrop",
     "hidden_dropout_prob",
     "attention_probs_dropout_prob",
+    "layerdrop",
 )
 
 
@@ -48,13 +49,21 @@ def load_tokenizer(path: str | None):
 
 
 def disable_dropout(model: PreTrainedModel) -> None:
-    """RL and reward scoring run with dropout off (release scripts), so logp is deterministic."""
+    """RL and reward scoring run with dropout off (release scripts), so logp is deterministic.
+
+    Editing the config is not enough: some architectures (OPT, GPT-2-style) copy the probability
+    into each layer as a plain float when the model is built and call ``F.dropout`` with it, so
+    every module's float ``*dropout*`` attribute (and OPT's ``layerdrop``) is zeroed as well.
+    """
     for key in _DROPOUT_KEYS:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(module, name, 0.0)
 
 
 def load_policy(cfg: ModelConfig, *, seed: int, device: torch.device):

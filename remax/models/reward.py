@@ -68,3 +68,19 @@ def score(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     end_hidden = hidden[rows, end_index]  # (B, H): only the end token goes through the head
     return model.score(end_hidden).squeeze(-1).float()
+
+
+def hf_pooling_at_end(model: PreTrainedModel, tokenizer) -> None:
+    """Make ``AutoModelForSequenceClassification`` on the export read where :func:`score` reads.
+
+    HF pools at the last token that is not ``config.pad_token_id``; with pad == eos that skips the
+    EOS the RM was trained on (a different score). With no pad id HF reads the last token, which
+    is the EOS of a sequence given as text + EOS, one at a time (HF refuses unpadded batches > 1
+    with an error rather than scoring them wrongly). Our own loaders set the pad id back from the
+    tokenizer (:func:`load_reward_model`).
+    """
+    if (
+        model.config.pad_token_id is not None
+        and model.config.pad_token_id == tokenizer.eos_token_id
+    ):
+        model.config.pad_token_id = None

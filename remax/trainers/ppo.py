@@ -38,7 +38,6 @@ Notation: B batch, P prompt length, T response length, V vocab.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections import defaultdict
 from dataclasses import replace
@@ -48,17 +47,15 @@ import torch
 from remax import distributed
 from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
-from remax.config import EmptyResponse, PPOJobConfig
-from remax.data import synthetic
+from remax.config import PPOJobConfig
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
 from remax.engines import build_actor, decode, frozen
-from remax.fileio import write_json
 from remax.models.policy import load_policy, position_ids, response_logprobs
-from remax.models.reward import load_reward_model, score
+from remax.models.reward import load_reward_model
 from remax.rollout import Rollout
-from remax.trainers import rl_eval
+from remax.trainers import conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.ppo")
 
@@ -87,23 +84,13 @@ class PPOTrainer:
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
         distributed.broadcast_params(self.model)  # rank 0's weights, before an engine shards them
         self.reference = copy.deepcopy(self.model)
-        self.reward_model = None
-        if cfg.reward_model.path is not None:
-            # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
-            self.reward_model, rm_tok = load_reward_model(
-                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
-            )
-            if rm_tok.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(
-                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
-                    f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
-                )
+        self.reward_model = conventions.load_frozen_reward_model(cfg, self.tokenizer, self.device)
+        if self.reward_model is not None:
             # The critic starts as a trainable copy of the RM, in the actor's dtype and grad-ckpt.
             self.critic, _ = load_reward_model(
                 cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
             )
         else:
-            log.info("reward_model.path is null: the synthetic task's gold score is the reward")
             torch.manual_seed(cfg.seed + 1)  # a fresh head (and tiny backbone), not the policy's
             self.critic, _ = load_reward_model(cfg.model, seed=cfg.seed + 1, device=self.device)
         self.critic.requires_grad_(True)
@@ -169,56 +156,45 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------- experience
     def _postprocess(self, rollout: Rollout) -> Rollout:
-        """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
-        if self.cfg.algo.empty_response != EmptyResponse.space_token:
-            return rollout
-        empty = (rollout.lengths == 1) & (rollout.response[:, 0] == self.tokenizer.eos_token_id)
-        if not bool(empty.any()):
-            return rollout
-        response, mask = rollout.response, rollout.response_mask
-        if response.shape[1] < 2:  # every row stopped at once: make room for " " + EOS
-            pad = torch.full_like(response, self.tokenizer.pad_token_id)
-            response = torch.cat([response, pad], 1)
-            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
-        response, mask = response.clone(), mask.clone()
-        response[empty, 0] = self.space_id
-        response[empty, 1] = self.tokenizer.eos_token_id
-        mask[empty, 1] = True
-        return rollout._replace(response=response, response_mask=mask)
+        """Empty answers per ``algo.empty_response`` (``conventions.rewrite_empty``)."""
+        tok, algo = self.tokenizer, self.cfg.algo
+        return conventions.rewrite_empty(
+            rollout,
+            mode=algo.empty_response,
+            max_tokens=algo.empty_max_tokens,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            space_id=self.space_id,
+        )
 
     def train_mask(self, rollout: Rollout) -> torch.Tensor:
-        """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
-        under ``empty_response=mask``). Contiguous from column 0, as ``ppo_rewards`` requires."""
-        mask = rollout.response_mask.clone()
-        is_eos = (rollout.response == self.tokenizer.eos_token_id) & mask
-        if self.cfg.algo.empty_response == EmptyResponse.mask:
-            mask[is_eos[:, 0]] = False
-        if not self.cfg.algo.train_on_eos:
-            mask &= ~is_eos
-        return mask
+        """(B, T) bool: tokens that get a gradient (``conventions.train_mask``). Contiguous from
+        column 0, as ``ppo_rewards`` requires."""
+        algo = self.cfg.algo
+        return conventions.train_mask(
+            rollout,
+            eos_id=self.tokenizer.eos_token_id,
+            empty_response=algo.empty_response,
+            train_on_eos=algo.train_on_eos,
+        )
 
-    @torch.no_grad()
     def rewards(self, rollout: Rollout) -> torch.Tensor:
         """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
-        if self.reward_model is None:
-            return self.gold(rollout)
-        return score(
-            self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index
-        )
+        return conventions.rewards(self.reward_model, self.tokenizer, rollout)
 
     def gold(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the synthetic task's programmatic score of each decoded response."""
-        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
-        responses = self.tokenizer.batch_decode(
-            rollout.response * rollout.response_mask, skip_special_tokens=True
-        )
-        return torch.tensor(
-            [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)], device=self.device
-        )
+        return conventions.gold(self.tokenizer, rollout)
 
     def rollout(self, prompts: list[str]) -> Rollout:
         """Step 1: one sampled response per prompt."""
-        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        batch = collate_prompts(
+            self.tokenizer,
+            prompts,
+            self.cfg.data.max_prompt_len,
+            self.device,
+            special_tokens=self.cfg.algo.prompt_special_tokens,
+        )
         return self.decode(batch.input_ids, batch.attention_mask, greedy=False)
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
@@ -409,22 +385,7 @@ class PPOTrainer:
 
     def evaluate_final(self, run_dir) -> dict:
         """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
-        before = json.loads((run_dir / "eval_before.json").read_text())
-        after = rl_eval.eval_summary(self)
-        if distributed.is_main():
-            write_json(run_dir / "eval_after.json", after)
-        ev = {
-            "reward_before": before["reward"],
-            "reward_after": after["reward"],
-            "kl_after": after["kl"]["mean"],
-            "kl_after_stderr": after["kl"]["stderr"],
-            "length_before": before["length"]["mean"],
-            "length_after": after["length"]["mean"],
-        }
-        if "gold" in after:
-            ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
-        reward_source = "reward_model" if self.reward_model is not None else "gold"
-        return {"eval": ev, "reward_source": reward_source}
+        return conventions.final_summary(self, run_dir)
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The actor and its weights (consolidated from ZeRO-3 shards: collective)."""

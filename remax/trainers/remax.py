@@ -14,11 +14,10 @@ training-time log-probs are one forward: with dropout off and one on-policy pass
 from __future__ import annotations
 
 import copy
-import json
 import logging
+import math
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from remax import distributed
 from remax.algo.logprobs import logprobs_from_logits
@@ -28,23 +27,20 @@ from remax.algo.sampling import filter_logits
 from remax.config import (
     Aggregation,
     Baseline,
-    EmptyResponse,
     ExportPolicy,
     KLEstimator,
     LogprobDist,
     RemaxJobConfig,
 )
-from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
 from remax.engines import build_actor, decode, frozen
-from remax.fileio import atomic_write, write_json
+from remax.inputs import InputError
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
-from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
-from remax.trainers import rl_eval
+from remax.trainers import best_actor, conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.remax")
 
@@ -64,25 +60,16 @@ class RemaxTrainer:
         # Rank 0's weights everywhere, before any engine shards them.
         distributed.broadcast_params(model)
         reference = copy.deepcopy(model)
-        self.reward_model = None
-        if cfg.reward_model.path is not None:
-            # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
-            self.reward_model, rm_tok = load_reward_model(
-                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
-            )
-            if rm_tok.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(
-                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
-                    f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
-                )
-        else:
-            log.info("reward_model.path is null: the synthetic task's gold score is the reward")
+        self.reward_model = conventions.load_frozen_reward_model(cfg, self.tokenizer, self.device)
         train, held_out = stage_records("prompts", cfg.data)
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
-        self.eval_prompts = [
-            r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
-        ]
-        self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        held = [r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)]
+        self.eval_prompts = held[: cfg.eval_prompts]
+        self.keep_best = cfg.export_policy == ExportPolicy.best_eval_reward
+        # Periodic evals (best actor, KL early stop) on prompts the final report does not use.
+        self.select_prompts = (
+            best_actor.selection_prompts(held, cfg.eval_prompts) if self.keep_best else None
+        )
         # Data parallel: every rank draws the same global batch from the same sampler order and
         # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
         # blocks concatenated in rank order are exactly the world-size-1 batch.
@@ -96,6 +83,12 @@ class RemaxTrainer:
         # reference and RM: as they are, or ZeRO-3 inference engines (remax.engines).
         self.actor = build_actor(model, cfg, self.total_steps, algo.samples_per_prompt)
         self.model = self.actor.module
+        if self.keep_best and getattr(self.actor, "partitioned", False):
+            # The best actor is loaded back into the module for the final evaluation.
+            raise InputError(
+                "export_policy=best_eval_reward with a ZeRO-3 actor (deepspeed.zero_stage=3) is "
+                "not supported: use deepspeed=zero2 or export_policy=last"
+            )
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         placement = dict(train=cfg.train, dtype=cfg.model.dtype)
         self.reference = frozen(reference, cfg.deepspeed, **placement)
@@ -123,62 +116,50 @@ class RemaxTrainer:
             torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.step = 0
         self.best_eval_reward: float | None = None
+        self.best_step: int | None = None
         self.last_eval_kl: float | None = None
 
     # ----------------------------------------------------------------- experience
     def _postprocess(self, rollout: Rollout) -> Rollout:
-        """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
-        if self.cfg.algo.empty_response != EmptyResponse.space_token:
-            return rollout
-        empty = (rollout.lengths == 1) & (rollout.response[:, 0] == self.tokenizer.eos_token_id)
-        if not bool(empty.any()):
-            return rollout
-        response, mask = rollout.response, rollout.response_mask
-        if response.shape[1] < 2:  # every row stopped at once: make room for " " + EOS
-            response = torch.cat(
-                [response, torch.full_like(response, self.tokenizer.pad_token_id)], 1
-            )
-            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
-        response, mask = response.clone(), mask.clone()
-        response[empty, 0] = self.space_id
-        response[empty, 1] = self.tokenizer.eos_token_id
-        mask[empty, 1] = True
-        return rollout._replace(response=response, response_mask=mask)
+        """Empty answers per ``algo.empty_response`` (``conventions.rewrite_empty``)."""
+        tok, algo = self.tokenizer, self.cfg.algo
+        return conventions.rewrite_empty(
+            rollout,
+            mode=algo.empty_response,
+            max_tokens=algo.empty_max_tokens,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            space_id=self.space_id,
+        )
 
     def train_mask(self, rollout: Rollout) -> torch.Tensor:
-        """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
-        under ``empty_response=mask``)."""
-        mask = rollout.response_mask.clone()
-        is_eos = (rollout.response == self.tokenizer.eos_token_id) & mask
-        if self.cfg.algo.empty_response == EmptyResponse.mask:
-            mask[is_eos[:, 0]] = False
-        if not self.cfg.algo.train_on_eos:
-            mask &= ~is_eos
-        return mask
+        """(B, T) bool: tokens that get a gradient (``conventions.train_mask``)."""
+        algo = self.cfg.algo
+        return conventions.train_mask(
+            rollout,
+            eos_id=self.tokenizer.eos_token_id,
+            empty_response=algo.empty_response,
+            train_on_eos=algo.train_on_eos,
+        )
 
-    @torch.no_grad()
     def rewards(self, rollout: Rollout) -> torch.Tensor:
         """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
-        if self.reward_model is None:
-            return self.gold(rollout)
-        return score(
-            self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index
-        )
+        return conventions.rewards(self.reward_model, self.tokenizer, rollout)
 
     def gold(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the synthetic task's programmatic score of each decoded response."""
-        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
-        responses = self.tokenizer.batch_decode(
-            rollout.response * rollout.response_mask, skip_special_tokens=True
-        )
-        return torch.tensor(
-            [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)], device=self.device
-        )
+        return conventions.gold(self.tokenizer, rollout)
 
     def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout]:
         """Steps 1–2: n sampled responses per prompt and one greedy response, in one decode."""
         n = self.cfg.algo.samples_per_prompt
-        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        batch = collate_prompts(
+            self.tokenizer,
+            prompts,
+            self.cfg.data.max_prompt_len,
+            self.device,
+            special_tokens=self.cfg.algo.prompt_special_tokens,
+        )
         B = len(prompts)
         ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
         mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])
@@ -211,6 +192,8 @@ class RemaxTrainer:
         batch across ranks, so the ranks' losses add up to the world-size-1 loss (spec test 20)."""
         if self.cfg.algo.aggregation == Aggregation.token_mean:
             return distributed.all_reduce_sum(mask.sum())
+        if self.cfg.algo.aggregation == Aggregation.rank_token_mean:
+            return None  # per micro-batch: conventions.rank_token_denominator
         return mask.shape[0] * self.world_size
 
     def train_step(self) -> dict:
@@ -231,6 +214,8 @@ class RemaxTrainer:
         denominator = self.denominator(mask)
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
+        n_micro = -(-mask.shape[0] // micro)
+        per_rank = algo.aggregation == Aggregation.rank_token_mean
         loss_sum, kls, advs = 0.0, [], []
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
@@ -261,7 +246,11 @@ class RemaxTrainer:
                 advantages,
                 mask[rows],
                 aggregation=algo.aggregation,
-                denominator=denominator,
+                denominator=(
+                    conventions.rank_token_denominator(mask[rows], n_micro, self.world_size)
+                    if per_rank
+                    else denominator
+                ),
             )
             self.actor.backward(loss)
             loss_sum += float(loss.detach())
@@ -334,51 +323,45 @@ class RemaxTrainer:
         every = self.cfg.train.eval_every
         if not every or self.step == 0 or self.step % every:
             return False
-        ev = rl_eval.eval_summary(self)
-        self.last_eval_kl = ev["kl"]["mean"]
-        improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
-        if improved:
-            self.best_eval_reward = ev["reward"]["mean"]
-        # Every rank has the same gathered results, hence the same decision; rank 0 writes.
-        if improved:
-            weights = self.actor.full_state_dict()  # collective under ZeRO-3
-            if distributed.is_main():
-                # On disk, not in memory: a resumed run still exports the best actor it has seen.
-                cpu = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-                atomic_write(self.run_dir / "best_policy.safetensors", lambda t: save_file(cpu, t))
+        ev = rl_eval.eval_summary(self, self.select_prompts)
+        # Per-token units: the release's --target_kl 1.0 is a mean over tokens, not over answers
+        # (an answer's Σ_t grows with its length: 256 tokens would stop at ~0.004 nats/token).
+        self.last_eval_kl = ev["kl_token"]["mean"]
+        if self.keep_best:
+            best_actor.consider(self, ev["reward"]["mean"])
         limit = self.cfg.algo.early_stop_kl
+        if limit is not None and not math.isfinite(self.last_eval_kl):
+            # A NaN compares False with everything: it would silently disable the early stop.
+            log.error("eval KL per token is %s at step %d: stopping", self.last_eval_kl, self.step)
+            self.total_steps = self.step
+            return True
         if limit is not None and self.last_eval_kl >= limit:
             log.info(
-                "early stop at step %d: eval KL %.4f >= %.4f", self.step, self.last_eval_kl, limit
+                "early stop at step %d: eval KL per token %.4f >= %.4f",
+                self.step,
+                self.last_eval_kl,
+                limit,
             )
             self.total_steps = self.step
             return True
         return False
 
     def evaluate_final(self, run_dir) -> dict:
-        """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
-        before = json.loads((run_dir / "eval_before.json").read_text())
-        after = rl_eval.eval_summary(self)
-        if distributed.is_main():
-            write_json(run_dir / "eval_after.json", after)
-        ev = {
-            "reward_before": before["reward"],
-            "reward_after": after["reward"],
-            "kl_after": after["kl"]["mean"],
-            "kl_after_stderr": after["kl"]["stderr"],
-            "length_before": before["length"]["mean"],
-            "length_after": after["length"]["mean"],
-        }
-        if "gold" in after:
-            ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
-        reward_source = "reward_model" if self.reward_model is not None else "gold"
-        return {"eval": ev, "reward_source": reward_source}
+        """Collective (every rank calls it); rank 0 writes ``eval_after.json``. With
+        ``best_eval_reward`` the final actor competes, then the exported actor is evaluated."""
+        export = {"policy": self.cfg.export_policy.value, "step": self.step}
+        if self.keep_best:
+            best_actor.consider(
+                self, rl_eval.eval_summary(self, self.select_prompts)["reward"]["mean"]
+            )
+            best_actor.load_best(self)
+            export.update(step=self.best_step, selection_reward=self.best_eval_reward)
+        return {**conventions.final_summary(self, run_dir), "export": export}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The module to save and its weights (None: its own). Collective under ZeRO-3."""
-        best = run_dir / "best_policy.safetensors"
-        if self.cfg.export_policy == ExportPolicy.best_eval_reward and best.exists():
-            return self.model, load_file(best)
+        if self.keep_best:  # evaluate_final loaded the best actor into the module
+            return self.model, None
         return self.model, self.actor.export_weights()
 
     # ----------------------------------------------------------------- state
@@ -391,6 +374,7 @@ class RemaxTrainer:
             "total_steps": self.total_steps,
             "sampler": self.sampler.state_dict(),
             "best_eval_reward": self.best_eval_reward,
+            "best_step": self.best_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,3 +382,4 @@ class RemaxTrainer:
         self.total_steps = state["total_steps"]
         self.sampler.load_state_dict(state["sampler"])
         self.best_eval_reward = state["best_eval_reward"]
+        self.best_step = state.get("best_step")  # absent in checkpoints of earlier versions

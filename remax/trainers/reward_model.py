@@ -18,7 +18,7 @@ from remax.data.batching import EpochSampler, collate_pairs
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
 from remax.engines import build_actor
-from remax.models.reward import load_reward_model, score
+from remax.models.reward import hf_pooling_at_end, load_reward_model, score
 
 
 class RewardModelTrainer:
@@ -115,7 +115,9 @@ class RewardModelTrainer:
         return {"eval": self.evaluate()}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
-        """The module and its weights (consolidated from ZeRO-3 shards: collective)."""
+        """The module and its weights (consolidated from ZeRO-3 shards: collective). Its config
+        lets HF's sequence classifier score at the EOS, as training does (``hf_pooling_at_end``)."""
+        hf_pooling_at_end(self.model, self.tokenizer)
         return self.model, self.actor.export_weights()
 
     def engines(self) -> list:

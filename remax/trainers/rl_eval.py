@@ -25,15 +25,20 @@ from remax.stats import mean_stderr
 
 
 @torch.no_grad()
-def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
-    """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl``, ``length``."""
+def evaluate_policy(trainer, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl`` (Σ_t of the
+    answer), ``kl_token`` (the answer's per-token mean, the release's early-stop units), ``length``."""
     cfg = trainer.cfg
     trainer.model.eval()
     greedy = cfg.algo.eval_decoding == EvalDecoding.greedy
     devices = [trainer.device] if trainer.device.type == "cuda" else []
-    out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
+    out: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("reward", "gold", "kl", "kl_token", "length")
+    }
     bs = cfg.train.batch_size
-    prompts = distributed.block(trainer.eval_prompts, pad=True)
+    prompts = trainer.eval_prompts if prompts is None else prompts
+    n = len(prompts)
+    prompts = distributed.block(prompts, pad=True)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
@@ -42,7 +47,11 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
                 raise preemption.Stopped("stop requested during evaluation")
             watchdog.beat("eval")
             batch = collate_prompts(
-                trainer.tokenizer, prompts[i : i + bs], cfg.data.max_prompt_len, trainer.device
+                trainer.tokenizer,
+                prompts[i : i + bs],
+                cfg.data.max_prompt_len,
+                trainer.device,
+                special_tokens=cfg.algo.prompt_special_tokens,
             )
             ro = trainer.decode(batch.input_ids, batch.attention_mask, greedy)
             logp = trainer.logprobs(trainer.model, ro)
@@ -50,16 +59,18 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
             out["reward"].append(trainer.rewards(ro))
             if cfg.data.source == "synthetic":
                 out["gold"].append(trainer.gold(ro))
-            out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
+            kl = ((logp - ref) * ro.response_mask).sum(-1)  # (b,) Σ_t k1 over the answer
+            out["kl"].append(kl)
+            out["kl_token"].append(kl / ro.lengths.clamp(min=1))
             out["length"].append(ro.lengths.float())
     trainer.model.train()
-    n = len(trainer.eval_prompts)
     return {k: distributed.all_gather_cat(torch.cat(v))[:n] for k, v in out.items() if v}
 
 
-def eval_summary(trainer) -> dict:
-    """``{metric: {"mean", "stderr", "n"}}`` of :func:`evaluate_policy` (collective)."""
-    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer).items()}
+def eval_summary(trainer, prompts: list[str] | None = None) -> dict:
+    """``{metric: {"mean", "stderr", "n"}}`` of :func:`evaluate_policy` (collective); ``prompts``
+    defaults to the trainer's held-out ``eval_prompts``."""
+    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer, prompts).items()}
 
 
 def write_eval_before(trainer, run_dir: Path) -> None:

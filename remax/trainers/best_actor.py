@@ -1,0 +1,57 @@
+"""``export_policy=best_eval_reward`` (the release saves its best-eval-reward actor), made honest:
+
+- the actor is chosen on *selection* prompts, held-out prompts after the first ``eval_prompts``,
+  so the final evaluation (on the first ``eval_prompts``) reports on prompts the choice never saw
+  (the release picks and reports on the same set, which inflates the reported reward);
+- the final actor competes too (periodic evals never see it);
+- the exported actor is loaded back before the final evaluation, so ``summary.json`` describes
+  ``export/``, and the summary names its step.
+
+The best weights live on disk (``best_policy.safetensors``), so a resumed run still knows them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from remax import distributed
+from remax.fileio import atomic_write
+from remax.inputs import InputError
+
+BEST_FILE = "best_policy.safetensors"
+MIN_SELECTION = 64  # the same floor as eval_prompts: a choice on fewer is mostly noise
+
+
+def selection_prompts(held_out: list[str], eval_prompts: int) -> list[str]:
+    """Up to ``eval_prompts`` held-out prompts after the reported ones (a periodic eval then costs
+    what it cost on the reported set); InputError when fewer than 64 remain."""
+    rest = held_out[eval_prompts : 2 * eval_prompts]
+    if len(rest) < MIN_SELECTION:
+        raise InputError(
+            f"data.num_eval={len(held_out)} held-out prompts leave {len(rest)} after "
+            f"eval_prompts={eval_prompts}; export_policy=best_eval_reward selects on prompts the "
+            f"final evaluation does not report: use data.num_eval >= eval_prompts + {MIN_SELECTION} "
+            "(real data: at most 10% of the RL share is held out) or export_policy=last"
+        )
+    return rest
+
+
+def consider(trainer, reward: float) -> bool:
+    """Keep the current actor when its selection reward beats the best so far (collective)."""
+    if trainer.best_eval_reward is not None and reward <= trainer.best_eval_reward:
+        return False
+    trainer.best_eval_reward, trainer.best_step = reward, trainer.step
+    weights = trainer.actor.full_state_dict()  # collective under ZeRO-3
+    if distributed.is_main():  # every rank has the same gathered results: rank 0 writes
+        cpu = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        atomic_write(Path(trainer.run_dir) / BEST_FILE, lambda tmp: save_file(cpu, tmp))
+    return True
+
+
+def load_best(trainer) -> None:
+    """Load the best actor's weights into ``trainer.model`` on every rank."""
+    distributed.barrier()  # rank 0 wrote the file
+    weights = load_file(Path(trainer.run_dir) / BEST_FILE, device=str(trainer.device))
+    trainer.model.load_state_dict(weights)
