@@ -140,10 +140,11 @@ def check() -> None:
 
 
 def install(stop: StopRequest) -> StopRequest:
-    """USR2 and SIGTERM set ``stop``; it becomes the active request; a guard thread watches it."""
+    """USR2 sets ``stop``; it becomes the active request; a guard thread watches it."""
     signal.signal(signal.SIGUSR2, stop.on_signal)
-    # A preemption with GraceTime sends SIGTERM to the job step: the same path as USR2.
-    signal.signal(signal.SIGTERM, stop.on_signal)
+    # SIGTERM is left to its default (the job ends): `scancel` sends it too, and handled like
+    # USR2 it requeued a job the user had cancelled (tests/test_slurm.py, live-job test). Telling
+    # a preemption's SIGTERM from a cancel's is open work.
     activate(stop)
     threading.Thread(target=_guard, args=(stop,), name="remax-stop-guard", daemon=True).start()
     return stop
