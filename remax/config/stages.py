@@ -58,19 +58,7 @@ class RemaxJobConfig(_StageConfig):
     """Which actor is exported: the last one, or the best eval reward (the release)."""
 
     def __post_init__(self) -> None:
-        _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
-        _require(
-            self.eval_prompts <= self.data.num_eval,
-            "eval_prompts",
-            self.eval_prompts,
-            f"must not exceed data.num_eval={self.data.num_eval}",
-        )
-        _require(
-            self.reward_model.path is not None or self.data.source == "synthetic",
-            "reward_model.path",
-            self.reward_model.path,
-            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
-        )
+        _check_rl_stage(self)
 
 
 # ---- PPO baseline ----
@@ -91,19 +79,7 @@ class PPOJobConfig(_StageConfig):
     """Held-out prompts for the before/after evaluation (>= 64)."""
 
     def __post_init__(self) -> None:
-        _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
-        _require(
-            self.eval_prompts <= self.data.num_eval,
-            "eval_prompts",
-            self.eval_prompts,
-            f"must not exceed data.num_eval={self.data.num_eval}",
-        )
-        _require(
-            self.reward_model.path is not None or self.data.source == "synthetic",
-            "reward_model.path",
-            self.reward_model.path,
-            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
-        )
+        _check_rl_stage(self)
         _require(
             self.train.batch_size % self.algo.mini_batches == 0,
             "algo.mini_batches",
@@ -117,3 +93,20 @@ class PPOJobConfig(_StageConfig):
             self.train.micro_batch_size,
             f"must divide the minibatch train.batch_size / algo.mini_batches = {minibatch}",
         )
+
+
+def _check_rl_stage(cfg) -> None:
+    """What the ReMax and PPO roots share: the held-out evaluation and a reward source."""
+    _require(cfg.eval_prompts >= 64, "eval_prompts", cfg.eval_prompts, "use at least 64")
+    _require(
+        cfg.eval_prompts <= cfg.data.num_eval,
+        "eval_prompts",
+        cfg.eval_prompts,
+        f"must not exceed data.num_eval={cfg.data.num_eval}",
+    )
+    _require(
+        cfg.reward_model.path is not None or cfg.data.source == "synthetic",
+        "reward_model.path",
+        cfg.reward_model.path,
+        "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+    )
