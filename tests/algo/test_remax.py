@@ -279,7 +279,10 @@ def test_global_denominator_makes_shards_sum_to_the_full_batch_loss(aggregation)
     adv = remax_advantages(rewards, baseline, mask, kl=kl, **OFFICIAL)
     lp = logprobs.clone().requires_grad_(True)
     policy_gradient_loss(lp, adv, mask, aggregation=aggregation).backward()
-    den = mask.sum() if aggregation is Aggregation.token_mean else mask.shape[0]
+    # rank_token_mean is the token-mean function too; only the trainer's denominator differs
+    # (per rank, the release's convention), so given the global count it must add up as well.
+    token_kinds = (Aggregation.token_mean, Aggregation.rank_token_mean)
+    den = mask.sum() if aggregation in token_kinds else mask.shape[0]
     lp_shard = logprobs.clone().requires_grad_(True)
     total = sum(
         policy_gradient_loss(lp_shard[s], adv[s], mask[s], aggregation=aggregation, denominator=den)
