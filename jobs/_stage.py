@@ -12,6 +12,7 @@ import sys
 import torch
 
 from jobs._config import fail
+from jobs._lease import claim
 from remax import distributed
 from remax.engines import close_all
 from remax.log import init_logging
@@ -69,6 +70,12 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
             f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
+    owner = claim(run_dir_for(config, stage), stage)
+    if owner:
+        # Another live job owns this run dir: touching it would delete that job's in-progress
+        # saves. Return a result (not None) so neither submitit nor the template requeues us.
+        log.warning("%s: run dir owned by live job %s; this job exits untouched", stage, owner)
+        return {"stage": stage, "run_dir": str(run_dir_for(config, stage)), "not_owner": owner}
     try:
         run_dir = prepare(config, stage) if distributed.is_main() else None
     except RunDirError as exc:

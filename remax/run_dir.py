@@ -12,6 +12,9 @@ import dataclasses
 import enum
 import hashlib
 import json
+import os
+import secrets
+import time
 from pathlib import Path
 
 import yaml
@@ -116,3 +119,25 @@ def prepare(config, stage: str) -> Path:
     tmp.write_text(yaml.safe_dump(current, sort_keys=False))
     tmp.replace(cfg_file)
     return path
+
+
+def wandb_id(run_dir: Path, stage: str) -> str:
+    """``<stage>-<signature>-<nonce>``: stable across requeues and resubmissions of one run dir,
+    different for the same config under another ``run.root`` or user (the signature alone would
+    send two sweeps into one W&B run). The nonce is drawn once and kept in ``<run_dir>/wandb_nonce``.
+    """
+    path = Path(run_dir) / "wandb_nonce"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:  # first caller draws the nonce; O_EXCL makes concurrent ranks or submissions agree
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(4) + "\n")
+    nonce = ""
+    for _ in range(50):  # a concurrent creator may not have written its line yet
+        nonce = path.read_text().strip()
+        if nonce:
+            break
+        time.sleep(0.01)
+    return f"{stage}-{Path(run_dir).name.rsplit('-', 1)[-1]}-{nonce}"

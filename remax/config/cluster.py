@@ -55,6 +55,18 @@ class ClusterConfig:
     """Requeues of any cause (preemptions included) before the job refuses to run again."""
     array_parallelism: int = 16
     """Array elements running at once (``%K`` of ``--array``)."""
+    exclude: str | None = None
+    """Nodes never to run on (``--exclude``, a Slurm node list such as ``gpu[03,07]``)."""
+    constraint: str | None = None
+    """Node features required (``--constraint``, e.g. ``a800&ib``)."""
+    reservation: str | None = None
+    """Slurm reservation to run in (``--reservation``)."""
+    mail_type: str | None = None
+    """When Slurm mails ``mail_user`` (``--mail-type``, e.g. ``END,FAIL,REQUEUE``)."""
+    mail_user: str | None = None
+    """Address for ``mail_type`` mails (``--mail-user``)."""
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    """Free-form sbatch parameters, ``{option_with_underscores: value}``, e.g. ``{gpu_bind: closest}``."""
     gres: bool = False
     """Request GPUs as ``--gres=gpu:N`` instead of ``--gpus-per-node`` (some sites accept only that)."""
     setup: list[str] = field(default_factory=list)
@@ -94,6 +106,12 @@ class ClusterConfig:
             "cluster.tasks_per_node",
             self.tasks_per_node,
             f"use at most one task per GPU (cluster.gpus_per_node={self.gpus_per_node})",
+        )
+        _require(
+            self.mail_user is None or bool(self.mail_type),
+            "cluster.mail_type",
+            self.mail_type,
+            "set cluster.mail_type (e.g. END,FAIL) with cluster.mail_user, or drop mail_user",
         )
         _require(self.gpu_hour_rate >= 0, "cluster.gpu_hour_rate", self.gpu_hour_rate, "use >= 0")
         _require(

@@ -30,7 +30,7 @@ from remax import distributed
 from remax.checkpoint import CheckpointManager, export_hf, rng_state, set_rng_state
 from remax.config import OptimConfig, Scheduler
 from remax.log import MetricWriter
-from remax.run_dir import to_plain
+from remax.run_dir import to_plain, wandb_id
 
 log = logging.getLogger("remax.loop")
 
@@ -127,7 +127,7 @@ def run(trainer, cfg, run_dir: Path, stage: str, *, stop: StopFlag | None = None
         if rank
         else MetricWriter(
             run_dir,
-            run_id=f"{stage}-{run_dir.name.rsplit('-', 1)[-1]}",
+            run_id=wandb_id(run_dir, stage),
             stage=stage,
             config=to_plain(cfg),
             resume_step=trainer.step,
