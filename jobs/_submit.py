@@ -351,6 +351,7 @@ class StageJob(submitit.helpers.Checkpointable):
         reason = check_running_code(self.code_hash, self.packages)
         if reason:
             raise RuntimeError(reason)
+        print(f"remax: running code {self.code_hash} from {REPO}", file=sys.stderr, flush=True)
         cluster = self.config.cluster
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if restarts > cluster.max_restarts:
@@ -392,12 +393,17 @@ def render_template(name: str, stage: str, config, overrides: list[str]) -> str:
     for key in ("partition", "account", "qos", "mem"):
         if key in params:
             lines.append(f"#SBATCH --{key}={params[key]}")
+    for key, value in params["additional_parameters"].items():
+        if key not in ("requeue", "kill_on_invalid_dep"):
+            lines.append(f"#SBATCH --{key.replace('_', '-')}={value}")
     command = " ".join(["python", "-u", "-m", f"jobs.{stage}", "cluster.backend=local", *overrides])
     values = {
         "SBATCH_DIRECTIVES": "\n".join(lines),
         "SETUP": "\n".join(config.cluster.setup),
         "STAGE": stage,
         "COMMAND": command,
-        "REPO": str(REPO),
+        "CPUS_PER_TASK": str(params["cpus_per_task"]),
+        # The script runs a snapshot of this checkout (jobs/_snapshot.py), like a submitted job.
+        "REPO": str(code_snapshot(Path(config.run.root))),
     }
     return string.Template((TEMPLATES / f"{name}.sbatch").read_text()).safe_substitute(values)

@@ -190,9 +190,11 @@ class CheckpointManager:
             torch.save(state, tmp / f"state_rank{rank}.pt")
         if write is not None:
             write(tmp)  # collective: every rank writes its shards
-        distributed.barrier()  # every rank's part is written before the fsync and the marker
+        # Every rank flushes the files it wrote: on a shared filesystem rank 0's fsync does not
+        # reach the dirty pages another node holds for its shards.
+        _fsync_tree(tmp)
+        distributed.barrier()  # every rank's part is on disk before the marker
         if rank == 0:
-            _fsync_tree(tmp)
             self._publish(tmp, final, step)
         distributed.barrier()  # nobody runs ahead of (or resumes from) a half-renamed checkpoint
         return final
