@@ -79,7 +79,7 @@ def groups() -> list[str]:
 def stage_help(stage: str, usage: str) -> str:
     return "\n".join(
         [
-            usage.strip(),
+            "usage: " + usage.strip(),
             "",
             "Flags: -m/--multirun (sweep: a=1,2 b=x,y is one job array), --json (machine output),",
             "       --help. Hydra's own flags (--cfg job, --info) still work.",

@@ -150,3 +150,30 @@ def _record_hand_started(run_dir: Path, stage: str, job_id: str) -> None:
         tmp = run_dir / "submission.json.tmp"
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
         tmp.replace(run_dir / "submission.json")
+
+
+# ------------------------------------------------------------------ graceful stop (jobs.cancel)
+STOP_FILE = "stop_requested"
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask the run's job to checkpoint and stop for good (``jobs.cancel --graceful``): the file
+    tells the job, at its next checkpoint-and-requeue, to cancel itself instead of requeueing."""
+    (Path(run_dir) / STOP_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+
+
+def clear_stop(run_dir: Path) -> None:
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+
+
+def stop_for_good(run_dir: Path) -> bool:
+    """In the job, after a checkpoint: True (and the job cancelled) when a graceful cancel asked
+    for it; the caller then returns without requeueing. The state ends CANCELLED; resumable."""
+    if not (Path(run_dir) / STOP_FILE).exists():
+        return False
+    job_id = current_job_id()
+    if os.environ.get("SLURM_PROCID", "0") == "0":
+        clear_stop(run_dir)
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False, timeout=60)
+    return True

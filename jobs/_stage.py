@@ -12,7 +12,7 @@ import sys
 import torch
 
 from jobs._config import fail
-from jobs._lease import claim
+from jobs._lease import claim, stop_for_good
 from remax import distributed
 from remax.engines import close_all
 from remax.log import init_logging
@@ -95,6 +95,8 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
             close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)
     if summary is None:
         log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
+        if requeue_self and stop_for_good(run_dir):
+            sys.exit(0)  # jobs.cancel --graceful: checkpoint written, job cancelled, no requeue
         if requeue_self:
             if distributed.is_main():  # one requeue per job, not one per task
                 subprocess.run(

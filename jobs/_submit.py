@@ -25,7 +25,7 @@ from pathlib import Path
 import submitit
 
 from jobs._config import fail
-from jobs._lease import QueueError, live_state, submit_lock
+from jobs._lease import QueueError, clear_stop, live_state, stop_for_good, submit_lock
 from jobs._output import emit
 from jobs._snapshot import REPO, check_running_code, code_hash, package_versions, setup_lines
 from jobs._snapshot import snapshot as code_snapshot
@@ -200,6 +200,7 @@ def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = F
     snap = code_snapshot(Path(config.run.root))
     with submit_lock([run_dir]):  # check → sbatch → record: a concurrent submission waits here
         check_resubmission(stage, config, run_dir)
+        clear_stop(run_dir)  # a graceful cancel of an earlier job must not stop this one
         params = _with_snapshot(sbatch_params(stage, cluster), snap)
         executor = _executor(run_dir / "slurm", cluster, params, dependency)
         job = executor.submit(StageJob(stage, config))
@@ -223,6 +224,7 @@ def _split_sweep(stage: str, configs: list, run_dirs: list[Path]):
             live.append((d, *owner))
             continue
         check_resubmission(stage, c, d)
+        clear_stop(d)
         todo.append((c, d))
     return todo, live, complete
 
@@ -362,6 +364,8 @@ class StageJob(submitit.helpers.Checkpointable):
         stop = SlurmStop(job_end_time(), cluster.deadline_margin_s)
         signal.signal(signal.SIGUSR2, stop.on_signal)
         summary = run_stage(self.stage, self.config, stop=stop)
+        if summary is None and stop_for_good(run_dir_for(self.config, self.stage)):
+            return None  # jobs.cancel --graceful: checkpoint written, job cancelled, no requeue
         if summary is None:  # checkpoint written: let submitit pickle us again and requeue
             if not callable(requeue):
                 raise RuntimeError(

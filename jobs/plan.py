@@ -293,6 +293,9 @@ def _describe(stage: str, config, opts: PlanOptions, inp: planner.PlanInput) -> 
 
 
 def main(argv: list[str]) -> planner.Plan:
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return None
     stage_args, opts = parse(argv)
     stage = stage_of(stage_args)
     config = _compose(stage, stage_args)
@@ -309,5 +312,10 @@ def main(argv: list[str]) -> planner.Plan:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-plan``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

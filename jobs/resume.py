@@ -45,6 +45,9 @@ def load_run_config(run_dir: Path, overrides: list[str], force: bool):
 
 
 def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return None
     args = [a for a in argv if a != "--force"]
     if not args or not Path(args[0]).is_dir():
         fail(f"usage: python -m jobs.resume <run_dir> [key=value ...] [--force]; got {argv!r}")
@@ -60,5 +63,10 @@ def main(argv: list[str]) -> None:
         run_stage(stage, config)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-resume``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -153,5 +153,10 @@ def main(argv: list[str]) -> int:
             live.update(render(collect(Path(args.root))))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-status``)."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,187 @@
+"""Login-node logic without a cluster: ownership, sweeps, snapshots, W&B ids, help, sbatch keys.
+
+``squeue`` and ``scontrol`` are replaced by shims on PATH where a test needs a particular answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from jobs import _lease
+from jobs._config import compose_stage
+from jobs._snapshot import check_running_code, code_hash, setup_lines, snapshot
+from jobs._submit import sbatch_params
+from jobs._sweep import expand, sweep_configs
+from remax.run_dir import prepare, wandb_id
+
+
+def _shim(tmp_path: Path, monkeypatch, name: str, script: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("state", ["REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "PENDING"])
+def test_every_non_terminal_state_is_live(tmp_path, monkeypatch, state):
+    _shim(tmp_path, monkeypatch, "squeue", f"echo {state}")
+    assert _lease.live_state("17") == state
+
+
+def test_terminal_and_unknown_jobs_are_not_live(tmp_path, monkeypatch):
+    _shim(tmp_path, monkeypatch, "squeue", "echo COMPLETED")
+    assert _lease.live_state("17") is None
+    _shim(
+        tmp_path,
+        monkeypatch,
+        "squeue",
+        "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+    )
+    assert _lease.live_state("17") is None  # left the queue: an answer, not a failure
+
+
+def test_failing_squeue_is_retried_then_raises(tmp_path, monkeypatch):
+    count = tmp_path / "calls"
+    _shim(
+        tmp_path, monkeypatch, "squeue", f"echo x >> {count}; echo 'Socket timed out' >&2; exit 1"
+    )
+    with pytest.raises(_lease.QueueError, match="Socket timed out"):
+        _lease.live_state("17", tries=3, backoff_s=0)
+    assert len(count.read_text().splitlines()) == 3
+
+
+def test_lease_refuses_a_second_live_job_and_passes_on_a_dead_one(tmp_path, monkeypatch):
+    _shim(tmp_path, monkeypatch, "squeue", "echo RUNNING")
+    run_dir = tmp_path / "run"
+    assert _lease.take_lease(run_dir, "100") is None
+    before = (run_dir / "lease.json").read_text()
+    assert _lease.take_lease(run_dir, "100") is None  # another task of the same job, a requeue
+    assert _lease.take_lease(run_dir, "200") == "100"  # a second job: told who owns the dir
+    assert (run_dir / "lease.json").read_text() == before  # and the lease is untouched
+    _shim(tmp_path, monkeypatch, "squeue", "echo CANCELLED")
+    assert _lease.take_lease(run_dir, "200") is None
+    assert json.loads((run_dir / "lease.json").read_text())["job_id"] == "200"
+
+
+def test_array_elements_are_named_as_in_the_records():
+    env = {"SLURM_JOB_ID": "905", "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "5"}
+    assert _lease.current_job_id(env) == "900_5"
+    assert _lease.current_job_id({"SLURM_JOB_ID": "42"}) == "42"
+    assert _lease.current_job_id({}) is None
+
+
+def test_sweep_elements_equal_full_compositions():
+    args = ["algo=remax_paper,remax_official", "algo.kl_coef=0.1,0.2", "run.name='a,b'"]
+    elements = expand(args)
+    configs = sweep_configs("remax", args)
+    assert len(configs) == 4  # 2 group choices × 2 values; the quoted comma is no sweep
+    for element, config in zip(elements, configs):
+        assert config == compose_stage("remax", [text for text, *_ in element])
+    assert {c.algo.kl_coef for c in configs} == {0.1, 0.2} and configs[0].run.name == "a,b"
+
+
+def test_wandb_ids_differ_across_run_roots_and_stay_put(tmp_path):
+    a = compose_stage("sft", [f"run.root={tmp_path / 'a'}"])
+    b = compose_stage("sft", [f"run.root={tmp_path / 'b'}"])
+    dir_a, dir_b = prepare(a, "sft"), prepare(b, "sft")
+    assert dir_a.name == dir_b.name  # same config, same signature
+    ids = wandb_id(dir_a, "sft"), wandb_id(dir_b, "sft")
+    assert ids[0] != ids[1] and ids[0].startswith(f"sft-{dir_a.name.rsplit('-', 1)[-1]}-")
+    assert wandb_id(dir_a, "sft") == ids[0]  # a requeue or resubmission keeps it
+
+
+def test_snapshot_is_content_addressed_and_checked(tmp_path):
+    snap = snapshot(tmp_path)
+    assert snap.name == code_hash() and snapshot(tmp_path) == snap
+    assert (snap / "jobs" / "_snapshot.py").read_bytes() == (
+        REPO / "jobs" / "_snapshot.py"
+    ).read_bytes()
+    assert (snap / "hydra_conf" / "remax.yaml").exists()
+    assert setup_lines(snap)[0] == f"cd {snap}"
+    assert check_running_code(code_hash(), None) is None
+    assert "mix code versions" in check_running_code("0" * 12, None)
+    assert "torch" in check_running_code(None, {"torch": "0.0.1"})
+
+
+def test_evaluate_asks_for_one_gpu_and_srun_gets_cpus_per_task():
+    site = [
+        "cluster=slurm_a800",
+        "cluster.nodes=2",
+        "cluster.constraint=ib",
+        "+cluster.sbatch_extra.gpu_bind=closest",
+    ]
+    cfg = compose_stage("remax", site)
+    p = sbatch_params("evaluate", cfg.cluster)
+    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"]) == (1, 1, 1)
+    train = sbatch_params("remax", cfg.cluster)
+    assert (train["nodes"], train["gpus_per_node"]) == (2, 4)
+    assert "--cpus-per-task=8" in train["srun_args"]
+    assert train["additional_parameters"]["constraint"] == "ib"
+    assert train["additional_parameters"]["gpu_bind"] == "closest"
+
+
+def test_mail_user_without_mail_type_is_refused():
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.remax", "cluster.mail_user=a@b.c", "cluster.dry_run=true"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "cluster.mail_type" in out.stderr
+
+
+def test_node_list_parsing_keeps_suffixes():
+    from remax import distributed
+
+    assert distributed._first_host_fallback("gpu[01-02]-ib,cpu1") == "gpu01-ib"
+    assert distributed.first_host("gpu[01-02]-ib") == "gpu01-ib"  # scontrol when on PATH
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
+    assert distributed.env_from_environ({**env, "MASTER_ADDR": "head-ib"}).master_addr == "head-ib"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "jobs.remax",
+        "jobs.plan",
+        "jobs.pipeline",
+        "jobs.status",
+        "jobs.resume",
+        "jobs.cancel",
+        "jobs.logs",
+    ],
+)
+def test_every_entry_point_has_help(module):
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "usage" in out.stdout.lower()
+    if module == "jobs.remax":
+        assert "algo.kl_coef" in out.stdout and "cluster.exclude" in out.stdout
+
+
+def test_login_node_sweep_does_not_import_torch(tmp_path):
+    code = (
+        "import sys; from jobs._main import stage_main; "
+        f"stage_main('remax', ['-m', 'run.root={tmp_path}', 'cluster=local_slurm', "
+        "'cluster.dry_run=true', 'optim.lr=1e-4,2e-4', '--json']); "
+        "assert 'torch' not in sys.modules, 'torch imported on the login node'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["elements"] == 2
