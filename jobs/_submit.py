@@ -25,7 +25,15 @@ from pathlib import Path
 import submitit
 
 from jobs._config import fail
-from jobs._lease import QueueError, clear_stop, live_state, stop_for_good, submit_lock
+from jobs._costs import over_budget
+from jobs._lease import (
+    QueueError,
+    clear_stop,
+    current_job_id,
+    live_state,
+    stop_for_good,
+    submit_lock,
+)
 from jobs._output import emit
 from jobs._snapshot import REPO, check_running_code, code_hash, package_versions, setup_lines
 from jobs._snapshot import snapshot as code_snapshot
@@ -147,12 +155,29 @@ def _executor(folder: Path, cluster, params: dict, dependency: str | None = None
     return executor
 
 
-def _check_budget(cluster, n_jobs: int) -> dict:
-    total = cluster.estimate(n_jobs)
+def billed_gpus(stage: str, cluster) -> int:
+    """GPUs a stage's job allocates (evaluation asks for one, whatever the preset)."""
+    params = sbatch_params(stage, cluster)
+    per_node = params.get("gpus_per_node") or int(params.get("gres", "gpu:0").split(":")[-1])
+    return params["nodes"] * per_node
+
+
+def estimate(stage: str, cluster, n_jobs: int = 1) -> dict:
+    """Upper bound for ``n_jobs`` job segments: every allocated GPU for the whole time limit."""
+    gpu_hours = n_jobs * billed_gpus(stage, cluster) * cluster.time_min / 60
+    return {
+        "gpu_hours": round(gpu_hours, 3),
+        "cost": round(gpu_hours * cluster.gpu_hour_rate, 2),
+        "currency": cluster.currency,
+    }
+
+
+def _check_budget(cluster, n_jobs: int, stage: str = "remax") -> dict:
+    total = estimate(stage, cluster, n_jobs)
     if cluster.budget is not None and total["cost"] > cluster.budget:
         fail(
             f"estimated cost {total['cost']} {total['currency']} ({n_jobs} job(s) × {cluster.time_min} min × "
-            f"{cluster.gpus} GPUs × {cluster.gpu_hour_rate}/GPU-h) exceeds cluster.budget={cluster.budget} "
+            f"{billed_gpus(stage, cluster)} GPUs × {cluster.gpu_hour_rate}/GPU-h) exceeds cluster.budget={cluster.budget} "
             f"by {round(total['cost'] - cluster.budget, 2)}: lower cluster.time_min or raise the budget"
         )
     return total
@@ -187,11 +212,11 @@ def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = F
     run_dir = run_dir_for(config, stage)
     _check_memory(stage, config)
     if cluster.dry_run:
-        estimate = _check_budget(cluster, 1)
+        cost = _check_budget(cluster, 1, stage)
         print(dry_run_script(stage, config))
-        emit({"dry_run": True, "stage": stage, "run_dir": str(run_dir), "estimate": estimate})
+        emit({"dry_run": True, "stage": stage, "run_dir": str(run_dir), "estimate": cost})
         return {"dry_run": True, "run_dir": str(run_dir), "job_id": None}
-    estimate = _check_budget(cluster, 1)
+    cost = _check_budget(cluster, 1, stage)
     run_dir = prepare(config, stage)
     if (run_dir / "summary.json").exists():
         if not quiet:
@@ -201,10 +226,13 @@ def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = F
     with submit_lock([run_dir]):  # check → sbatch → record: a concurrent submission waits here
         check_resubmission(stage, config, run_dir)
         clear_stop(run_dir)  # a graceful cancel of an earlier job must not stop this one
+        reason = over_budget(run_dir, cluster, cost["cost"])
+        if reason:
+            fail(reason)
         params = _with_snapshot(sbatch_params(stage, cluster), snap)
         executor = _executor(run_dir / "slurm", cluster, params, dependency)
         job = executor.submit(StageJob(stage, config))
-        record = _record(stage, config, run_dir, job.job_id, estimate, dependency=dependency)
+        record = _record(stage, config, run_dir, job.job_id, cost, dependency=dependency)
         record["code_dir"] = str(snap)
         _write_record(run_dir, record)
     if not quiet:
@@ -241,13 +269,13 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
     for c in configs[1:]:  # distinct (model, train, cluster) combination is enough
         if (c.model, c.train) != (configs[0].model, configs[0].train):
             _check_memory(stage, c)
-    estimate = _check_budget(cluster, len(configs))
+    total = _check_budget(cluster, len(configs), stage)
     configs = [
         replace(c, log=replace(c.log, wandb_group=c.log.wandb_group or sweep_id)) for c in configs
     ]
     if cluster.dry_run:
         print(dry_run_script(stage, configs[0]))
-        emit({"dry_run": True, "stage": stage, "elements": len(configs), "estimate": estimate})
+        emit({"dry_run": True, "stage": stage, "elements": len(configs), "estimate": total})
         return []
     run_dirs = [prepare(c, stage) for c in configs]
     if len(set(run_dirs)) != len(run_dirs):
@@ -261,7 +289,7 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
         jobs = executor.submit_array([StageJob(stage, c) for c, _ in todo]) if todo else []
         records = []
         for (c, d), job in zip(todo, jobs):
-            record = _record(stage, c, d, job.job_id, cluster.estimate(), sweep=sweep_id)
+            record = _record(stage, c, d, job.job_id, estimate(stage, cluster), sweep=sweep_id)
             record["code_dir"] = str(snap)
             _write_record(d, record)
             records.append(record)
@@ -274,24 +302,25 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
         "already_complete": len(complete),
         "run_dirs": [str(d) for d in run_dirs],
         "submitted_run_dirs": [str(d) for _, d in todo],
-        "estimate": estimate,
+        "estimate": total,
     }
     emit(summary)
     return records
 
 
-def _record(stage, config, run_dir, job_id, estimate, *, dependency=None, sweep=None) -> dict:
+def _record(stage, config, run_dir, job_id, cost, *, dependency=None, sweep=None) -> dict:
     return {
         "stage": stage,
         "job_id": str(job_id),
         "run_dir": str(run_dir),
         "wandb_id": wandb_id(run_dir, stage),
         "cluster": config.cluster.name,
-        "gpus": config.cluster.gpus,
+        "gpus": billed_gpus(stage, config.cluster),
+        "billing_granularity_s": config.cluster.billing_granularity_s,
         "time_min": config.cluster.time_min,
         "gpu_hour_rate": config.cluster.gpu_hour_rate,
         "currency": config.cluster.currency,
-        "estimate": estimate,
+        "estimate": cost,
         "code_hash": code_hash(),
         "packages": package_versions(),
         "dependency": dependency,
@@ -354,6 +383,11 @@ class StageJob(submitit.helpers.Checkpointable):
         if reason:
             raise RuntimeError(reason)
         print(f"remax: running code {self.code_hash} from {REPO}", file=sys.stderr, flush=True)
+        segment = estimate(self.stage, self.config.cluster)["cost"]
+        run_dir = run_dir_for(self.config, self.stage)
+        reason = over_budget(run_dir, self.config.cluster, segment, job_id=current_job_id())
+        if reason:  # an exception fails the job: no requeue past the cap
+            raise RuntimeError(reason)
         cluster = self.config.cluster
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if restarts > cluster.max_restarts:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs._config import SCHEMAS, compose_stage
+from jobs._config import SCHEMAS, compose_stage, fail
 from remax.config import Backend
 from remax.run_dir import run_dir_for
 
@@ -137,8 +137,7 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool, sft_cfg, rm
     remax_cfg = compose_stage(
         "remax", [f"model.path={sft_export}", f"reward_model.path={rm_export}", *overrides["remax"]]
     )
-    records = [submit("sft", sft_cfg, quiet=True), submit("reward_model", rm_cfg, quiet=True)]
-    records.append(submit("remax", remax_cfg, dependency=_after(records), quiet=True))
+    eval_cfg = None
     if evaluate:
         remax_export = run_dir_for(remax_cfg, "remax") / "export"
         eval_cfg = compose_stage(
@@ -146,12 +145,34 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool, sft_cfg, rm
             _evaluate_overrides(remax_export, sft_export, rm_export, remax_cfg.algo)
             + overrides["evaluate"],
         )
+    _check_total_budget(
+        [("sft", sft_cfg), ("reward_model", rm_cfg), ("remax", remax_cfg), ("evaluate", eval_cfg)]
+    )
+    records = [submit("sft", sft_cfg, quiet=True), submit("reward_model", rm_cfg, quiet=True)]
+    records.append(submit("remax", remax_cfg, dependency=_after(records), quiet=True))
+    if eval_cfg is not None:
         records.append(submit("evaluate", eval_cfg, dependency=_after(records[2:]), quiet=True))
     for stage, record in zip(STAGES, records):
         record.setdefault("stage", stage)
     summary = {"jobs": records, "record": str(_write_pipeline_record(sft_cfg.run.root, records))}
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_total_budget(stages: list) -> None:
+    """The pipeline's budget bounds the sum of its stages, checked before anything is submitted
+    (each stage alone might fit while the whole does not)."""
+    from jobs._submit import estimate
+
+    stages = [(s, c) for s, c in stages if c is not None]
+    budget = stages[0][1].cluster.budget
+    parts = {s: estimate(s, c.cluster)["cost"] for s, c in stages}
+    if budget is not None and sum(parts.values()) > budget:
+        detail = ", ".join(f"{s} {v}" for s, v in parts.items())
+        fail(
+            f"the pipeline's estimated cost {round(sum(parts.values()), 2)} ({detail}) exceeds "
+            f"cluster.budget={budget}: lower cluster.time_min or raise the budget"
+        )
 
 
 def _write_pipeline_record(root: str, records: list[dict]) -> Path:

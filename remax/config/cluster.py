@@ -73,10 +73,14 @@ class ClusterConfig:
     """Shell lines run before the job step (``module load ...``, ``source venv/bin/activate``)."""
     gpu_hour_rate: float = 0.0
     """Price of one GPU-hour, for cost estimates and the status table."""
+    billing_granularity_s: int = 1
+    """Each job segment is billed in whole units of this many seconds (a site billing per started
+    hour uses 3600): the status table and the budget caps round every segment up to it."""
     currency: str = "CNY"
     """Currency of ``gpu_hour_rate``."""
     budget: float | None = None
-    """Refuse a submission (or sweep) whose estimated cost exceeds this; None: no cap."""
+    """Cap per run across all its requeues and resubmissions (checked at submission and when each
+    segment starts), and on a sweep's or pipeline's summed estimate at submission; None: no cap."""
     dry_run: bool = False
     """Print the sbatch script and the estimate; submit nothing."""
     check_memory: bool = True
@@ -89,7 +93,14 @@ class ClusterConfig:
             self.device,
             "use auto, cpu or cuda",
         )
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
+        for key in (
+            "nodes",
+            "tasks_per_node",
+            "cpus_per_task",
+            "time_min",
+            "array_parallelism",
+            "billing_granularity_s",
+        ):
             value = getattr(self, key)
             _require(value > 0, f"cluster.{key}", value, "use a positive integer")
         for key in (
