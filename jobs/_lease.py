@@ -80,6 +80,36 @@ def live_state(job_id: str, tries: int = SQUEUE_TRIES, backoff_s: float = 1.0) -
     raise QueueError(f"squeue -j {job_id} failed {tries} times ({error})")
 
 
+def live_states(job_ids: list[str], tries: int = SQUEUE_TRIES) -> dict[str, str]:
+    """``{job_id: state}`` of the live ones among ``job_ids``, in one ``squeue -r`` call (a sweep
+    resubmission checks 100 elements at once); raises :class:`QueueError` like :func:`live_state`."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    if len(ids) == 1:
+        state = live_state(ids[0], tries)
+        return {ids[0]: state} if state else {}
+    cmd = ["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T"]
+    error = ""
+    for attempt in range(tries):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            error = str(exc)
+        else:
+            if out.returncode == 0:
+                pairs = (line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+                wanted = set(ids)
+                return {j: st for j, st in pairs if j in wanted and st not in TERMINAL_STATES}
+            if "invalid job id" in out.stderr.lower():
+                # One unknown id fails the whole call: fall back to asking one by one.
+                return {j: st for j in ids if (st := live_state(j, tries))}
+            error = (out.stderr or out.stdout).strip()[-200:] or f"rc={out.returncode}"
+        if attempt + 1 < tries:
+            time.sleep(attempt + 1)
+    raise QueueError(f"squeue -j {','.join(ids)[:60]}... failed {tries} times ({error})")
+
+
 @contextlib.contextmanager
 def submit_lock(run_dirs: list[Path]):
     """Exclusive lock on each run dir (sorted: two sweeps sharing dirs cannot deadlock)."""

@@ -43,6 +43,7 @@ def code_hash(repo: Path = REPO) -> str:
     return h.hexdigest()[:12]
 
 
+@functools.cache  # importlib.metadata parses every METADATA file: ~60 ms per call
 def package_versions() -> dict[str, str | None]:
     """Installed versions, read from metadata: the login node never imports torch for this."""
     versions = {}

@@ -31,6 +31,7 @@ from jobs._lease import (
     clear_stop,
     current_job_id,
     live_state,
+    live_states,
     stop_for_good,
     submit_lock,
 )
@@ -135,7 +136,15 @@ def check_resubmission(stage: str, config, run_dir: Path) -> None:
             f"run dir {run_dir} already has job {record['job_id']} ({state}): "
             f"wait for it or `scancel {record['job_id']}` first"
         )
-    if record.get("code_hash") != code_hash() and not config.run.force:
+    check_code(config, run_dir, record)
+
+
+def check_code(config, run_dir: Path, record: dict | None) -> None:
+    """Refuse to continue a run on other code than its last job ran, unless ``run.force``
+    (a job started by hand records no code hash: nothing to compare)."""
+    if not record or not record.get("code_hash"):
+        return
+    if record["code_hash"] != code_hash() and not config.run.force:
         fail(
             f"code changed since job {record['job_id']} started {run_dir} (code hash "
             f"{record.get('code_hash')} -> {code_hash()}): resuming would mix code versions; "
@@ -242,18 +251,23 @@ def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = F
 
 def _split_sweep(stage: str, configs: list, run_dirs: list[Path]):
     """(to submit, live, complete): a resubmitted sweep submits only what is neither."""
+    records = {d: read_record(d) for d in run_dirs}
+    ids = [r["job_id"] for r in records.values() if r and r.get("job_id")]
+    try:
+        states = live_states(ids)  # one squeue for the whole sweep, not one per element
+    except QueueError as exc:
+        fail(f"{exc}: cannot tell which sweep elements are still live, so nothing was submitted")
     todo, live, complete = [], [], []
     for c, d in zip(configs, run_dirs):
+        job = (records[d] or {}).get("job_id")
         if (d / "summary.json").exists():
             complete.append(d)
-            continue
-        owner = owner_state(d)
-        if owner:
-            live.append((d, *owner))
-            continue
-        check_resubmission(stage, c, d)
-        clear_stop(d)
-        todo.append((c, d))
+        elif job in states:
+            live.append((d, job, states[job]))
+        else:
+            check_code(c, d, records[d])
+            clear_stop(d)
+            todo.append((c, d))
     return todo, live, complete
 
 

@@ -91,10 +91,10 @@ def prepare(config, stage: str) -> Path:
     A dir whose saved config differs on a result key is refused, naming the keys, unless
     ``run.force``; the old config is then kept as ``config.previous.yaml``. Nothing else is touched.
     """
-    path = run_dir_for(config, stage)
+    current = to_plain(config)  # once: a sweep prepares 100 run dirs on the login node
+    path = Path(config.run.root) / stage / f"{config.run.name}-{signature(current, stage)}"
     path.mkdir(parents=True, exist_ok=True)
     cfg_file = path / "config.yaml"
-    current = to_plain(config)
     if cfg_file.exists():
         try:
             saved = yaml.safe_load(cfg_file.read_text()) or {}
@@ -116,7 +116,9 @@ def prepare(config, stage: str) -> Path:
         if diff:
             (path / "config.previous.yaml").write_text(cfg_file.read_text())
     tmp = cfg_file.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(current, sort_keys=False))
+    # The C dumper when PyYAML has it: a 100-element sweep writes 100 of these on the login node.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    tmp.write_text(yaml.dump(current, Dumper=dumper, sort_keys=False))
     tmp.replace(cfg_file)
     return path
 

@@ -185,3 +185,58 @@ def test_login_node_sweep_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["elements"] == 2
+
+
+def test_sweep_resubmission_submits_only_what_is_neither_live_nor_complete(tmp_path, monkeypatch):
+    from jobs._submit import _split_sweep
+
+    configs = sweep_configs("remax", [f"run.root={tmp_path}", "optim.lr=1e-4,2e-4,3e-4"])
+    run_dirs = [prepare(c, "remax") for c in configs]
+    for i, d in enumerate(run_dirs):
+        (d / "submission.json").write_text(json.dumps({"job_id": f"500_{i}"}))
+    (run_dirs[2] / "summary.json").write_text("{}")
+    # One squeue call for the whole sweep; element 1 is still running.
+    _shim(tmp_path, monkeypatch, "squeue", "echo '500_1|RUNNING'; echo '500_0|CANCELLED'")
+    todo, live, complete = _split_sweep("remax", configs, run_dirs)
+    assert [d for _, d in todo] == [run_dirs[0]]
+    assert live == [(run_dirs[1], "500_1", "RUNNING")] and complete == [run_dirs[2]]
+
+
+def test_costs_come_from_alloc_tres_with_billing_granularity():
+    from jobs._costs import allocated_gpus, billed_hours, run_cost
+
+    assert allocated_gpus("billing=4,cpu=32,gres/gpu=4,node=1") == 4
+    assert allocated_gpus("cpu=8,gres/gpu:a800=2,node=1") == 2
+    assert allocated_gpus("cpu=1,node=1") == 0
+    # 2 segments: 100 s on 4 GPUs, then 3000 s on 2 GPUs (a requeue landed on a smaller
+    # allocation). Per started hour: 1 h × 4 + 1 h × 2 = 6 GPU-h; per second: (400 + 6000)/3600.
+    segs = [{"elapsed_s": 100, "gpus": 4}, {"elapsed_s": 3000, "gpus": 2}]
+    assert billed_hours(segs, 3600) == 6
+    assert billed_hours(segs, 1) == pytest.approx(6400 / 3600)
+    records = [{"job_id": "7", "gpu_hour_rate": 2.0, "billing_granularity_s": 3600}]
+    assert run_cost(records, {"7": segs}) == (6, 12.0)
+
+
+def test_sacct_failure_is_loud_and_the_budget_cap_fails_closed(tmp_path, monkeypatch):
+    from jobs._costs import SacctError, over_budget, sacct_segments
+
+    _shim(tmp_path, monkeypatch, "sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1")
+    with pytest.raises(SacctError, match="accounting storage is disabled"):
+        sacct_segments(["7"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "submissions.jsonl").write_text(
+        json.dumps({"job_id": "7", "gpu_hour_rate": 1.0}) + "\n"
+    )
+    cluster = compose_stage("remax", ["cluster=local_slurm", "cluster.budget=5"]).cluster
+    assert "cannot check cluster.budget=5" in over_budget(run_dir, cluster, 0.3)
+    # Spent 2 segments × 1 GPU × 2 h = 4.0 so far (every requeue counts): one more 1.5 does not fit.
+    _shim(
+        tmp_path,
+        monkeypatch,
+        "sacct",
+        "echo '7|REQUEUED|7200|gres/gpu=1'; echo '7|RUNNING|7200|gres/gpu=1'",
+    )
+    assert over_budget(run_dir, cluster, 0.9) is None
+    assert "exceed cluster.budget=5" in over_budget(run_dir, cluster, 1.5)
+    assert over_budget(run_dir, cluster, 1.5, job_id="7") is None  # its own running segment
