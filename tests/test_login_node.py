@@ -240,3 +240,48 @@ def test_sacct_failure_is_loud_and_the_budget_cap_fails_closed(tmp_path, monkeyp
     assert over_budget(run_dir, cluster, 0.9) is None
     assert "exceed cluster.budget=5" in over_budget(run_dir, cluster, 1.5)
     assert over_budget(run_dir, cluster, 1.5, job_id="7") is None  # its own running segment
+
+
+def test_status_filters_pending_elements_sweep_totals_and_80_columns(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from jobs import status
+
+    configs = sweep_configs(
+        "remax",
+        [f"run.root={tmp_path}", "run.name=a-long-run-name-for-columns", "optim.lr=1e-4,2e-4"],
+    )
+    run_dirs = [prepare(c, "remax") for c in configs]
+    for i, d in enumerate(run_dirs):
+        record = {"job_id": f"600_{i}", "sweep": "remax-sweep-x", "gpu_hour_rate": 2.0}
+        (d / "submissions.jsonl").write_text(json.dumps(record) + "\n")
+        (d / "metrics.jsonl").write_text(
+            json.dumps({"step": 3, "reward/mean": 0.1 * (i + 1)}) + "\n"
+        )
+    # Element 0 ran 1800 s on 2 GPUs and runs again; element 1 never started (no sacct row).
+    _shim(
+        tmp_path,
+        monkeypatch,
+        "sacct",
+        "echo '600_0|REQUEUED|1800|gres/gpu=2'; echo '600_0|RUNNING|0|gres/gpu=2'",
+    )
+    _shim(tmp_path, monkeypatch, "squeue", "echo '600_0|RUNNING'; echo '600_1|PENDING'")
+    rows, error = status.collect(tmp_path)
+    assert error is None
+    by_job = {r["job_id"]: r for r in rows}
+    assert by_job["600_1"]["state"] == "PENDING" and by_job["600_0"]["state"] == "RUNNING"
+    assert by_job["600_0"]["gpu_hours"] == 1.0 and by_job["600_0"]["cost"] == 2.0
+    assert [r["job_id"] for r in status.select(rows, states="pending")] == ["600_1"]
+    assert status.select(rows, sweep="other") == [] and len(status.select(rows, stage="remax")) == 2
+    [sweep] = status.sweeps(rows, "reward/mean")
+    assert sweep["cost"] == 2.0 and sweep["best"]["run_dir"] == str(run_dirs[1])
+    assert status.sweeps(rows, "-reward/mean")[0]["best"]["run_dir"] == str(run_dirs[0])
+    console = Console(width=80, record=True)
+    console.print(*status.render(rows, status.sweeps(rows, "reward/mean")))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    # sacct down: costs unknown, and the command says so and exits non-zero.
+    _shim(tmp_path, monkeypatch, "sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1")
+    rows, error = status.collect(tmp_path)
+    assert "accounting storage is disabled" in error and all(r["cost"] is None for r in rows)
+    assert status.main([str(tmp_path), "--json"]) == 1

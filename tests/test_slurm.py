@@ -189,6 +189,7 @@ def test_sweep_is_one_array_with_one_run_dir_per_element(tmp_path):
 def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
     out = run_job(
         "jobs.pipeline",
+        "--json",
         f"run.root={tmp_path}",
         *[("remax." + a if a.startswith("eval_prompts") else a) for a in JOB],
         "log.wandb_mode=disabled",

@@ -1,0 +1,312 @@
+"""``python -m jobs.plan [stage overrides] [plan.key=value ...]``: will it fit, before anyone pays.
+
+Takes the same overrides as a stage (``experiment=remax_llama2_7b_official``, or
+``model=llama2_7b algo=ppo_dschat cluster=slurm_a800``). The stage is an ``experiment=`` preset's
+prefix (``sft_``, ``rm_``, ``remax_``, ``ppo_``), else PPO for ``algo=ppo_*``, else ReMax.
+
+Every planner input comes from the composed config: world size ``cluster.gpus``; placement from
+``deepspeed`` when enabled (``zero_stage``, ``inference_zero_stage``, ``offload_optimizer``,
+``offload_params``, ``inference_offload_params``), else plain PyTorch (every model replicated); rows
+per rank from ``train`` (micro-batch ``min(micro_batch_size, batch_size / gpus)``, generation batch
+``batch_size / gpus``, times ``algo.samples_per_prompt``); lengths from ``data``; the RM's shape from
+``reward_model.path`` when it is a model preset's hub id or a local dir with a ``config.json``, else
+the actor's. ``plan.*`` keys override: ``plan.offload`` (the release's ``--offload
+--offload_reference_model --offload_reward_model``), ``plan.micro_batch`` (rows per micro-batch and
+per generation), ``plan.prompt_len``, ``plan.response_len``, ``plan.actor_zero``,
+``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``.
+SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
+``data.max_seq_len``) in the same placement.
+
+Prints per-GPU memory by part and model, the largest micro-batch that fits, and a last line
+``verdict: fits`` or ``verdict: OOM``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from jobs._config import CONF_DIR, compose_dict, fail, to_config
+from remax import plan as planner
+from remax.config import DType
+
+PRESETS = {
+    "llama2_7b": planner.ModelShape.llama2_7b,
+    "mistral_7b": planner.ModelShape.mistral_7b,
+    "opt_1.3b": planner.ModelShape.opt_1_3b,
+    "opt_350m": planner.ModelShape.opt_350m,
+    "ultrarm_13b": planner.ModelShape.ultrarm_13b,
+}
+RL_STAGES = ("remax", "ppo")
+EXPERIMENT_PREFIXES = {"sft_": "sft", "rm_": "reward_model", "remax_": "remax", "ppo_": "ppo"}
+PLANNED_RM = "planned/reward_model"  # an RL config needs an RM path; the plan needs no weights
+
+
+@dataclasses.dataclass(kw_only=True)
+class PlanOptions:
+    """The ``plan.*`` keys; None: taken from the stage config (module docstring)."""
+
+    offload: bool | None = None
+    micro_batch: int | None = None
+    prompt_len: int | None = None
+    response_len: int | None = None
+    actor_zero: int | None = None
+    frozen_zero: int | None = None
+    reward_model: str | None = None
+    gpu_memory_gib: float = 80.0
+
+
+KEY_TYPES = {
+    "offload": bool,
+    "micro_batch": int,
+    "prompt_len": int,
+    "response_len": int,
+    "actor_zero": int,
+    "frozen_zero": int,
+    "reward_model": str,
+    "gpu_memory_gib": float,
+}
+
+
+def parse(argv: list[str]) -> tuple[list[str], PlanOptions]:
+    stage_args, opts = [], PlanOptions()
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if not key.startswith("plan."):
+            stage_args.append(arg)
+            continue
+        name = key.removeprefix("plan.")
+        if name not in KEY_TYPES:
+            fail(
+                f"unknown key {key!r}: valid plan keys are {', '.join('plan.' + k for k in KEY_TYPES)}"
+            )
+        kind = KEY_TYPES[name]
+        try:
+            parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            fail(f"invalid {key}={value!r}: expected a {kind.__name__}")
+        setattr(opts, name, parsed)
+    return stage_args, opts
+
+
+def stage_of(args: list[str]) -> str:
+    """An ``experiment=`` preset's prefix names the stage; else PPO for ``algo=ppo_*``, else ReMax."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "experiment":
+            for prefix, stage in EXPERIMENT_PREFIXES.items():
+                if value.startswith(prefix):
+                    return stage
+    return "ppo" if any(a.startswith("algo=ppo") for a in args) else "remax"
+
+
+@functools.cache
+def _hub_ids() -> dict[str, str]:
+    """HF hub id → model preset, read from ``hydra_conf/model/<preset>.yaml`` (one source of truth)."""
+    out = {}
+    for name in PRESETS:
+        path = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml").get("path")
+        if path:
+            out[str(path)] = name
+    return out
+
+
+def shape_from_path(path: str | None) -> planner.ModelShape | None:
+    """The shape of a model preset's hub id, or of a local HF dir's ``config.json``; else None."""
+    if path is None:
+        return None
+    if path in _hub_ids():
+        return PRESETS[_hub_ids()[path]]()
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return planner.ModelShape.from_hf_config(json.loads(config.read_text()), name=path)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def shape_of(model_cfg) -> planner.ModelShape:
+    if model_cfg.name in PRESETS:
+        return PRESETS[model_cfg.name]()
+    if model_cfg.path is not None:
+        shape = shape_from_path(model_cfg.path)
+        if shape is None:
+            fail(
+                f"model {model_cfg.name!r} ({model_cfg.path}) has no shape preset: use one of "
+                f"{', '.join(PRESETS)}, a local dir with a config.json, or a tiny model"
+            )
+        return shape
+    from remax.models.tiny import CHARS
+
+    return planner.ModelShape.from_hf_config(
+        {
+            "model_type": "llama",
+            "hidden_size": model_cfg.hidden_size,
+            "num_hidden_layers": model_cfg.num_layers,
+            "num_attention_heads": model_cfg.num_heads,
+            "num_key_value_heads": model_cfg.num_kv_heads,
+            "vocab_size": len(CHARS) + 2,
+            "intermediate_size": model_cfg.intermediate_size,
+        },
+        name="tiny",
+    )
+
+
+def reward_shape(config, opts: PlanOptions, actor: planner.ModelShape):
+    """(RM shape, where it came from): ``plan.reward_model``, ``reward_model.path``, or the actor."""
+    if opts.reward_model is not None:
+        if opts.reward_model not in PRESETS:
+            fail(f"plan.reward_model={opts.reward_model!r}: use one of {', '.join(PRESETS)}")
+        return PRESETS[opts.reward_model](), f"plan.reward_model={opts.reward_model}"
+    path = config.reward_model.path
+    shape = shape_from_path(path)
+    if shape is not None:
+        return shape, f"reward_model.path={path}"
+    return (
+        actor,
+        f"actor-sized: reward_model.path={path} names no known shape; plan.reward_model sets one",
+    )
+
+
+def _placement(config) -> tuple[int, int, bool, bool, bool]:
+    """(actor ZeRO, frozen ZeRO, optimizer offload, actor parameter offload, frozen parameter
+    offload) of the config's DeepSpeed; without it every model is replicated on every GPU."""
+    ds = getattr(config, "deepspeed", None)
+    if ds is None or not ds.enabled:
+        return 0, 0, False, False, False  # plain PyTorch data parallelism
+    return (
+        ds.zero_stage,
+        ds.inference_zero_stage,
+        ds.offload_optimizer,
+        ds.offload_params,
+        ds.inference_offload_params,
+    )
+
+
+def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
+    """The planner's input for a composed stage config, ``plan.*`` keys over its values."""
+    world = max(1, config.cluster.gpus)
+    actor = shape_of(config.model)
+    zero, frozen_zero, offload_optimizer, offload_params, offload_frozen = _placement(config)
+    zero = zero if opts.actor_zero is None else opts.actor_zero
+    frozen_zero = frozen_zero if opts.frozen_zero is None else opts.frozen_zero
+    if opts.offload is not None:  # the release's three flags; the actor's parameters stay on GPU
+        offload_optimizer = offload_frozen = opts.offload
+        offload_params = False
+    common = dict(
+        dtype_bytes=2 if config.model.dtype == DType.bfloat16 else 4,
+        grad_checkpointing=config.model.grad_checkpointing,
+    )
+    data, train = config.data, config.train
+    if stage in RL_STAGES:
+        n = getattr(config.algo, "samples_per_prompt", 1)
+        per_rank = -(-train.batch_size // world)  # prompts per rank and step (deepspeed_json)
+        micro, gen = min(train.micro_batch_size, per_rank) * n, per_rank * n
+        prompt, response = data.max_prompt_len, data.max_response_len
+        build = planner.ppo_models if stage == "ppo" else planner.remax_models
+        models = build(
+            actor,
+            reward_shape(config, opts, actor)[0],
+            actor_zero_stage=zero,
+            frozen_zero_stage=frozen_zero,
+            offload_optimizer=offload_optimizer,
+            offload_frozen_params=offload_frozen and frozen_zero == 3,
+            offload_actor_params=offload_params and zero == 3,
+            **common,
+        )
+    else:  # one trained model; an RM step scores chosen and rejected: 2 rows per pair
+        micro = gen = train.micro_batch_size * (2 if stage == "reward_model" else 1)
+        prompt = min(data.max_prompt_len, data.max_seq_len)
+        response = data.max_seq_len - prompt
+        build = planner.reward_model_models if stage == "reward_model" else planner.sft_models
+        models = build(actor, zero_stage=zero, offload=offload_optimizer, **common)
+    if opts.micro_batch is not None:
+        micro = gen = opts.micro_batch
+    return planner.PlanInput(
+        models=models,
+        world_size=world,
+        gpu_memory_gib=opts.gpu_memory_gib,
+        micro_batch=micro,
+        generation_batch=gen,
+        prompt_len=prompt if opts.prompt_len is None else opts.prompt_len,
+        response_len=response if opts.response_len is None else opts.response_len,
+        rollout=stage in RL_STAGES,
+    )
+
+
+def check_fits(stage: str, config) -> str | None:
+    """For a submission: None if the RL stage fits (or has no known shape), else why it does not."""
+    if stage not in RL_STAGES or not config.cluster.gpus:
+        return None
+    if config.model.name not in PRESETS and shape_from_path(config.model.path) is None:
+        return None
+    opts = PlanOptions()
+    result = planner.plan(plan_input(stage, config, opts))
+    if result.fits:
+        return None
+    return (
+        f"the memory planner estimates {result.total_gib:.1f} GiB per GPU for {stage} with "
+        f"{config.model.name} on {config.cluster.gpus} GPU(s) (capacity {opts.gpu_memory_gib:g} GiB): "
+        "see `python -m jobs.plan` with the same overrides; cluster.check_memory=false submits anyway"
+    )
+
+
+def _compose(stage: str, args: list[str]):
+    """The stage config; an RL config without an RM path gets a placeholder (no weights needed)."""
+    cfg = compose_dict(stage, args)  # the one composition every entry point uses
+    if stage in RL_STAGES and cfg.reward_model.path is None:
+        cfg.reward_model.path = PLANNED_RM
+    return to_config(cfg)
+
+
+def _describe(stage: str, config, opts: PlanOptions, inp: planner.PlanInput) -> list[str]:
+    m = inp.models[0]
+    on = {True: "on", False: "off"}
+    lines = [
+        f"{stage} with {config.model.name} on {config.cluster.name}: {inp.world_size} GPU(s) × "
+        f"{inp.gpu_memory_gib:g} GiB, micro-batch {inp.micro_batch}, generation batch "
+        f"{inp.gen_batch if inp.rollout else '-'}, {inp.prompt_len}+{inp.response_len} tokens",
+        f"placement: {m.role} ZeRO-{m.zero_stage}, optimizer offload {on[m.offload_optimizer]}, "
+        f"parameter offload {on[m.offload_params]}",
+    ]
+    if inp.rollout:
+        ref = inp.models[1]
+        shape, source = reward_shape(config, opts, shape_of(config.model))
+        lines[-1] += f"; reference and RM ZeRO-{ref.zero_stage}, offload {on[ref.offload_params]}"
+        lines.append(f"reward model: {shape.name} ({source})")
+    return lines
+
+
+def main(argv: list[str]) -> planner.Plan:
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return None
+    stage_args, opts = parse(argv)
+    stage = stage_of(stage_args)
+    config = _compose(stage, stage_args)
+    try:
+        inp = plan_input(stage, config, opts)
+        result = planner.plan(inp)
+    except ValueError as exc:
+        fail(str(exc))
+    print("\n".join(_describe(stage, config, opts, inp)))
+    largest = planner.max_micro_batch(inp)
+    unit = f" rows ({largest // 2} pairs)" if stage == "reward_model" else ""
+    print(f"largest micro-batch that fits: {largest}{unit}")
+    print(result.table())
+    return result
+
+
+def cli() -> None:
+    """Console-script entry point (``remax-plan``)."""
+    main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,231 @@
+"""Atomic, resumable checkpoints and the HF export.
+
+Layout: ``<run_dir>/checkpoints/step_<N>/`` holding ``model.safetensors`` (the trained model),
+``state.pt`` (optimizer, scheduler, RNG, sampler, counters; plain tensors and Python values, loaded
+with ``weights_only=True``) and a ``COMPLETE`` marker written last. Each checkpoint is written into
+a temporary sibling directory, fsynced, and renamed: a ``kill -9`` at any moment (also mid-save)
+leaves either the previous complete checkpoint or the new one, never a torn one. ``latest()`` only
+considers directories with the marker; leftovers of an interrupted save are deleted on the next one.
+
+At world size N > 1 the same directory also holds ``state_rank<r>.pt`` for r = 1 … N−1 (each rank's
+RNG state; everything else is identical across ranks and lives once in ``state.pt``). All ranks
+write into one temporary directory; after a barrier rank 0 alone writes the marker, fsyncs and
+renames, so the completion of a multi-rank checkpoint stays one atomic rename.
+
+Under DeepSpeed (``deepspeed.enabled``) the weights, optimizer and scheduler are the engine's own
+files in ``step_<N>/deepspeed/`` (each rank its ZeRO shards, written by the collective
+``save_checkpoint``) instead of ``model.safetensors``; they complete under the same marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from remax import distributed
+
+log = logging.getLogger("remax.checkpoint")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MARKER = "COMPLETE"
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and every CUDA device) RNG states as weights_only-safe values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses shared storage (tied embeddings): save contiguous clones.
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under ``root`` (an engine's shards sit in subdirectories)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(Path(directory) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """``step_<N>/`` directories under ``root``; keeps the newest ``keep_last`` complete ones."""
+
+    def __init__(self, root: Path, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for d in self.root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / MARKER).is_file():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest(self) -> Path | None:
+        steps = self.complete_steps()
+        return self.root / f"step_{steps[-1]}" if steps else None
+
+    def save(
+        self,
+        step: int,
+        model_state: dict[str, torch.Tensor] | None,
+        state: dict,
+        write: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write ``step_<step>/`` atomically and prune older checkpoints.
+
+        Called on every rank. At world size > 1, ranks other than 0 pass ``model_state=None`` and
+        their own ``state`` (saved as ``state_rank<r>.pt``). ``model_state=None`` on rank 0: the
+        weights are written by ``write(directory)``, which every rank calls (a DeepSpeed engine's
+        collective ``save_checkpoint``) before the checkpoint is marked complete.
+        """
+        if distributed.world_size() > 1:
+            return self._save_ranks(step, model_state, state, write)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
+        tmp.mkdir()
+        if model_state is not None:
+            _save_weights(model_state, tmp / "model.safetensors")
+        torch.save(state, tmp / "state.pt")
+        if write is not None:
+            write(tmp)
+        _fsync_tree(tmp)
+        return self._publish(tmp, final, step)
+
+    def _publish(self, tmp: Path, final: Path, step: int) -> Path:
+        """Mark ``tmp`` complete and rename it to ``final`` (one atomic step); prune old ones."""
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        with open(tmp / MARKER, "rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        for old in self.complete_steps()[: -self.keep_last]:
+            shutil.rmtree(self.root / f"step_{old}", ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def _save_ranks(self, step: int, model_state, state: dict, write=None) -> Path:
+        rank = distributed.rank()
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}"  # one name all ranks agree on (pids differ)
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp_step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        distributed.barrier()  # the directory exists before anyone writes into it
+        if rank == 0:
+            if model_state is not None:
+                _save_weights(model_state, tmp / "model.safetensors")
+            torch.save(state, tmp / "state.pt")
+        else:
+            torch.save(state, tmp / f"state_rank{rank}.pt")
+        if write is not None:
+            write(tmp)  # collective: every rank writes its shards
+        # Every rank flushes the files it wrote: on a shared filesystem rank 0's fsync does not
+        # reach the dirty pages another node holds for its shards.
+        _fsync_tree(tmp)
+        distributed.barrier()  # every rank's part is on disk before the marker
+        if rank == 0:
+            self._publish(tmp, final, step)
+        distributed.barrier()  # nobody runs ahead of (or resumes from) a half-renamed checkpoint
+        return final
+
+    @staticmethod
+    def load(path: Path, device, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+        """Weights (None when an engine holds them) and state; rank r > 0 gets its own RNG state
+        from ``state_rank<r>.pt``."""
+        weights = Path(path) / "model.safetensors"
+        model_state = load_file(weights, device=str(device)) if weights.is_file() else None
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+        if rank > 0:
+            own_file = Path(path) / f"state_rank{rank}.pt"
+            own = torch.load(own_file, map_location="cpu", weights_only=True)
+            state["rng"] = own["rng"]
+        return model_state, state
+
+
+def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -> Path:
+    """``save_pretrained`` (safetensors) of weights and tokenizer plus ``meta.json``, atomically.
+
+    ``state_dict``: weights to save instead of the module's own (a ZeRO-3 consolidation, or the
+    best actor kept on disk).
+    """
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(f".tmp_{export_dir.name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    os.replace(tmp, export_dir)
+    return export_dir

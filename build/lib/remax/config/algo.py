@@ -1,0 +1,145 @@
+"""The RL algorithms' conventions (``algo``): ReMax (remax-spec §4) and the PPO baseline (§7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from remax.algo.types import (
+    Aggregation,
+    Baseline,
+    ClipTarget,
+    DiscountConvention,
+    EmptyResponse,
+    EvalDecoding,
+    KLEstimator,
+    KLMode,
+    LogprobDist,
+)
+from remax.config.base import _require
+from remax.config.sampling import SamplingFields
+
+
+@dataclass(kw_only=True)
+class RemaxAlgoConfig(SamplingFields):
+    """ReMax conventions (remax-spec §4). Defaults are Algorithm 1 of the paper."""
+
+    baseline: Baseline = Baseline.greedy
+    """``greedy``: b(x) = r(x, greedy response) (ReMax). ``none``: vanilla REINFORCE (ablation)."""
+    samples_per_prompt: int = 1
+    """Sampled responses per prompt, all sharing one greedy baseline."""
+    kl_coef: float = 0.0
+    """β of the per-token KL penalty in the return."""
+    kl_mode: KLMode = KLMode.own_token
+    """``own_token``: token i carries its own KL (the release); ``reward_to_go``: Σ_{j>=i} (verl)."""
+    kl_estimator: KLEstimator = KLEstimator.k1
+    """Per-token KL estimator (k1 = log-ratio, as the release)."""
+    gamma: float = 1.0
+    """Discount of the terminal reward term, in (0, 1]."""
+    discount_convention: DiscountConvention = DiscountConvention.official
+    """``official``: token i of n gets γ^(n−i) (last token γ¹); ``textbook``: γ^(n−1−i)."""
+    reward_clip: float | None = None
+    """Clip bound, None for no clip (release: 5.0)."""
+    clip_target: ClipTarget = ClipTarget.advantage
+    """``advantage``: clip r − r_greedy (the release); ``reward``: clip each score."""
+    aggregation: Aggregation = Aggregation.seq_sum
+    """``seq_sum`` (Algorithm 1) or ``token_mean`` (the release)."""
+    logprob_dist: LogprobDist = LogprobDist.raw_softmax
+    """Which distribution the log-probs score (see remax-spec test 19)."""
+    train_on_eos: bool = True
+    """EOS is a trained action and the RM reads it."""
+    empty_response: EmptyResponse = EmptyResponse.mask
+    """Handling of answers that end at once: ``space_token`` (release) or ``mask``."""
+    eval_decoding: EvalDecoding = EvalDecoding.sampled
+    """Decoding of evaluation answers."""
+    early_stop_kl: float | None = None
+    """Stop when eval KL reaches this value (release: 1.0); None never stops."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (parsed but unused upstream; kept for ablation)."""
+    epochs: int = 1
+    """Passes over one rollout. Fixed at 1: ReMax is on-policy with no importance ratio."""
+
+    def __post_init__(self) -> None:
+        _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.05")
+        _require(0 < self.gamma <= 1, "algo.gamma", self.gamma, "use a value in (0, 1], e.g. 0.99")
+        _require(
+            self.reward_clip is None or self.reward_clip > 0,
+            "algo.reward_clip",
+            self.reward_clip,
+            "use a positive bound or null for no clip",
+        )
+        self.check_sampling("algo.")
+        _require(
+            self.samples_per_prompt >= 1,
+            "algo.samples_per_prompt",
+            self.samples_per_prompt,
+            "use >= 1",
+        )
+        _require(
+            self.epochs == 1,
+            "algo.epochs",
+            self.epochs,
+            "ReMax is on-policy without an importance ratio: use 1 (use the PPO stage for reuse)",
+        )
+        _require(
+            self.early_stop_kl is None or self.early_stop_kl > 0,
+            "algo.early_stop_kl",
+            self.early_stop_kl,
+            "use a positive KL or null",
+        )
+        _require(self.entropy_coef >= 0, "algo.entropy_coef", self.entropy_coef, "use >= 0")
+
+
+@dataclass(kw_only=True)
+class PPOAlgoConfig(SamplingFields):
+    """PPO as DeepSpeed-Chat defines it (remax-spec §7). Defaults are DS-Chat's trainer constants."""
+
+    kl_coef: float = 0.1
+    """β of the per-token k1 KL reward −β·(log π_old − log π_ref) (DS-Chat ``kl_ctl``)."""
+    gamma: float = 1.0
+    """GAE discount, in (0, 1]."""
+    lam: float = 0.95
+    """GAE λ, in [0, 1]: 1 gives Monte-Carlo returns, 0 one-step TD."""
+    clip_range: float = 0.2
+    """ε of the clipped policy surrogate (DS-Chat ``cliprange``)."""
+    clip_range_value: float = 0.2
+    """Clip of the critic's value around its experience-time value, in reward units
+    (DS-Chat ``cliprange_value``)."""
+    ppo_epochs: int = 1
+    """Passes over one rollout batch."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: the rollout batch is cut into this many minibatches, in order.
+    Must divide ``train.batch_size``."""
+    reward_clip: float | None = 5.0
+    """Clip of the raw reward-model score before it is added on the last token (DS-Chat
+    ``clip_reward_value``); None for no clip."""
+    train_on_eos: bool = True
+    """EOS is a trained action and carries the score (the ReMax release's convention; DS-Chat's
+    "+1" end index expresses the same placement, remax-spec §7)."""
+    empty_response: EmptyResponse = EmptyResponse.mask
+    """Answers that end at once: ``space_token`` (the ReMax release) or ``mask`` (no gradient; the
+    closest to DS-Chat, which drops answers of at most one token)."""
+    eval_decoding: EvalDecoding = EvalDecoding.sampled
+    """Decoding of evaluation answers (the same as the ReMax run's for a fair comparison)."""
+
+    def __post_init__(self) -> None:
+        _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.1")
+        _require(0 < self.gamma <= 1, "algo.gamma", self.gamma, "use a value in (0, 1], e.g. 1.0")
+        _require(0 <= self.lam <= 1, "algo.lam", self.lam, "use a value in [0, 1], e.g. 0.95")
+        _require(
+            self.clip_range > 0, "algo.clip_range", self.clip_range, "use a value > 0, e.g. 0.2"
+        )
+        _require(
+            self.clip_range_value > 0,
+            "algo.clip_range_value",
+            self.clip_range_value,
+            "use a value > 0, e.g. 0.2",
+        )
+        _require(self.ppo_epochs >= 1, "algo.ppo_epochs", self.ppo_epochs, "use >= 1")
+        _require(self.mini_batches >= 1, "algo.mini_batches", self.mini_batches, "use >= 1")
+        _require(
+            self.reward_clip is None or self.reward_clip > 0,
+            "algo.reward_clip",
+            self.reward_clip,
+            "use a positive bound or null for no clip",
+        )
+        self.check_sampling("algo.")

@@ -1,0 +1,119 @@
+"""One root per training stage: SFT, reward model, ReMax and PPO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from remax.algo.types import ExportPolicy
+from remax.config.algo import PPOAlgoConfig, RemaxAlgoConfig
+from remax.config.base import _require
+from remax.config.cluster import ClusterConfig
+from remax.config.data import DataConfig
+from remax.config.deepspeed import DeepSpeedConfig
+from remax.config.model import ModelConfig, RewardSourceConfig
+from remax.config.run import LogConfig, RunConfig
+from remax.config.train import CheckpointConfig, OptimConfig, TrainConfig
+
+
+@dataclass(kw_only=True)
+class _StageConfig:
+    seed: int = 42
+    """Training seed (model init, sampling, data order)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig())
+    """DeepSpeed engines for the trained model(s) (``hydra_conf/deepspeed/``); off by default."""
+
+
+@dataclass(kw_only=True)
+class SFTJobConfig(_StageConfig):
+    """Supervised fine-tuning: NLL on response tokens and EOS."""
+
+    stage = "sft"
+
+
+@dataclass(kw_only=True)
+class RewardModelJobConfig(_StageConfig):
+    """Reward model: Bradley–Terry on the end-token score."""
+
+    stage = "reward_model"
+
+
+@dataclass(kw_only=True)
+class RemaxJobConfig(_StageConfig):
+    """ReMax RL: policy from ``model.path`` (also the frozen reference), reward from ``reward_model``."""
+
+    stage = "remax"
+    algo: RemaxAlgoConfig = field(default_factory=RemaxAlgoConfig)
+    reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    eval_prompts: int = 128
+    """Held-out prompts for the before/after evaluation (>= 64)."""
+    export_policy: ExportPolicy = ExportPolicy.last
+    """Which actor is exported: the last one, or the best eval reward (the release)."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
+        _require(
+            self.eval_prompts <= self.data.num_eval,
+            "eval_prompts",
+            self.eval_prompts,
+            f"must not exceed data.num_eval={self.data.num_eval}",
+        )
+        _require(
+            self.reward_model.path is not None or self.data.source == "synthetic",
+            "reward_model.path",
+            self.reward_model.path,
+            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+        )
+
+
+# ---- PPO baseline ----
+
+
+@dataclass(kw_only=True)
+class PPOJobConfig(_StageConfig):
+    """PPO baseline: actor from ``model.path`` (also the frozen reference), critic initialised from
+    the reward model, reward from ``reward_model``."""
+
+    stage = "ppo"
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Critic optimizer (DS-Chat ``critic_learning_rate``, ``critic_weight_decay``); ``optim`` is
+    the actor's."""
+    eval_prompts: int = 128
+    """Held-out prompts for the before/after evaluation (>= 64)."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_prompts >= 64, "eval_prompts", self.eval_prompts, "use at least 64")
+        _require(
+            self.eval_prompts <= self.data.num_eval,
+            "eval_prompts",
+            self.eval_prompts,
+            f"must not exceed data.num_eval={self.data.num_eval}",
+        )
+        _require(
+            self.reward_model.path is not None or self.data.source == "synthetic",
+            "reward_model.path",
+            self.reward_model.path,
+            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+        )
+        _require(
+            self.train.batch_size % self.algo.mini_batches == 0,
+            "algo.mini_batches",
+            self.algo.mini_batches,
+            f"must divide train.batch_size={self.train.batch_size}",
+        )
+        minibatch = self.train.batch_size // self.algo.mini_batches
+        _require(
+            minibatch % self.train.micro_batch_size == 0,
+            "train.micro_batch_size",
+            self.train.micro_batch_size,
+            f"must divide the minibatch train.batch_size / algo.mini_batches = {minibatch}",
+        )

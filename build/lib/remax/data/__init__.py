@@ -1,0 +1,1 @@
+"""Data: loaders, chat templates, judge answer formats and the synthetic task."""

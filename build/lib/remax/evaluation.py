@@ -1,0 +1,511 @@
+"""Evaluation: answers of exported policies on one prompt set, scored, compared, and written out.
+
+What one evaluation computes (``jobs.evaluate``; every number is per prompt, then averaged):
+
+- answers: each policy answers every prompt through ``remax.rollout.generate`` (greedy or sampled),
+  in batches of ``batch_size``. Batch ``k`` is decoded under ``torch.manual_seed`` of a hash of
+  ``(seed, k)``, so answers do not depend on which batches ran before (a resumed evaluation equals
+  an uninterrupted one) and every policy sees the same random stream.
+- multi-turn prompts (MT-bench): turn k's input is the whole conversation so far, the policy's own
+  earlier answers included, rendered by ``remax.data.templates.format_conversation``.
+- reward: the reward model's score at the answer's end token (``remax.models.reward.score``), or
+  the synthetic task's gold score when no reward model is given; gold: the synthetic task's
+  programmatic score (held-out synthetic prompts only); KL: Σ_t log π(a_t) − log π_ref(a_t) over
+  the decoded answer, the k1 estimate the ReMax stage logs (an unbiased KL estimate for sampled
+  answers; for greedy ones it is the log-ratio of the one answer each policy gives); length:
+  generated tokens, EOS included. Multi-turn rows average each of these over their turns.
+- win rate of policy A (the first) against B (the second) on the same prompts: a win counts 1, a
+  tie ½, a loss 0 (AlpacaEval's convention); identical answers are ties whatever float noise the
+  batched reward forward adds. The interval is Wilson's score interval (`wilson_interval`).
+
+Resumability: rows are appended to ``partial/<policy>.jsonl`` one whole batch at a time; a rerun
+keeps every complete batch and decodes the rest. ``answers.jsonl``, the judge answer files and,
+last, ``summary.json`` are written atomically; a run dir with ``summary.json`` is not redone.
+
+Notation: B batch, P prompt length (left-padded), T response length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from remax.config import (
+    AnswerFormat,
+    EvalDecoding,
+    EvaluateJobConfig,
+    ModelConfig,
+    PromptFormat,
+)
+from remax.data import judge_formats, synthetic
+from remax.data.batching import collate_prompts, encode, prompt_ids
+from remax.data.stage_data import stage_records
+from remax.data.templates import format_conversation, format_prompt
+from remax.log import MetricWriter
+from remax.models.policy import load_policy, response_logprobs
+from remax.models.reward import load_reward_model, score
+from remax.rollout import Rollout, SamplingConfig, generate
+from remax.run_dir import to_plain, wandb_id
+from remax.trainers.loop import mean_stderr, select_device, write_json
+
+log = logging.getLogger("remax.evaluation")
+
+Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+# --------------------------------------------------------------------------- win rate
+
+
+def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` observed on ``n`` trials.
+
+    Why Wilson: it is closed-form and deterministic (no bootstrap RNG to seed), stays inside
+    [0, 1], and keeps a sensible width at p = 0 or 1 and small n, where the normal and percentile
+    bootstrap intervals collapse to a point. With ties counted as ½ each outcome is in {0, ½, 1},
+    whose variance (W + T/4)/n − p² is at most the binomial p(1 − p) Wilson assumes, so the
+    interval is conservative when there are ties (all ties: 0.5 with a binomial-width interval).
+    """
+    if n <= 0:
+        raise ValueError(f"n={n}: a win rate needs at least one compared prompt")
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At p = 0 (1) the bound is exactly 0 (1); float rounding of centre − half must not move it.
+    low = 0.0 if p == 0 else max(0.0, centre - half)
+    high = 1.0 if p == 1 else min(1.0, centre + half)
+    return low, high
+
+
+def win_rate(a, b, *, z: float = Z_95) -> dict[str, float]:
+    """Win rate of A over B from per-prompt scores ``a`` and ``b`` (same prompts, same order).
+
+    Returns ``{"win_rate", "wins", "ties", "losses", "n", "ci_low", "ci_high"}``: win_rate =
+    (wins + ties / 2) / n, a fraction in [0, 1]; ``[ci_low, ci_high]`` its Wilson interval at the
+    normal quantile ``z`` (95 % by default).
+    """
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) != len(b):
+        raise ValueError(f"win_rate needs paired scores: len(a)={len(a)} but len(b)={len(b)}")
+    n = len(a)
+    wins = sum(x > y for x, y in zip(a, b))
+    losses = sum(x < y for x, y in zip(a, b))
+    ties = n - wins - losses
+    p = (wins + 0.5 * ties) / n if n else float("nan")
+    low, high = wilson_interval(p, n, z)
+    return {
+        "win_rate": p,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "n": n,
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
+# --------------------------------------------------------------------------- prompt sets
+
+
+class Prompt(NamedTuple):
+    """One evaluation prompt: ``id`` (the MT-bench question_id, else the row index) and its raw user
+    ``turns`` (one for single-turn sets), before any chat template."""
+
+    id: int
+    turns: list[str]
+
+
+def load_prompt_set(
+    source: str, fmt: PromptFormat | str, *, split: str = "train", limit: int | None = None
+) -> list[Prompt]:
+    """Prompts of a local file or an HF data set, read as ``fmt``.
+
+    ``mt_bench``: FastChat ``question.jsonl`` (``question_id``, ``turns``), or an HF set with
+    ``question_id``/``prompt_id`` and ``turns``/``prompt`` lists (HuggingFaceH4/mt_bench_prompts);
+    ``alpaca_eval``: one ``instruction`` per row (an AlpacaEval set or a model-outputs file);
+    ``prompts``: one prompt per row, format detected from the columns (``remax.data.sources``).
+    """
+    fmt = PromptFormat(fmt)
+    if fmt is not PromptFormat.mt_bench:
+        from remax.data.sources import load_prompt_records
+
+        kind = "alpaca_eval" if fmt is PromptFormat.alpaca_eval else None
+        records = load_prompt_records(source, split=split, fmt=kind, limit=limit)
+        return [Prompt(i, [r["prompt"]]) for i, r in enumerate(records)]
+    if Path(source).expanduser().is_file():
+        rows = judge_formats.load_mt_bench_questions(Path(source).expanduser())
+    else:
+        import datasets
+
+        rows = [
+            {"question_id": r.get("question_id", r.get("prompt_id")), **r}
+            for r in datasets.load_dataset(source, split=split)
+        ]
+    prompts = []
+    for r in rows[:limit]:
+        turns = r.get("turns") or r.get("prompt")
+        if not isinstance(r["question_id"], int) or not isinstance(turns, list) or not turns:
+            raise ValueError(f"{source}: row {r!r:.80} has no integer question_id and turns list")
+        prompts.append(Prompt(r["question_id"], list(turns)))
+    return prompts
+
+
+def evaluation_prompts(cfg: EvaluateJobConfig) -> list[Prompt]:
+    """The configured prompts: ``data``'s held-out RL prompts, or a prompt set read from a file."""
+    if cfg.prompt_source == "held_out":
+        _, held_out = stage_records("prompts", cfg.data)
+        return [Prompt(i, [r["prompt"]]) for i, r in enumerate(held_out[: cfg.num_prompts])]
+    return load_prompt_set(
+        cfg.prompt_source, cfg.prompt_format, split=cfg.prompt_split, limit=cfg.num_prompts
+    )
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class Turn(NamedTuple):
+    """One turn of a batch: the batch ``rows`` that have it, their model input ``texts`` (template
+    applied), the decoded ``rollout`` and the answers as text."""
+
+    rows: list[int]
+    texts: list[str]
+    rollout: Rollout
+    answers: list[str]
+
+
+def decode_answers(tokenizer, rollout: Rollout) -> list[str]:
+    """Each row's generated tokens up to its first EOS, as text without special tokens."""
+    lengths = rollout.lengths.tolist()
+    return [
+        tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+        for row, n in zip(rollout.response, lengths)
+    ]
+
+
+@torch.no_grad()
+def answer_turns(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    *,
+    template: str,
+    sampling: SamplingConfig,
+    greedy: bool,
+    max_prompt_len: int,
+) -> list[Turn]:
+    """Answer every turn of every prompt; turn k sees the conversation with the earlier answers."""
+    device = next(model.parameters()).device
+    history: list[list[dict[str, str]]] = [[] for _ in prompts]
+    turns = []
+    for k in range(max(len(p.turns) for p in prompts)):
+        rows = [i for i, p in enumerate(prompts) if k < len(p.turns)]
+        for i in rows:
+            history[i].append({"role": "user", "content": prompts[i].turns[k]})
+        # Turn 1 goes through format_prompt exactly as the RL stage templated its prompts.
+        texts = [
+            format_prompt(history[i][0]["content"], template, tokenizer)
+            if k == 0
+            else format_conversation(history[i], template, tokenizer)
+            for i in rows
+        ]
+        batch = collate_prompts(tokenizer, texts, max_prompt_len, device)
+        rollout = generate(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            sampling,
+            greedy=greedy,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers = decode_answers(tokenizer, rollout)
+        for i, answer in zip(rows, answers):
+            history[i].append({"role": "assistant", "content": answer})
+        turns.append(Turn(rows, texts, rollout, answers))
+    return turns
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Scores decoded answers: reward (RM or gold), gold, KL to the reference, length.
+
+    The reward model reads the policy's token ids when both share a vocabulary (exactly what the
+    RL stage scored); otherwise prompt and answer are re-tokenized with the reward model's
+    tokenizer, the EOS kept only where the policy stopped.
+    """
+
+    def __init__(
+        self,
+        reward_model=None,
+        rm_tokenizer=None,
+        reference=None,
+        reference_tokenizer=None,
+        *,
+        gold: bool,
+        max_prompt_len: int,
+    ):
+        self.reward_model, self.rm_tokenizer = reward_model, rm_tokenizer
+        self.reference, self.reference_tokenizer = reference, reference_tokenizer
+        self.gold, self.max_prompt_len = gold, max_prompt_len
+
+    @torch.no_grad()
+    def __call__(self, policy, tokenizer, turn: Turn, raw: list[str]) -> dict[str, list[float]]:
+        """Per-row ``reward``, ``gold``, ``kl`` (None where not computed) and ``length``."""
+        ro = turn.rollout
+        gold = (
+            [synthetic.gold_score(p, a) for p, a in zip(raw, turn.answers)] if self.gold else None
+        )
+        if self.reward_model is None:
+            reward = gold
+        elif self.rm_tokenizer.get_vocab() == tokenizer.get_vocab():
+            reward = score(self.reward_model, ro.sequences, ro.attention_mask, ro.end_index)
+        else:
+            reward = self._retokenized(tokenizer, turn)
+        kl = None
+        if self.reference is not None:
+            logp = response_logprobs(policy, ro.sequences, ro.attention_mask, ro.prompt_len)
+            ref = response_logprobs(self.reference, ro.sequences, ro.attention_mask, ro.prompt_len)
+            kl = ((logp - ref) * ro.response_mask).sum(-1)  # (B,)
+        return {
+            "reward": _floats(reward),
+            "gold": gold,
+            "kl": _floats(kl),
+            "length": _floats(ro.lengths),
+        }
+
+    def _retokenized(self, tokenizer, turn: Turn) -> torch.Tensor:
+        tok, ro = self.rm_tokenizer, turn.rollout
+        last = ro.response.gather(1, (ro.lengths - 1)[:, None]).squeeze(1)  # (B,)
+        stopped = (last == tokenizer.eos_token_id).tolist()
+        prompts = [prompt_ids(tok, t, self.max_prompt_len) for t in turn.texts]
+        answers = [
+            encode(tok, a) + ([tok.eos_token_id] if s else []) or [tok.eos_token_id]
+            for a, s in zip(turn.answers, stopped)
+        ]
+        P, T = max(map(len, prompts)), max(map(len, answers))
+        ids = torch.full((len(prompts), P + T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (p, a) in enumerate(zip(prompts, answers)):  # [pad.. prompt | answer | pad..]
+            ids[i, P - len(p) : P + len(a)] = torch.tensor(p + a)
+            mask[i, P - len(p) : P + len(a)] = 1
+        end = torch.tensor([P + len(a) - 1 for a in answers])
+        device = next(self.reward_model.parameters()).device
+        return score(self.reward_model, ids.to(device), mask.to(device), end.to(device))
+
+
+def _floats(values) -> list[float] | None:
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return values.float().cpu().tolist()
+    return [float(v) for v in values]
+
+
+def answer_rows(
+    policy, tokenizer, prompts: list[Prompt], scorer: Scorer, *, name: str, **decoding
+) -> list[dict[str, Any]]:
+    """``answers.jsonl`` rows of one batch: each prompt's answer(s) and scores (turns averaged)."""
+    turns = answer_turns(policy, tokenizer, prompts, **decoding)
+    per_row: list[list[tuple[str, dict[str, float | None]]]] = [[] for _ in prompts]
+    for turn in turns:
+        raw = [prompts[i].turns[len(per_row[i])] for i in turn.rows]
+        scores = scorer(policy, tokenizer, turn, raw)
+        for j, i in enumerate(turn.rows):
+            values = {k: (v[j] if v is not None else None) for k, v in scores.items()}
+            per_row[i].append((turn.answers[j], values))
+    rows = []
+    for prompt, answered in zip(prompts, per_row):
+        single = len(prompt.turns) == 1
+        row = {
+            "policy": name,
+            "id": prompt.id,
+            "prompt": prompt.turns[0] if single else prompt.turns,
+            "response": answered[0][0] if single else [a for a, _ in answered],
+        }
+        for key in ("reward", "gold", "kl", "length"):
+            values = [v[key] for _, v in answered]
+            row[key] = None if values[0] is None else sum(values) / len(values)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{batch}".encode()).digest()[:7], "little")
+
+
+def _done_batches(path: Path, sizes: list[int]) -> dict[int, list[dict]]:
+    """Complete batches of a partial answer file (a batch torn by a kill is decoded again)."""
+    batches: dict[int, list[dict]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            batches.setdefault(row.pop("batch"), []).append(row)
+    return {b: rows for b, rows in batches.items() if b < len(sizes) and len(rows) == sizes[b]}
+
+
+def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> list[dict]:
+    chunks = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    done = _done_batches(partial, [len(c) for c in chunks])
+    if len(done) < len(chunks):
+        model, tokenizer = load_policy(
+            ModelConfig(path=path, dtype=cfg.dtype), seed=cfg.seed, device=device
+        )
+        ref_tok = scorer.reference_tokenizer
+        if ref_tok is not None and tokenizer.get_vocab() != ref_tok.get_vocab():
+            raise ValueError(
+                f"policy {path} and reference {cfg.reference.path} use different tokenizers: "
+                "the KL needs both to score the same tokens; drop reference.path"
+            )
+        sampling = cfg.sampling(cfg.response_len)
+        partial.write_text(
+            "".join(json.dumps({"batch": b, **r}) + "\n" for b in done for r in done[b])
+        )
+        devices = [device] if device.type == "cuda" else []
+        todo = [b for b in range(len(chunks)) if b not in done]
+        for b in tqdm(todo, desc=f"evaluate {name}", disable=not cfg.log.progress):
+            chunk = chunks[b]
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(_batch_seed(cfg.seed, b))
+                rows = answer_rows(
+                    model,
+                    tokenizer,
+                    chunk,
+                    scorer,
+                    name=name,
+                    template=cfg.template,
+                    sampling=sampling,
+                    greedy=cfg.decoding == EvalDecoding.greedy,
+                    max_prompt_len=cfg.data.max_prompt_len,
+                )
+            with open(partial, "a") as f:  # one write per batch: a kill tears at most this one
+                f.write("".join(json.dumps({"batch": b, **r}) + "\n" for r in rows))
+            done[b] = rows
+        del model
+    return [r for b in range(len(chunks)) for r in done[b]]
+
+
+def _stats(rows: list[dict]) -> dict[str, dict]:
+    out = {}
+    for key in ("reward", "gold", "kl", "length"):
+        if rows and rows[0][key] is not None:
+            out[key] = mean_stderr(torch.tensor([r[key] for r in rows], dtype=torch.float64))
+    return out
+
+
+def _compare(a: list[dict], b: list[dict], key: str) -> dict[str, float]:
+    # The same answer is a tie, whatever float noise different batch padding adds to its score.
+    b_scores = [ra[key] if ra["response"] == rb["response"] else rb[key] for ra, rb in zip(a, b)]
+    return win_rate([r[key] for r in a], b_scores)
+
+
+def _answer_files(cfg, run_dir: Path, rows: dict[str, list[dict]]) -> dict[str, str]:
+    files = {}
+    for name, answers in rows.items():
+        if cfg.answer_format == AnswerFormat.alpaca_eval:
+            path = run_dir / "alpaca_eval" / f"{name}.json"
+            judge_formats.write_alpaca_eval(
+                path, [{"instruction": r["prompt"], "output": r["response"]} for r in answers], name
+            )
+            judge_formats.validate_alpaca_eval(path)
+        elif cfg.answer_format == AnswerFormat.mt_bench:
+            path = run_dir / "mt_bench" / "model_answer" / f"{name}.jsonl"
+            turns = [{"question_id": r["id"], "turns": r["response"]} for r in answers]
+            judge_formats.write_mt_bench_answers(path, turns, model_id=name)
+            questions = cfg.prompt_source if Path(cfg.prompt_source).is_file() else None
+            judge_formats.validate_mt_bench_answers(
+                path, questions, require_all=cfg.num_prompts is None
+            )
+        else:
+            continue
+        files[name] = str(path)
+    return files
+
+
+def _scorer(cfg: EvaluateJobConfig, device, gold: bool) -> Scorer:
+    """The frozen reward model and reference, each loaded once for every policy."""
+    models: dict[str, Any] = {}
+    if cfg.reward_model.path is not None:
+        model_cfg = ModelConfig(path=cfg.reward_model.path, dtype=cfg.dtype)
+        rm, models["rm_tokenizer"] = load_reward_model(model_cfg, seed=cfg.seed, device=device)
+        models["reward_model"] = rm.eval().requires_grad_(False)
+    if cfg.reference.path is not None:
+        model_cfg = ModelConfig(path=cfg.reference.path, dtype=cfg.dtype)
+        ref, models["reference_tokenizer"] = load_policy(model_cfg, seed=cfg.seed, device=device)
+        models["reference"] = ref.eval().requires_grad_(False)
+    return Scorer(**models, gold=gold, max_prompt_len=cfg.data.max_prompt_len)
+
+
+def _summary(cfg: EvaluateJobConfig, rows: dict[str, list[dict]], reward_source, gold) -> dict:
+    ev: dict[str, Any] = {
+        "policies": cfg.labels,
+        "prompts": len(next(iter(rows.values()))),
+        "decoding": cfg.decoding.value,
+        "reward_source": reward_source,
+        "by_policy": {name: _stats(answers) for name, answers in rows.items()},
+    }
+    if len(rows) >= 2 and reward_source is not None:
+        a, b = (rows[name] for name in cfg.labels[:2])
+        for key, prefix in (("reward", ""), ("gold", "gold_")) if gold else (("reward", ""),):
+            w = _compare(a, b, key)
+            ev[f"{prefix}win_rate"] = w["win_rate"]
+            ev[f"{prefix}win_rate_ci"] = [w["ci_low"], w["ci_high"]]
+            ev[f"{prefix}win_counts"] = {k: w[k] for k in ("wins", "ties", "losses", "n")}
+        ev["interval"] = "wilson_95"
+    return ev
+
+
+def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
+    """Answer, score and compare; write ``answers.jsonl``, answer files and ``summary.json``."""
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
+        log.info("evaluate already complete: %s", summary_file)
+        return json.loads(summary_file.read_text())
+    device = select_device(cfg.cluster.device)
+    prompts = evaluation_prompts(cfg)
+    gold = cfg.prompt_source == "held_out" and cfg.data.source == "synthetic"
+    scorer = _scorer(cfg, device, gold)
+    (run_dir / "partial").mkdir(exist_ok=True)
+    rows = {
+        name: _policy_rows(
+            cfg, path, name, prompts, scorer, device, run_dir / "partial" / f"{name}.jsonl"
+        )
+        for path, name in zip(cfg.policies, cfg.labels)
+    }
+    lines = [json.dumps(r) for answers in rows.values() for r in answers]
+    tmp = run_dir / "answers.jsonl.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(run_dir / "answers.jsonl")
+    reward_source = "reward_model" if scorer.reward_model is not None else None
+    ev = _summary(cfg, rows, reward_source or ("gold" if gold else None), gold)
+    ev["answer_files"] = _answer_files(cfg, run_dir, rows)
+    summary = {"stage": "evaluate", "run_dir": str(run_dir), "eval": ev}
+    writer = MetricWriter(  # W&B gets the summary only: an evaluation has no steps
+        run_dir,
+        run_id=wandb_id(run_dir, "evaluate"),
+        stage="evaluate",
+        config=to_plain(cfg),
+        wandb_mode=cfg.log.wandb_mode,
+        project=cfg.log.wandb_project,
+        entity=cfg.log.wandb_entity,
+        group=cfg.log.wandb_group or cfg.run.name,
+    )
+    writer.summary({"eval": ev})
+    writer.close()
+    write_json(summary_file, summary)
+    shutil.rmtree(run_dir / "partial", ignore_errors=True)
+    return summary

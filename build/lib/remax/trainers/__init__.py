@@ -1,0 +1,1 @@
+"""One trainer per stage; they share the loop (``loop.py``), never each other's code."""

@@ -1,0 +1,460 @@
+"""PPO baseline trainer, DeepSpeed-Chat style (remax-spec §7): actor, critic, GAE, clipped losses.
+
+A copy of the ReMax trainer's orchestration (``remax/trainers/remax.py``; style rule 7: no
+inheritance, copies kept aligned), with the greedy baseline replaced by a learned critic:
+  1. sample a ~ π_θ(·|x) (sampled rows only: PPO has no greedy decode);
+  2. score it with the frozen reward model (or the synthetic gold score);
+  3. experience: log π_old, log π_ref and V_old(s_t) for every response token, no grad;
+  4. per-token rewards (k1 KL on every token, clipped score on the last) and GAE advantages and
+     returns (``remax.algo.ppo``);
+  5. ``algo.ppo_epochs`` passes over ``algo.mini_batches`` minibatches, each one actor step
+     (clipped surrogate) then one critic step (clipped value loss), in DS-Chat's order.
+
+Critic. An ``*ForSequenceClassification`` model initialised from the reward model's export (the
+DS-Chat convention), trained with its own optimizer (``critic_optim``). Its value of response token
+t is the score head applied to the hidden state at column P + t − 1, the state that predicts token
+t, i.e. V(s_t) before the action — DS-Chat's ``forward_value(...)[:, :-1]`` sliced from
+``prompt_len − 1``. With ``reward_model.path`` null (synthetic gold reward) there is no RM to start
+from: the critic is ``load_reward_model(cfg.model)``, a fresh scalar head on the policy's shape
+(tiny random init when ``model.path`` is null too).
+
+Departures from DS-Chat, as in ``remax.algo.ppo``: sampled generation for every architecture (DS-Chat
+forces greedy for Llama), empty answers per ``algo.empty_response`` instead of dropped, and
+minibatches taken in rollout order without shuffling (DS-Chat's ``MiniDataset`` does not shuffle
+either). Experience and training forwards use the same micro-batch rows, so the importance ratio
+of the first minibatch of the first epoch is exactly 1 (``ppo/ratio_mean_first``).
+
+Data parallel at any world size, with one code path (spec test 20). Every rank draws the same global
+batch; minibatch m is its rows m·B/M … (m+1)·B/M − 1, as in one process, and rank r rolls out and
+trains the r-th of N equal blocks of every minibatch (``shard``), so each optimizer step sees the
+whole minibatch across ranks. The losses are token means over the minibatch's token count summed
+over ranks, gradients are summed over ranks before clipping, and the only batch statistics (the
+logged means) are reduced globally; rewards and GAE are per row, and nothing is whitened. So N
+ranks × B/N make the world-size-1 update of the same responses.
+
+Notation: B batch, P prompt length, T response length, V vocab.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections import defaultdict
+from dataclasses import replace
+
+import torch
+
+from remax import distributed
+from remax.algo.masked import token_mean
+from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
+from remax.config import EmptyResponse, PPOJobConfig
+from remax.data import synthetic
+from remax.data.batching import EpochSampler, collate_prompts
+from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import build_actor, decode, frozen
+from remax.models.policy import load_policy, position_ids, response_logprobs
+from remax.models.reward import load_reward_model, score
+from remax.rollout import Rollout
+from remax.trainers import rl_eval
+from remax.trainers.loop import (
+    select_device,
+    write_json,
+)
+
+log = logging.getLogger("remax.trainers.ppo")
+
+
+def critic_values(critic, rollout: Rollout) -> torch.Tensor:
+    """(B, T) float32 V(s_t): the score head on the hidden state at column P + t − 1.
+
+    Only the T states that precede a response token go through the head; positions after a row's
+    EOS hold garbage and are masked by the caller.
+    """
+    mask = rollout.attention_mask
+    hidden = critic.base_model(
+        input_ids=rollout.sequences,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        use_cache=False,
+    ).last_hidden_state  # (B, P + T, H)
+    P = rollout.prompt_len
+    return critic.score(hidden[:, P - 1 : -1]).squeeze(-1).float()  # (B, T)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOJobConfig) -> None:
+        self.cfg, algo = cfg, cfg.algo
+        self.device = select_device(cfg.cluster.device)
+        self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        distributed.broadcast_params(self.model)  # rank 0's weights, before an engine shards them
+        self.reference = copy.deepcopy(self.model)
+        self.reward_model = None
+        if cfg.reward_model.path is not None:
+            # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
+            self.reward_model, rm_tok = load_reward_model(
+                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
+            )
+            if rm_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(
+                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
+                    f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
+                )
+            # The critic starts as a trainable copy of the RM, in the actor's dtype and grad-ckpt.
+            self.critic, _ = load_reward_model(
+                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
+            )
+        else:
+            log.info("reward_model.path is null: the synthetic task's gold score is the reward")
+            torch.manual_seed(cfg.seed + 1)  # a fresh head (and tiny backbone), not the policy's
+            self.critic, _ = load_reward_model(cfg.model, seed=cfg.seed + 1, device=self.device)
+        self.critic.requires_grad_(True)
+        distributed.broadcast_params(self.critic)
+        train, held_out = stage_records("prompts", cfg.data)
+        self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
+        self.eval_prompts = [
+            r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
+        ]
+        self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        blocks = algo.mini_batches * self.world_size
+        if cfg.train.batch_size % blocks:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by algo.mini_batches × "
+                f"world size = {algo.mini_batches}×{self.world_size}: every rank takes an equal block "
+                f"of each minibatch; use a multiple of {blocks} or change the number of ranks"
+            )
+        self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
+        self.total_steps = min(
+            cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
+        )
+        # Each train_step makes ppo_epochs × mini_batches optimizer steps: schedule over all. An
+        # optimizer step is one minibatch (a DeepSpeed engine's batch), in micro-batches per rank.
+        updates = self.total_steps * algo.ppo_epochs * algo.mini_batches
+        step = replace(
+            cfg.train,
+            batch_size=cfg.train.batch_size // algo.mini_batches,
+            micro_batch_size=min(
+                cfg.train.micro_batch_size, cfg.train.batch_size // algo.mini_batches
+            ),
+        )
+        self.actor = build_actor(self.model, cfg, updates, train=step)  # plain or DeepSpeed
+        self.critic_actor = build_actor(
+            self.critic, cfg, updates, train=step, optim=cfg.critic_optim, name="critic"
+        )
+        self.model, self.critic = self.actor.module, self.critic_actor.module
+        self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
+        self.critic_optimizer = self.critic_actor.optimizer
+        self.critic_scheduler = self.critic_actor.scheduler
+        placement = dict(train=step, dtype=cfg.model.dtype)
+        self.reference = frozen(self.reference, cfg.deepspeed, **placement)
+        if self.reward_model is not None:
+            self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
+        self.sampling = algo.sampling(cfg.data.max_response_len)
+        # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
+        # T != 1 or top-k sample from another distribution than the one the update assumes.
+        self.off_policy_sampling = self.sampling.filtered
+        if self.off_policy_sampling:
+            log.warning(
+                "top_p=%s temperature=%s top_k=%s: log-probs score the raw softmax, not the "
+                "sampled distribution (slightly off-policy, as DS-Chat and the ReMax release)",
+                algo.top_p,
+                algo.temperature,
+                algo.top_k,
+            )
+        self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+        if self.world_size > 1:
+            # Same weights, different samples: each rank its own (reproducible) stream. Not done at
+            # world size 1, which keeps single-process runs bit-identical to earlier releases.
+            torch.manual_seed(distributed.rank_seed(cfg.seed))
+        self.step = 0
+
+    # ----------------------------------------------------------------- experience
+    def _postprocess(self, rollout: Rollout) -> Rollout:
+        """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
+        if self.cfg.algo.empty_response != EmptyResponse.space_token:
+            return rollout
+        empty = (rollout.lengths == 1) & (rollout.response[:, 0] == self.tokenizer.eos_token_id)
+        if not bool(empty.any()):
+            return rollout
+        response, mask = rollout.response, rollout.response_mask
+        if response.shape[1] < 2:  # every row stopped at once: make room for " " + EOS
+            pad = torch.full_like(response, self.tokenizer.pad_token_id)
+            response = torch.cat([response, pad], 1)
+            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
+        response, mask = response.clone(), mask.clone()
+        response[empty, 0] = self.space_id
+        response[empty, 1] = self.tokenizer.eos_token_id
+        mask[empty, 1] = True
+        return rollout._replace(response=response, response_mask=mask)
+
+    def train_mask(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
+        under ``empty_response=mask``). Contiguous from column 0, as ``ppo_rewards`` requires."""
+        mask = rollout.response_mask.clone()
+        is_eos = (rollout.response == self.tokenizer.eos_token_id) & mask
+        if self.cfg.algo.empty_response == EmptyResponse.mask:
+            mask[is_eos[:, 0]] = False
+        if not self.cfg.algo.train_on_eos:
+            mask &= ~is_eos
+        return mask
+
+    @torch.no_grad()
+    def rewards(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
+        if self.reward_model is None:
+            return self.gold(rollout)
+        return score(
+            self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index
+        )
+
+    def gold(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) the synthetic task's programmatic score of each decoded response."""
+        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+        responses = self.tokenizer.batch_decode(
+            rollout.response * rollout.response_mask, skip_special_tokens=True
+        )
+        return torch.tensor(
+            [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)], device=self.device
+        )
+
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """Step 1: one sampled response per prompt."""
+        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        return self.decode(batch.input_ids, batch.attention_mask, greedy=False)
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
+        """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
+        rollout = decode(
+            self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer
+        )
+        return self._postprocess(rollout)
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
+        of it, in order, at world size 1)."""
+        mb = len(indices) // self.cfg.algo.mini_batches
+        per_rank = mb // self.world_size
+        first = self.rank * per_rank
+        return [
+            i
+            for start in range(0, len(indices), mb)
+            for i in indices[start + first : start + first + per_rank]
+        ]
+
+    def _minibatches(self, B: int) -> list[list[slice]]:
+        """Row slices of this rank's B rows: ``algo.mini_batches`` minibatches in order, each cut
+        into micro-batches (the last one shorter when the micro size does not divide a rank's
+        block)."""
+        mb = B // self.cfg.algo.mini_batches
+        micro = min(self.cfg.train.micro_batch_size, mb)
+        return [
+            [slice(s, min(s + micro, start + mb)) for s in range(start, start + mb, micro)]
+            for start in range(0, B, mb)
+        ]
+
+    def token_counts(self, mask: torch.Tensor, minibatches: list[list[slice]]) -> torch.Tensor:
+        """(M,) trained tokens of each minibatch summed over ranks: its losses' normaliser."""
+        local = torch.stack([sum(mask[rows].sum() for rows in chunks) for chunks in minibatches])
+        return distributed.all_reduce_sum(local)
+
+    @torch.no_grad()
+    def experience(self, sampled: Rollout, chunks: list[slice]):
+        """Step 3: (B, T) log π_old, log π_ref and V_old, over the rows the update will use."""
+        parts = [sampled.select(rows) for rows in chunks]
+        logprobs = torch.cat([self.logprobs(self.model, p) for p in parts])
+        ref_logprobs = torch.cat([self.logprobs(self.reference, p) for p in parts])
+        values = torch.cat([critic_values(self.critic, p) for p in parts])
+        return logprobs, ref_logprobs, values
+
+    # ----------------------------------------------------------------- update
+    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        """(B, T) realised-token log-probs of the raw softmax (DS-Chat)."""
+        return response_logprobs(
+            model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
+        )
+
+    def _update(
+        self, chunks, n_tokens, sampled, mask, old_logprobs, old_values, advantages, returns
+    ):
+        """One minibatch: an actor step on the clipped surrogate, then a critic step.
+
+        ``n_tokens`` is the minibatch's token count over all ranks. Micro-batch losses are token
+        means; weighting each by its share of those tokens makes their sum over micro-batches and
+        ranks the minibatch's token mean (what one big forward would give). The stats are shares
+        of the same kind, summed over ranks by the caller.
+        """
+        algo, out = self.cfg.algo, defaultdict(float)
+        n_tokens = max(1, n_tokens)
+        for rows in chunks:
+            w = int(mask[rows].sum()) / n_tokens
+            logprobs = self.logprobs(self.actor.model, sampled.select(rows))  # (b, T), with grad
+            loss, st = ppo_policy_loss(
+                logprobs,
+                old_logprobs[rows],
+                advantages[rows],
+                mask[rows],
+                clip_range=algo.clip_range,
+            )
+            self.actor.backward(loss * w)
+            out["loss/policy"] += float(loss.detach()) * w
+            out["ppo/clip_fraction"] += float(st.clip_fraction) * w
+            out["ppo/approx_kl"] += float(st.approx_kl) * w
+            out["ppo/ratio_mean"] += float(st.ratio_mean) * w
+        out["optim/grad_norm"] = self.actor.step()  # summed over ranks: w is already global
+        for rows in chunks:
+            w = int(mask[rows].sum()) / n_tokens
+            values = critic_values(self.critic, sampled.select(rows))  # (b, T), with grad
+            loss, st = ppo_value_loss(
+                values,
+                old_values[rows],
+                returns[rows],
+                mask[rows],
+                clip_range_value=algo.clip_range_value,
+            )
+            self.critic_actor.backward(loss * w)
+            out["loss/value"] += float(loss.detach()) * w
+            out["ppo/value_clip_fraction"] += float(st.clip_fraction) * w
+            out["value/mse"] += float(st.mse) * w
+        out["optim/critic_grad_norm"] = self.critic_actor.step()
+        return out
+
+    def train_step(self) -> dict:
+        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
+        return self.update(self.rollout(prompts))  # 1
+
+    def update(self, sampled: Rollout) -> dict:
+        """Steps 2–5 on this rank's rows (its block of every minibatch, minibatch by minibatch)."""
+        algo = self.cfg.algo
+        scores = self.rewards(sampled)  # 2: (B,)
+        mask = self.train_mask(sampled)  # (B, T)
+        minibatches = self._minibatches(mask.shape[0])
+        n_tokens = self.token_counts(mask, minibatches)  # (M,) over all ranks
+        self.model.train()
+        self.critic.train()
+        old_logprobs, ref_logprobs, old_values = self.experience(  # 3: each (B, T)
+            sampled, [rows for mb in minibatches for rows in mb]
+        )
+        rewards = ppo_rewards(  # 4: (B, T)
+            scores,
+            old_logprobs,
+            ref_logprobs,
+            mask,
+            kl_coef=algo.kl_coef,
+            reward_clip=algo.reward_clip,
+        )
+        advantages, returns = gae_advantages(
+            rewards, old_values, mask, gamma=algo.gamma, lam=algo.lam
+        )
+        totals, updates = defaultdict(float), []
+        for _ in range(algo.ppo_epochs):  # 5
+            for chunks, n in zip(minibatches, n_tokens.tolist()):
+                updates.append(
+                    self._update(
+                        chunks, n, sampled, mask, old_logprobs, old_values, advantages, returns
+                    )
+                )
+        for u in updates:
+            for k, v in u.items():
+                totals[k] += v / len(updates)
+        zeros = torch.zeros_like(old_logprobs)
+        kl = torch.where(mask, old_logprobs - ref_logprobs, zeros).sum(-1)  # (B,) Σ_t k1
+        all_tokens = n_tokens.sum()
+
+        def token_share(x: torch.Tensor) -> float:  # this rank's part of the global token mean
+            return float(token_mean(values=x, mask=mask, denominator=all_tokens))
+
+        N = self.world_size  # equal row counts: a row mean / N is this rank's share
+        shares = {
+            "reward/mean": float(scores.mean()) / N,
+            "reward/total_mean": float(rewards.sum(-1).mean()) / N,  # clipped score + KL reward
+            "kl/mean": float(kl.mean()) / N,
+            "advantage/mean": token_share(advantages),
+            "value/mean": token_share(old_values),
+            "value/returns_mean": token_share(returns),
+            "loss/policy": totals["loss/policy"],
+            "loss/value": totals["loss/value"],
+            "ppo/clip_fraction": totals["ppo/clip_fraction"],
+            "ppo/approx_kl": totals["ppo/approx_kl"],
+            "ppo/ratio_mean": totals["ppo/ratio_mean"],
+            # First epoch's first minibatch: π = π_old, so exactly 1 unless experience drifted.
+            "ppo/ratio_mean_first": updates[0]["ppo/ratio_mean"],
+            "ppo/value_clip_fraction": totals["ppo/value_clip_fraction"],
+            "value/mse": totals["value/mse"],
+            "response/length_mean": float(sampled.lengths.float().mean()) / N,
+        }
+        return {
+            **distributed.sum_over_ranks(shares),  # rank 0 logs the global values
+            # The same on every rank: all ranks step on the same all-reduced gradients.
+            "rollout/offpolicy_sampling": float(self.off_policy_sampling),
+            "optim/grad_norm": totals["optim/grad_norm"],
+            "optim/critic_grad_norm": totals["optim/critic_grad_norm"],
+            "optim/lr": self.actor.lr,
+            "optim/critic_lr": self.critic_actor.lr,
+        }
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length (collective)."""
+        return rl_eval.evaluate_policy(self)
+
+    def before_training(self, run_dir) -> None:
+        self.run_dir = run_dir
+        rl_eval.write_eval_before(self, run_dir)
+
+    def should_stop_early(self) -> bool:
+        """Never: DS-Chat's PPO has neither a KL early stop nor a best-actor export (ReMax's
+        ``early_stop_kl`` and ``export_policy`` are release features, not PPO's)."""
+        return False
+
+    def evaluate_final(self, run_dir) -> dict:
+        """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
+        before = json.loads((run_dir / "eval_before.json").read_text())
+        after = rl_eval.eval_summary(self)
+        if distributed.is_main():
+            write_json(run_dir / "eval_after.json", after)
+        ev = {
+            "reward_before": before["reward"],
+            "reward_after": after["reward"],
+            "kl_after": after["kl"]["mean"],
+            "kl_after_stderr": after["kl"]["stderr"],
+            "length_before": before["length"]["mean"],
+            "length_after": after["length"]["mean"],
+        }
+        if "gold" in after:
+            ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
+        reward_source = "reward_model" if self.reward_model is not None else "gold"
+        return {"eval": ev, "reward_source": reward_source}
+
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
+        """The actor and its weights (consolidated from ZeRO-3 shards: collective)."""
+        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything but the actor's weights (the loop saves those). Plain PyTorch: the critic's
+        weights go in as plain tensors (``torch.load(weights_only=True)`` reads them), with its
+        optimizer and scheduler; under DeepSpeed both models' states are their engines' files."""
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            **self.actor.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+        if not self.critic_actor.uses_deepspeed:
+            critic = self.critic_actor.state_dict()
+            state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
+            state["critic_optimizer"] = critic["optimizer"]
+            state["critic_scheduler"] = critic["scheduler"]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.total_steps = state["total_steps"]
+        self.actor.load_state_dict(state)
+        if not self.critic_actor.uses_deepspeed:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_actor.load_state_dict(
+                {"optimizer": state["critic_optimizer"], "scheduler": state["critic_scheduler"]}
+            )
+        self.sampler.load_state_dict(state["sampler"])

@@ -1,0 +1,397 @@
+"""ReMax trainer: REINFORCE with the greedy response's reward as baseline (Li et al., Algorithm 1).
+
+One step, as in the paper (numbers are Algorithm 1's lines):
+  1. sample a ~ π_θ(·|x) and 2. greedy-decode ā — one batched decode, greedy rows flagged;
+  3. score both with the frozen reward model: A(x) = r(x, a) − r(x, ā);
+  4. loss −A · Σ_t log π_θ(a_t | x, a_<t), with the release's per-token KL, discount and clip as
+     switches (``remax.algo.remax``); 5. one optimizer step.
+
+The reference model is a frozen copy of the initial policy (the SFT export). Experience-time and
+training-time log-probs are one forward: with dropout off and one on-policy pass they are equal
+(spec test 18), so the KL penalty uses the detached training log-probs instead of a second forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from remax import distributed
+from remax.algo.kl import full_vocab_kl, kl_penalty
+from remax.algo.logprobs import logprobs_from_logits
+from remax.algo.remax import policy_gradient_loss, remax_advantages
+from remax.algo.sampling import filter_logits
+from remax.config import (
+    Aggregation,
+    Baseline,
+    EmptyResponse,
+    ExportPolicy,
+    KLEstimator,
+    LogprobDist,
+    RemaxJobConfig,
+)
+from remax.data import synthetic
+from remax.data.batching import EpochSampler, collate_prompts
+from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import build_actor, decode, frozen
+from remax.models.policy import load_policy
+from remax.models.policy import response_logits as policy_response_logits
+from remax.models.reward import load_reward_model, score
+from remax.rollout import Rollout
+from remax.trainers import rl_eval
+from remax.trainers.loop import select_device, write_json
+
+log = logging.getLogger("remax.trainers.remax")
+
+
+def response_logits(model, rollout: Rollout) -> torch.Tensor:
+    """(B, T, V) logits scoring each response token of ``rollout``."""
+    return policy_response_logits(
+        model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    )
+
+
+class RemaxTrainer:
+    def __init__(self, cfg: RemaxJobConfig) -> None:
+        self.cfg, algo = cfg, cfg.algo
+        self.device = select_device(cfg.cluster.device)
+        model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        # Rank 0's weights everywhere, before any engine shards them.
+        distributed.broadcast_params(model)
+        reference = copy.deepcopy(model)
+        self.reward_model = None
+        if cfg.reward_model.path is not None:
+            # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
+            self.reward_model, rm_tok = load_reward_model(
+                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
+            )
+            if rm_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(
+                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
+                    f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
+                )
+        else:
+            log.info("reward_model.path is null: the synthetic task's gold score is the reward")
+        train, held_out = stage_records("prompts", cfg.data)
+        self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
+        self.eval_prompts = [
+            r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
+        ]
+        self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        # Data parallel: every rank draws the same global batch from the same sampler order and
+        # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
+        # blocks concatenated in rank order are exactly the world-size-1 batch.
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        if cfg.train.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
+                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
+            )
+        self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
+        self.total_steps = min(
+            cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
+        )
+        # The actor: plain PyTorch, or a DeepSpeed engine (ZeRO stage, offload, bf16). The frozen
+        # reference and RM: as they are, or ZeRO-3 inference engines (remax.engines).
+        self.actor = build_actor(model, cfg, self.total_steps, algo.samples_per_prompt)
+        self.model = self.actor.module
+        self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
+        placement = dict(train=cfg.train, dtype=cfg.model.dtype)
+        self.reference = frozen(reference, cfg.deepspeed, **placement)
+        if self.reward_model is not None:
+            self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
+        self.sampling = algo.sampling(cfg.data.max_response_len)
+        # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
+        # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
+        self.off_policy_sampling = (
+            algo.logprob_dist == LogprobDist.raw_softmax and self.sampling.filtered
+        )
+        if self.off_policy_sampling:
+            log.warning(
+                "algo.logprob_dist=raw_softmax with top_p=%s temperature=%s top_k=%s scores the raw "
+                "softmax, not the sampled distribution (slightly off-policy, as the release); "
+                "algo.logprob_dist=sampling_adjusted scores the sampled one",
+                algo.top_p,
+                algo.temperature,
+                algo.top_k,
+            )
+        self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+        if self.world_size > 1:
+            # Same weights, different samples: each rank its own (reproducible) stream. Not done at
+            # world size 1, which keeps single-process runs bit-identical to earlier releases.
+            torch.manual_seed(distributed.rank_seed(cfg.seed))
+        self.step = 0
+        self.best_eval_reward: float | None = None
+        self.last_eval_kl: float | None = None
+
+    # ----------------------------------------------------------------- experience
+    def _postprocess(self, rollout: Rollout) -> Rollout:
+        """Empty answers (EOS first): ``space_token`` rewrites them to " " + EOS, as the release."""
+        if self.cfg.algo.empty_response != EmptyResponse.space_token:
+            return rollout
+        empty = (rollout.lengths == 1) & (rollout.response[:, 0] == self.tokenizer.eos_token_id)
+        if not bool(empty.any()):
+            return rollout
+        response, mask = rollout.response, rollout.response_mask
+        if response.shape[1] < 2:  # every row stopped at once: make room for " " + EOS
+            response = torch.cat(
+                [response, torch.full_like(response, self.tokenizer.pad_token_id)], 1
+            )
+            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
+        response, mask = response.clone(), mask.clone()
+        response[empty, 0] = self.space_id
+        response[empty, 1] = self.tokenizer.eos_token_id
+        mask[empty, 1] = True
+        return rollout._replace(response=response, response_mask=mask)
+
+    def train_mask(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
+        under ``empty_response=mask``)."""
+        mask = rollout.response_mask.clone()
+        is_eos = (rollout.response == self.tokenizer.eos_token_id) & mask
+        if self.cfg.algo.empty_response == EmptyResponse.mask:
+            mask[is_eos[:, 0]] = False
+        if not self.cfg.algo.train_on_eos:
+            mask &= ~is_eos
+        return mask
+
+    @torch.no_grad()
+    def rewards(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
+        if self.reward_model is None:
+            return self.gold(rollout)
+        return score(
+            self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index
+        )
+
+    def gold(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) the synthetic task's programmatic score of each decoded response."""
+        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+        responses = self.tokenizer.batch_decode(
+            rollout.response * rollout.response_mask, skip_special_tokens=True
+        )
+        return torch.tensor(
+            [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)], device=self.device
+        )
+
+    def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout]:
+        """Steps 1–2: n sampled responses per prompt and one greedy response, in one decode."""
+        n = self.cfg.algo.samples_per_prompt
+        batch = collate_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_len, self.device)
+        B = len(prompts)
+        ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
+        mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])
+        greedy = torch.arange(B * n + B, device=self.device) >= B * n
+        both = self._postprocess(self._generate(ids, mask, greedy))
+        return both.select(slice(0, B * n)), both.select(slice(B * n, None))
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
+        """One decode with the actor; under ZeRO-3 its parameters are gathered once for it."""
+        return decode(self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer)
+
+    # ----------------------------------------------------------------- update
+    def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) realised-token log-probs, and (B, T, V) logits when a path needs them."""
+        algo = self.cfg.algo
+        logits = response_logits(model, rollout)
+        if algo.logprob_dist == LogprobDist.sampling_adjusted:
+            logits = filter_logits(
+                logits, temperature=algo.temperature, top_p=algo.top_p, top_k=algo.top_k
+            )
+        keep = algo.kl_estimator == KLEstimator.full_vocab
+        return logprobs_from_logits(logits, rollout.response), (logits if keep else None)
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous block of the global batch (all of it at world size 1)."""
+        return distributed.block(indices)
+
+    def denominator(self, mask: torch.Tensor) -> torch.Tensor | int:
+        """The global normaliser: token count (token_mean) or row count (seq_sum) of the whole
+        batch across ranks, so the ranks' losses add up to the world-size-1 loss (spec test 20)."""
+        if self.cfg.algo.aggregation == Aggregation.token_mean:
+            return distributed.all_reduce_sum(mask.sum())
+        return mask.shape[0] * self.world_size
+
+    def train_step(self) -> dict:
+        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
+        sampled, greedy = self.rollout(prompts)  # 1–2
+        return self.update(sampled, greedy)
+
+    def update(self, sampled: Rollout, greedy: Rollout) -> dict:
+        """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step."""
+        algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
+        rewards = self.rewards(sampled)  # 3: r(x, a), (B·n,)
+        if algo.baseline == Baseline.greedy:
+            baseline = self.rewards(greedy).repeat_interleave(n)  # r(x, ā) of each sample's prompt
+        else:
+            baseline = torch.zeros_like(rewards)
+        mask = self.train_mask(sampled)  # (B·n, T)
+        # Global normaliser, so micro-batches and ranks add up to the whole batch's loss.
+        denominator = self.denominator(mask)
+        self.model.train()
+        micro = self.cfg.train.micro_batch_size * n
+        kl_sum, loss_sum = 0.0, 0.0
+        for start in range(0, mask.shape[0], micro):
+            rows = slice(start, start + micro)
+            part = sampled.select(rows)
+            logprobs, logits = self._logprobs(self.actor.model, part)  # (b, T), with grad
+            with torch.no_grad():
+                ref_logprobs, ref_logits = self._logprobs(self.reference, part)
+                if logits is not None:
+                    kl = full_vocab_kl(logits.detach(), ref_logits)
+                else:
+                    kl = kl_penalty(logprobs.detach(), ref_logprobs, estimator=algo.kl_estimator)
+                advantages = remax_advantages(  # 4: returns per token, (b, T)
+                    rewards[rows],
+                    baseline[rows],
+                    mask[rows],
+                    kl=kl,
+                    kl_coef=algo.kl_coef,
+                    gamma=algo.gamma,
+                    reward_clip=algo.reward_clip,
+                    kl_mode=algo.kl_mode,
+                    discount_convention=algo.discount_convention,
+                    clip_target=algo.clip_target,
+                )
+            loss = policy_gradient_loss(
+                logprobs,
+                advantages,
+                mask[rows],
+                aggregation=algo.aggregation,
+                denominator=denominator,
+            )
+            self.actor.backward(loss)
+            loss_sum += float(loss.detach())
+            kl_sum += float((kl * mask[rows]).sum())
+        grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
+        lengths = sampled.lengths.float()
+        metrics = {
+            "reward/mean": rewards.mean(),
+            "reward/baseline_mean": baseline.mean(),
+            "reward/advantage_mean": (rewards - baseline).mean(),
+            "reward/advantage_abs_mean": (rewards - baseline).abs().mean(),
+            "kl/mean": kl_sum / mask.shape[0],  # per sequence: Σ_t kl_t averaged over rows
+            "loss/policy": loss_sum,
+            "response/length_mean": lengths.mean(),
+            "response/greedy_length_mean": greedy.lengths.float().mean(),
+            "response/same_as_greedy": self._same(sampled, greedy).float().mean(),
+        }
+        if self.world_size > 1:
+            # Equal shards: the mean of the ranks' means is the global mean; the loss is a sum.
+            keys = list(metrics)
+            vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+            vals = distributed.all_reduce_sum(vals.to(self.device)).cpu()
+            metrics = {
+                k: float(v) if k == "loss/policy" else float(v) / self.world_size
+                for k, v in zip(keys, vals)
+            }
+        metrics = {k: float(v) for k, v in metrics.items()}
+        return {
+            **metrics,
+            "rollout/offpolicy_sampling": float(self.off_policy_sampling),
+            "optim/grad_norm": grad_norm,
+            "optim/lr": self.actor.lr,
+        }
+
+    def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
+        g = greedy.select(
+            torch.arange(greedy.response.shape[0], device=self.device).repeat_interleave(
+                self.cfg.algo.samples_per_prompt
+            )
+        )
+        return ((sampled.response == g.response) | ~(sampled.response_mask | g.response_mask)).all(
+            -1
+        )
+
+    # ----------------------------------------------------------------- evaluation
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
+        """A post-processed decode (evaluation's; rollouts decode sampled and greedy rows at once)."""
+        return self._postprocess(self._generate(ids, mask, greedy))
+
+    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log-probs of the realised tokens under ``model`` (the distribution trained on)."""
+        return self._logprobs(model, rollout)[0]
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length (collective)."""
+        return rl_eval.evaluate_policy(self)
+
+    def before_training(self, run_dir) -> None:
+        self.run_dir = run_dir
+        rl_eval.write_eval_before(self, run_dir)
+
+    def should_stop_early(self) -> bool:
+        """Periodic eval (``train.eval_every``): track the best actor and the KL early stop."""
+        every = self.cfg.train.eval_every
+        if not every or self.step == 0 or self.step % every:
+            return False
+        ev = rl_eval.eval_summary(self)
+        self.last_eval_kl = ev["kl"]["mean"]
+        improved = self.best_eval_reward is None or ev["reward"]["mean"] > self.best_eval_reward
+        if improved:
+            self.best_eval_reward = ev["reward"]["mean"]
+        # Every rank has the same gathered results, hence the same decision; rank 0 writes.
+        if improved:
+            weights = self.actor.full_state_dict()  # collective under ZeRO-3
+            if distributed.is_main():
+                # On disk, not in memory: a resumed run still exports the best actor it has seen.
+                tmp = self.run_dir / "best_policy.safetensors.tmp"
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
+                tmp.replace(self.run_dir / "best_policy.safetensors")
+        limit = self.cfg.algo.early_stop_kl
+        if limit is not None and self.last_eval_kl >= limit:
+            log.info(
+                "early stop at step %d: eval KL %.4f >= %.4f", self.step, self.last_eval_kl, limit
+            )
+            self.total_steps = self.step
+            return True
+        return False
+
+    def evaluate_final(self, run_dir) -> dict:
+        """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
+        before = json.loads((run_dir / "eval_before.json").read_text())
+        after = rl_eval.eval_summary(self)
+        if distributed.is_main():
+            write_json(run_dir / "eval_after.json", after)
+        ev = {
+            "reward_before": before["reward"],
+            "reward_after": after["reward"],
+            "kl_after": after["kl"]["mean"],
+            "kl_after_stderr": after["kl"]["stderr"],
+            "length_before": before["length"]["mean"],
+            "length_after": after["length"]["mean"],
+        }
+        if "gold" in after:
+            ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
+        reward_source = "reward_model" if self.reward_model is not None else "gold"
+        return {"eval": ev, "reward_source": reward_source}
+
+    def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
+        """The module to save and its weights (None: its own). Collective under ZeRO-3."""
+        best = run_dir / "best_policy.safetensors"
+        if self.cfg.export_policy == ExportPolicy.best_eval_reward and best.exists():
+            return self.model, load_file(best)
+        if self.actor.uses_deepspeed:
+            return self.model, self.actor.full_state_dict()
+        return self.model, None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            **self.actor.state_dict(),  # optimizer, scheduler (in the engine's files under DeepSpeed)
+            "sampler": self.sampler.state_dict(),
+            "best_eval_reward": self.best_eval_reward,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.total_steps = state["total_steps"]
+        self.actor.load_state_dict(state)
+        self.sampler.load_state_dict(state["sampler"])
+        self.best_eval_reward = state["best_eval_reward"]
