@@ -12,7 +12,7 @@ TORCH=$(nvidia-smi -L >/dev/null 2>&1 && echo torch || echo "torch==2.13.0")
 WORK=$(mktemp -d)
 cd "$WORK"  # outside the checkout: nothing may come from the working tree
 env -u PYTHONPATH HF_HUB_OFFLINE=1 WANDB_MODE=disabled "$VENV/bin/remax-remax" \
-  run.root="$WORK/runs" train.max_steps=2 data.num_train=64 data.num_eval=64 eval_prompts=8 \
+  run.root="$WORK/runs" train.max_steps=2 data.num_train=64 data.num_eval=64 eval_prompts=64 \
   log.progress=false log.wandb_mode=disabled
 test -f "$WORK"/runs/remax/*/summary.json
 env -u PYTHONPATH "$VENV/bin/python" - "$WORK" <<'PY'

@@ -285,3 +285,27 @@ def test_status_filters_pending_elements_sweep_totals_and_80_columns(tmp_path, m
     rows, error = status.collect(tmp_path)
     assert "accounting storage is disabled" in error and all(r["cost"] is None for r in rows)
     assert status.main([str(tmp_path), "--json"]) == 1
+
+
+def test_logs_and_cancel_find_a_runs_files_and_jobs(tmp_path, monkeypatch, capsys):
+    from jobs import cancel, logs
+
+    run_dir = tmp_path / "remax" / "default-abc"
+    (run_dir / "slurm").mkdir(parents=True)
+    record = {"job_id": "700", "log_folder": str(run_dir / "slurm"), "sweep": None}
+    (run_dir / "submission.json").write_text(json.dumps(record))
+    (run_dir / "submissions.jsonl").write_text(json.dumps(record) + "\n")
+    (run_dir / "slurm" / "700_1_log.err").write_text("rank one says hi\n")
+    assert logs.main([str(run_dir), "--rank", "1"]) == 0
+    assert "rank one says hi" in capsys.readouterr().out
+    assert logs.main([str(tmp_path)]) == 2  # not a submitted run dir: one clear line
+    # --graceful on a running job: the stop file first, then USR2 (never a plain scancel).
+    calls = tmp_path / "scancel_calls"
+    _shim(tmp_path, monkeypatch, "squeue", "echo RUNNING")
+    _shim(tmp_path, monkeypatch, "scancel", f'echo "$@" >> {calls}')
+    assert cancel.main([str(run_dir), "--graceful", "--json"]) == 0
+    assert calls.read_text().split() == ["--signal=USR2", "700"]
+    assert (run_dir / "stop_requested").exists()
+    _shim(tmp_path, monkeypatch, "squeue", "echo PENDING")
+    assert cancel.main([str(run_dir), "--graceful"]) == 0  # pending: nothing to save
+    assert calls.read_text().splitlines()[-1] == "700"

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from jobs._config import SCHEMAS, compose_stage, fail
+from jobs._output import human, wants_json
 from remax.config import Backend
 from remax.run_dir import run_dir_for
 
@@ -82,6 +83,10 @@ def main(argv: list[str]) -> dict:
     if "-h" in argv or "--help" in argv:
         print("usage: " + __doc__.strip())
         return None
+    from jobs._output import use_json
+
+    use_json("--json" in argv)
+    argv = [a for a in argv if a != "--json"]
     evaluate = "evaluate=false" not in argv
     overrides = split_overrides([a for a in argv if a not in ("evaluate=false", "evaluate=true")])
     # Compose (and validate) every stage before training any: a typo in a remax.* override should
@@ -155,7 +160,12 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool, sft_cfg, rm
     for stage, record in zip(STAGES, records):
         record.setdefault("stage", stage)
     summary = {"jobs": records, "record": str(_write_pipeline_record(sft_cfg.run.root, records))}
-    print(json.dumps(summary, indent=2))
+    if wants_json():
+        print(json.dumps(summary, indent=2))
+    else:
+        for r in records:
+            print(human(r))
+        print(f"cancel all: python -m jobs.cancel {summary['record']}")
     return summary
 
 
