@@ -26,5 +26,5 @@ script = render_template("single_node", "remax", config, ["train.max_steps=4"])
 assert "#SBATCH --requeue" in script and "${COMMAND}" not in script
 print("rendered", len(script.splitlines()), "lines from", jobs.__file__)
 PY
-env -u PYTHONPATH "$VENV/bin/remax-plan" --help | head -1
+env -u PYTHONPATH "$VENV/bin/remax-plan" --help > "$WORK/plan_help.txt" && head -n 1 "$WORK/plan_help.txt"
 echo "install check passed: $VENV"
