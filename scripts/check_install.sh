@@ -8,7 +8,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${1:-$(mktemp -d /tmp/remax-install.XXXX)/venv}
 TORCH=$(nvidia-smi -L >/dev/null 2>&1 && echo torch || echo "torch==2.13.0")
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet "$TORCH" "$REPO"
+SRC=$(mktemp -d)  # build from a copy: pip's build/ must not land in the checkout
+tar -C "$REPO" --exclude=.git --exclude=build --exclude=.venv --exclude=runs -cf - . | tar -C "$SRC" -xf -
+"$VENV/bin/pip" install --quiet "$TORCH" "$SRC"
 WORK=$(mktemp -d)
 cd "$WORK"  # outside the checkout: nothing may come from the working tree
 env -u PYTHONPATH HF_HUB_OFFLINE=1 WANDB_MODE=disabled "$VENV/bin/remax-remax" \

@@ -1,1 +1,0 @@
-"""Entry points: the only package that knows Hydra (and, later, submitit and Slurm)."""

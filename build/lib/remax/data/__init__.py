@@ -1,1 +1,0 @@
-"""Data: loaders, chat templates, judge answer formats and the synthetic task."""
