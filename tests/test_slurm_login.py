@@ -31,14 +31,22 @@ def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+def _steps(run_dir: Path) -> list[int]:
+    """Logged steps; a line still being written is skipped, not an error."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            continue
+    return steps
+
+
 def _wait_step(run_dir: Path, step: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics.exists() and any(
-            json.loads(line).get("step", 0) >= step
-            for line in metrics.read_text().splitlines()[-3:]
-        ):
+        if any(s >= step for s in _steps(run_dir)):
             return
         time.sleep(0.5)
     raise AssertionError(f"{run_dir} never reached step {step}")
@@ -167,15 +175,18 @@ def test_requeued_job_runs_the_submitted_code(tmp_path):
 def test_graceful_cancel_checkpoints_and_does_not_requeue(tmp_path):
     rec = _last_json(run_job("jobs.remax", "--json", f"run.root={tmp_path}", *LONG).stdout)
     run_dir = Path(rec["run_dir"])
-    _wait_step(run_dir, 3)
-    out = run_job("jobs.cancel", str(run_dir), "--graceful", "--json")
-    assert json.loads(out.stdout)[0]["action"] == "checkpoint, then stop"
-    states = _wait_done(rec["job_id"], timeout=180)
+    try:
+        _wait_step(run_dir, 3)
+        out = run_job("jobs.cancel", str(run_dir), "--graceful", "--json")
+        assert json.loads(out.stdout)[0]["action"] == "checkpoint, then stop", out.stdout
+        states = _wait_done(rec["job_id"], timeout=180)
+    finally:  # never leave a 300-step job on the shared test cluster
+        subprocess.run(["scancel", rec["job_id"]], check=False)
     assert states[-1][0].startswith("CANCELLED") and "REQUEUED" not in {s for s, _ in states}, (
         states
     )
     steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    last = _steps(run_dir)[-1]
     assert steps and steps[-1] == last, (steps, last)  # saved at the step it stopped on
     assert not (run_dir / "stop_requested").exists()
     again = _last_json(run_job("jobs.resume", str(run_dir), "--json").stdout)
