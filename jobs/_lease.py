@@ -24,6 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from remax.fileio import write_json
+
 # States after which Slurm will never run the job again. Everything else (PENDING, RUNNING,
 # REQUEUED, REQUEUE_HOLD, REQUEUE_FED, SPECIAL_EXIT, STOPPED, SUSPENDED, RESV_DEL_HOLD, SIGNALING,
 # STAGE_OUT, RESIZING, COMPLETING, CONFIGURING, ...) can still write into the run dir.
@@ -146,9 +148,7 @@ def take_lease(run_dir: Path, job_id: str) -> str | None:
             if owner == job_id:
                 return None  # another task of this job, or this job after a requeue
         lease = {"job_id": job_id, "host": socket.gethostname(), "taken_at": time.time()}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(lease))
-        tmp.replace(path)
+        write_json(path, lease)
     return None
 
 
@@ -177,9 +177,7 @@ def _record_hand_started(run_dir: Path, stage: str, job_id: str) -> None:
         record["submitted_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         with open(history, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
-        tmp = run_dir / "submission.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        tmp.replace(run_dir / "submission.json")
+        write_json(run_dir / "submission.json", record)
 
 
 # ------------------------------------------------------------------ graceful stop (jobs.cancel)

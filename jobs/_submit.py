@@ -38,6 +38,7 @@ from jobs._lease import (
 from jobs._output import emit
 from jobs._snapshot import REPO, check_running_code, code_hash, package_versions, setup_lines
 from jobs._snapshot import snapshot as code_snapshot
+from remax.fileio import write_json
 from remax.run_dir import prepare, run_dir_for, to_plain, wandb_id
 
 TEMPLATES = REPO / "slurm_templates"
@@ -101,9 +102,7 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / "submission.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(run_dir / "submission.json")
+    write_json(run_dir / "submission.json", record)
     with open(run_dir / "submissions.jsonl", "a") as f:  # history across resubmissions
         f.write(json.dumps(record, sort_keys=True) + "\n")
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from remax.fileio import atomic_write_text
+
 # Keys (dotted prefixes) that do not change what a run computes.
 EXCLUDED_KEYS = (
     "run.root",
@@ -115,11 +117,9 @@ def prepare(config, stage: str) -> Path:
             )
         if diff:
             (path / "config.previous.yaml").write_text(cfg_file.read_text())
-    tmp = cfg_file.with_suffix(".yaml.tmp")
     # The C dumper when PyYAML has it: a 100-element sweep writes 100 of these on the login node.
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    tmp.write_text(yaml.dump(current, Dumper=dumper, sort_keys=False))
-    tmp.replace(cfg_file)
+    atomic_write_text(cfg_file, yaml.dump(current, Dumper=dumper, sort_keys=False))
     return path
 
 

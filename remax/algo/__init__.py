@@ -2,7 +2,7 @@
 
 Imports torch and the standard library only: no transformers, no config objects, no
 ``torch.distributed``. Choices are the ``str`` Enums of :mod:`remax.algo.types`; the two tables
-below map them to functions with one keyword-only signature per table, so a trainer dispatches with
+of :mod:`remax.algo.registry` map them to functions with one keyword-only signature per table, so a trainer dispatches with
 ``lookup(TABLE, cfg_value)(**same_keywords)`` whatever the choice.
 
 Notation: B batch, T response length, V vocab.
