@@ -38,8 +38,6 @@ setting). Optimizers are plain AdamW in the parameter dtype (no fp32 master copy
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import enum
 import gc
 import json
 import logging
@@ -53,10 +51,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ALGO_DIR = REPO / "hydra_conf" / "algo"
 
 # name: hidden, layers, heads, kv heads, MLP width, vocab. Llama-architecture shapes; the large
 # ones follow published models (TinyLlama-1.1B, OpenLLaMA-3B, Llama-2-7B).
@@ -177,16 +173,12 @@ def write_models(config, rm_config, root: Path, dtype: torch.dtype, device) -> t
 
 
 # ----------------------------------------------------------------------------- trainers
-def _algo(cls, name: str):
-    """An algo dataclass from ``hydra_conf/algo/<name>.yaml`` (Enum fields converted)."""
-    raw = yaml.safe_load((ALGO_DIR / f"{name}.yaml").read_text())
-    raw = raw.get("algo", raw)  # ppo_* files are @package _global_
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        default = fields[key].default
-        kwargs[key] = type(default)(value) if isinstance(default, enum.Enum) else value
-    return cls(**kwargs)
+def _algo(stage: str, name: str):
+    """The ``algo`` of ``hydra_conf/algo/<name>.yaml``, composed like every entry point composes
+    (:func:`jobs._config.compose_stage`): Enums, defaults and validation come from the schema."""
+    from jobs._config import compose_stage
+
+    return compose_stage(stage, [f"algo={name}"]).algo
 
 
 def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device: str):
@@ -197,9 +189,7 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         LogConfig,
         ModelConfig,
         OptimConfig,
-        PPOAlgoConfig,
         PPOJobConfig,
-        RemaxAlgoConfig,
         RemaxJobConfig,
         RewardSourceConfig,
         Scheduler,
@@ -230,10 +220,10 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         reward_model=RewardSourceConfig(path=rm_path),
         eval_prompts=64,
     )
-    remax = RemaxTrainer(RemaxJobConfig(algo=_algo(RemaxAlgoConfig, "remax_official"), **common))
+    remax = RemaxTrainer(RemaxJobConfig(algo=_algo("remax", "remax_official"), **common))
     ppo = PPOTrainer(
         PPOJobConfig(
-            algo=_algo(PPOAlgoConfig, "ppo_matched"),
+            algo=_algo("ppo", "ppo_matched"),
             critic_optim=OptimConfig(lr=1e-6, scheduler=Scheduler.constant),
             **common,
         )

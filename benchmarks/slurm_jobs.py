@@ -54,7 +54,7 @@ def _wait(job: str) -> None:
 def submit_sweep(root: Path, n: int) -> dict:
     lrs = ",".join(f"{1e-4 * (1 + i / n):.8g}" for i in range(n))
     t0 = time.perf_counter()
-    out = _run("-m", "jobs.remax", "-m", f"run.root={root}", *JOB, f"optim.lr={lrs}")
+    out = _run("-m", "jobs.remax", "-m", "--json", f"run.root={root}", *JOB, f"optim.lr={lrs}")
     seconds = time.perf_counter() - t0
     info = json.loads(out.strip().splitlines()[-1])
     subprocess.run(["scancel", info["array_job_id"]], check=True)
@@ -65,8 +65,23 @@ def submit_sweep(root: Path, n: int) -> dict:
     }
 
 
+def resubmit_sweep(root: Path, n: int) -> dict:
+    """The same sweep again after its array was cancelled: every element is resubmitted (none
+    is live or complete); the time shows the cost of the ownership checks (one squeue each)."""
+    lrs = ",".join(f"{1e-4 * (1 + i / n):.8g}" for i in range(n))
+    t0 = time.perf_counter()
+    out = _run("-m", "jobs.remax", "-m", "--json", f"run.root={root}", *JOB, f"optim.lr={lrs}")
+    seconds = time.perf_counter() - t0
+    info = json.loads(out.strip().splitlines()[-1])
+    if info["array_job_id"]:
+        subprocess.run(["scancel", info["array_job_id"]], check=True)
+    return {"elements": info["elements"], "submit_s": round(seconds, 2)}
+
+
 def steps_redone(root: Path, how: str) -> dict:
-    rec = json.loads(_run("-m", "jobs.remax", f"run.root={root}", *JOB).strip().splitlines()[-1])
+    rec = json.loads(
+        _run("-m", "jobs.remax", "--json", f"run.root={root}", *JOB).strip().splitlines()[-1]
+    )
     run_dir = Path(rec["run_dir"])
     while not (run_dir / "checkpoints" / "step_50").exists():
         time.sleep(0.1)
@@ -94,13 +109,20 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--elements", type=int, default=100)
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="time the sweep submission, skip interruptions"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sweep = submit_sweep(root / "sweep", args.elements)
+        resubmit = resubmit_sweep(root / "sweep", args.elements)
+        if args.sweep_only:
+            print(json.dumps({"sweep": sweep, "resubmit": resubmit}, indent=2))
+            return
         usr2 = steps_redone(root / "usr2", "usr2")
         requeue = steps_redone(root / "requeue", "scontrol_requeue")
-    result = {"sweep": sweep, "interruptions": [usr2, requeue]}
+    result = {"sweep": sweep, "resubmit": resubmit, "interruptions": [usr2, requeue]}
     print(json.dumps(result, indent=2))
     print()
     print(f"| submit a {sweep['elements']}-element sweep (one array) | {sweep['submit_s']} s |")

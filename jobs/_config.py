@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from remax.config import (
@@ -65,17 +65,53 @@ def to_config(cfg: DictConfig):
         fail(str(exc).splitlines()[0])
 
 
-def compose_stage(stage: str, overrides: list[str]):
-    """Compose ``hydra_conf/<stage>.yaml`` with ``overrides`` outside ``@hydra.main`` (pipeline)."""
+def _hydra_error(stage: str, exc: BaseException) -> None:
+    parts, seen = [], exc
+    while seen is not None:  # Hydra wraps the useful detail (valid values, key) in the cause
+        text = " ".join(str(seen).split())
+        if text and text not in parts:
+            parts.append(text)
+        seen = seen.__cause__
+    fail(f"{stage}: " + ": ".join(parts))
+
+
+def compose_dict(stage: str, overrides: list[str], saved: dict | None = None) -> DictConfig:
+    """THE composition of a stage config, as a DictConfig; every entry point goes through it.
+
+    ``saved``: a run dir's ``config.yaml`` to start from instead of ``hydra_conf/<stage>.yaml``
+    (``jobs.resume``); ``overrides`` then apply as ``key=value`` on top.
+    """
     try:
+        if saved is not None:
+            cfg = OmegaConf.merge(OmegaConf.structured(SCHEMAS[stage]), saved)
+            OmegaConf.set_struct(cfg, True)
+            return apply_values(cfg, overrides)
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            cfg = compose(config_name=stage, overrides=overrides)
+            return compose(config_name=stage, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        parts, seen = [], exc
-        while seen is not None:  # Hydra wraps the useful detail (valid values, key) in the cause
-            text = " ".join(str(seen).split())
-            if text and text not in parts:
-                parts.append(text)
-            seen = seen.__cause__
-        fail(f"{stage}: " + ": ".join(parts))
-    return to_config(cfg)
+        _hydra_error(stage, exc)
+
+
+def apply_values(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides (Hydra's grammar, no config groups) onto a composed config, in
+    place: what Hydra does after the defaults list, without recomposing (sweeps, resume)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            with open_dict(node):
+                node.pop(leaf, None)
+        elif override.is_add():
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+        else:
+            OmegaConf.update(cfg, key, override.value(), merge=True)
+    return cfg
+
+
+def compose_stage(stage: str, overrides: list[str], saved: dict | None = None):
+    """:func:`compose_dict`, converted to the stage's dataclass; bad input exits in one line."""
+    return to_config(compose_dict(stage, overrides, saved))

@@ -11,6 +11,7 @@ import torch
 
 from jobs import _policy
 from jobs._config import fail
+from jobs._lease import claim, stop_for_good
 from remax import distributed, ledger, preemption, watchdog
 from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
@@ -76,6 +77,13 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
         trainer = None if stage == "evaluate" else _trainer(stage, config)
     except InputError as exc:
         fail(str(exc))
+    owner = claim(run_dir_for(config, stage), stage)
+    if owner:
+        # Another live job owns this run dir: touching it would delete that job's in-progress
+        # saves. Return a result (not None) so neither submitit nor the template requeues us.
+        log.warning("%s: run dir owned by live job %s; this job exits untouched", stage, owner)
+        close_all()
+        return {"stage": stage, "run_dir": str(run_dir_for(config, stage)), "not_owner": owner}
     try:
         run_dir = prepare(config, stage) if distributed.is_main() else None
     except RunDirError as exc:
@@ -85,7 +93,9 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     log.info("%s run dir: %s", stage, run_dir)
     summary = _guarded(stage, config, run_dir, stop, trainer)
     if summary is None:
-        log.info("%s stopped for a requeue: %s", stage, run_dir)
+        log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
+        if requeue_self and stop_for_good(run_dir):
+            sys.exit(0)  # jobs.cancel --graceful: checkpoint written, job cancelled, no requeue
         if requeue_self:
             requeue_or_fail(run_dir)
         return None

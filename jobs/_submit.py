@@ -13,10 +13,8 @@ from that checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import string
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -25,46 +23,58 @@ from pathlib import Path
 import submitit
 
 from jobs._config import fail
+from jobs._costs import over_budget
+from jobs._lease import (
+    QueueError,
+    clear_stop,
+    current_job_id,
+    live_state,
+    live_states,
+    stop_for_good,
+    submit_lock,
+)
+from jobs._output import emit
+from jobs._snapshot import REPO, check_running_code, code_hash, package_versions, setup_lines
+from jobs._snapshot import snapshot as code_snapshot
 from remax import preemption
 from remax.fileio import write_json
-from remax.run_dir import prepare, run_dir_for, signature, to_plain
+from remax.run_dir import prepare, run_dir_for, to_plain, wandb_id
 
-REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "slurm_templates"
-LIVE_STATES = {
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "CONFIGURING",
-    "COMPLETING",
-    "SUSPENDED",
-    "RESIZING",
-}
 
 
 # ------------------------------------------------------------------ parameters and records
 def sbatch_params(stage: str, cluster) -> dict:
     """The executor parameters of a stage's job; the dry run and the templates use the same dict."""
+    # Evaluation is one process on one GPU (its resumable answer files have one writer): asking
+    # for the preset's whole node would bill GPUs it never uses, and two nodes would fail.
+    one = stage == "evaluate"
     params = {
         "job_name": f"remax-{stage}",
         "time": cluster.time_min,
-        "nodes": cluster.nodes,
-        # Evaluation is one process (its resumable answer files have one writer).
-        "ntasks_per_node": 1 if stage == "evaluate" else cluster.tasks_per_node,
+        "nodes": 1 if one else cluster.nodes,
+        "ntasks_per_node": 1 if one else cluster.tasks_per_node,
         "cpus_per_task": cluster.cpus_per_task,
         "signal_delay_s": cluster.signal_delay_s,
         # submitit emits neither --requeue (scontrol requeue would fail where the site default is
         # JobRequeue=0) nor a kill of dependents when a dependency fails (slurm-notes §2.5, §5.4).
-        "additional_parameters": {"requeue": True, "kill_on_invalid_dep": "yes"},
+        "additional_parameters": {
+            "requeue": True,
+            "kill_on_invalid_dep": "yes",
+            **_site_parameters(cluster),
+        },
         # A rank that dies takes the step's other tasks with it at once, instead of leaving them
-        # billed while they wait in a collective until the process group's timeout.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # billed while they wait in a collective until the process group's timeout. srun does
+        # not inherit --cpus-per-task from the allocation on Slurm 22.05-23.02: without it every
+        # rank may get one core, starving CPU-offloaded Adam.
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster.cpus_per_task}"],
     }
-    if cluster.gpus_per_node:
+    gpus_per_node = min(1, cluster.gpus_per_node) if one else cluster.gpus_per_node
+    if gpus_per_node:
         if cluster.gres:
-            params["gres"] = f"gpu:{cluster.gpus_per_node}"
+            params["gres"] = f"gpu:{gpus_per_node}"
         else:
-            params["gpus_per_node"] = cluster.gpus_per_node
+            params["gpus_per_node"] = gpus_per_node
     for key in ("partition", "account", "qos"):
         if getattr(cluster, key):
             params[key] = getattr(cluster, key)
@@ -75,18 +85,14 @@ def sbatch_params(stage: str, cluster) -> dict:
     return params
 
 
-def code_hash() -> str:
-    """Hash of the code and configs a job runs: a resubmission on changed code is refused."""
-    h = hashlib.sha1()
-    for folder, pattern in (("remax", "*.py"), ("jobs", "*.py"), ("hydra_conf", "*.yaml")):
-        for path in sorted((REPO / folder).rglob(pattern)):
-            h.update(str(path.relative_to(REPO)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+def _site_parameters(cluster) -> dict:
+    """The cluster config's optional sbatch keys, spelled as submitit's additional_parameters."""
+    params = {k: getattr(cluster, k) for k in SITE_KEYS if getattr(cluster, k)}
+    params.update(cluster.sbatch_extra)  # free-form, e.g. {gpu_bind: closest}
+    return params
 
 
-def wandb_id(stage: str, config) -> str:
-    return f"{stage}-{signature(config, stage)}"
+SITE_KEYS = ("exclude", "constraint", "reservation", "mail_type", "mail_user")
 
 
 def read_record(run_dir: Path) -> dict | None:
@@ -100,11 +106,19 @@ def _write_record(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def live_state(job_id: str) -> str | None:
-    """The job's state if Slurm still holds it (pending, running, requeued…), else None."""
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    states = {s.strip() for s in out.stdout.split()} & LIVE_STATES
-    return sorted(states)[0] if out.returncode == 0 and states else None
+def owner_state(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of the live job that owns ``run_dir``, if any; an unanswered squeue exits."""
+    record = read_record(run_dir)
+    if record is None or not record.get("job_id"):
+        return None
+    try:
+        state = live_state(record["job_id"])
+    except QueueError as exc:
+        fail(
+            f"{exc}: cannot tell whether job {record['job_id']} still owns {run_dir}, so nothing "
+            "was submitted; retry when squeue answers"
+        )
+    return (record["job_id"], state) if state else None
 
 
 # ------------------------------------------------------------------ login node
@@ -113,13 +127,22 @@ def check_resubmission(stage: str, config, run_dir: Path) -> None:
     record = read_record(run_dir)
     if record is None:
         return
-    state = live_state(record["job_id"])
-    if state:
+    owner = owner_state(run_dir)
+    if owner:
+        state = owner[1]
         fail(
             f"run dir {run_dir} already has job {record['job_id']} ({state}): "
             f"wait for it or `scancel {record['job_id']}` first"
         )
-    if record.get("code_hash") != code_hash() and not config.run.force:
+    check_code(config, run_dir, record)
+
+
+def check_code(config, run_dir: Path, record: dict | None) -> None:
+    """Refuse to continue a run on other code than its last job ran, unless ``run.force``
+    (a job started by hand records no code hash: nothing to compare)."""
+    if not record or not record.get("code_hash"):
+        return
+    if record["code_hash"] != code_hash() and not config.run.force:
         fail(
             f"code changed since job {record['job_id']} started {run_dir} (code hash "
             f"{record.get('code_hash')} -> {code_hash()}): resuming would mix code versions; "
@@ -139,12 +162,29 @@ def _executor(folder: Path, cluster, params: dict, dependency: str | None = None
     return executor
 
 
-def _check_budget(cluster, n_jobs: int) -> dict:
-    total = cluster.estimate(n_jobs)
+def billed_gpus(stage: str, cluster) -> int:
+    """GPUs a stage's job allocates (evaluation asks for one, whatever the preset)."""
+    params = sbatch_params(stage, cluster)
+    per_node = params.get("gpus_per_node") or int(params.get("gres", "gpu:0").split(":")[-1])
+    return params["nodes"] * per_node
+
+
+def estimate(stage: str, cluster, n_jobs: int = 1) -> dict:
+    """Upper bound for ``n_jobs`` job segments: every allocated GPU for the whole time limit."""
+    gpu_hours = n_jobs * billed_gpus(stage, cluster) * cluster.time_min / 60
+    return {
+        "gpu_hours": round(gpu_hours, 3),
+        "cost": round(gpu_hours * cluster.gpu_hour_rate, 2),
+        "currency": cluster.currency,
+    }
+
+
+def _check_budget(cluster, n_jobs: int, stage: str = "remax") -> dict:
+    total = estimate(stage, cluster, n_jobs)
     if cluster.budget is not None and total["cost"] > cluster.budget:
         fail(
             f"estimated cost {total['cost']} {total['currency']} ({n_jobs} job(s) × {cluster.time_min} min × "
-            f"{cluster.gpus} GPUs × {cluster.gpu_hour_rate}/GPU-h) exceeds cluster.budget={cluster.budget} "
+            f"{billed_gpus(stage, cluster)} GPUs × {cluster.gpu_hour_rate}/GPU-h) exceeds cluster.budget={cluster.budget} "
             f"by {round(total['cost'] - cluster.budget, 2)}: lower cluster.time_min or raise the budget"
         )
     return total
@@ -169,33 +209,64 @@ def dry_run_script(stage: str, config) -> str:
     )
 
 
+def _with_snapshot(params: dict, snapshot_dir: Path) -> dict:
+    return {**params, "setup": [*params.get("setup", []), *setup_lines(snapshot_dir)]}
+
+
 def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = False) -> dict:
     """Submit one stage; returns the submission record (``job_id``, ``run_dir``, …)."""
     cluster = config.cluster
     run_dir = run_dir_for(config, stage)
     _check_memory(stage, config)
     if cluster.dry_run:
-        estimate = _check_budget(cluster, 1)
+        cost = _check_budget(cluster, 1, stage)
         print(dry_run_script(stage, config))
-        print(
-            json.dumps(
-                {"dry_run": True, "stage": stage, "run_dir": str(run_dir), "estimate": estimate}
-            )
-        )
+        emit({"dry_run": True, "stage": stage, "run_dir": str(run_dir), "estimate": cost})
         return {"dry_run": True, "run_dir": str(run_dir), "job_id": None}
-    estimate = _check_budget(cluster, 1)
+    cost = _check_budget(cluster, 1, stage)
     run_dir = prepare(config, stage)
     if (run_dir / "summary.json").exists():
-        print(json.dumps({"stage": stage, "run_dir": str(run_dir), "complete": True}))
+        if not quiet:
+            emit({"stage": stage, "run_dir": str(run_dir), "complete": True})
         return {"run_dir": str(run_dir), "job_id": None, "complete": True}
-    check_resubmission(stage, config, run_dir)
-    executor = _executor(run_dir / "slurm", cluster, sbatch_params(stage, cluster), dependency)
-    job = executor.submit(StageJob(stage, config))
-    record = _record(stage, config, run_dir, job.job_id, estimate, dependency=dependency)
-    _write_record(run_dir, record)
+    snap = code_snapshot(Path(config.run.root))
+    with submit_lock([run_dir]):  # check → sbatch → record: a concurrent submission waits here
+        check_resubmission(stage, config, run_dir)
+        clear_stop(run_dir)  # a graceful cancel of an earlier job must not stop this one
+        reason = over_budget(run_dir, cluster, cost["cost"])
+        if reason:
+            fail(reason)
+        params = _with_snapshot(sbatch_params(stage, cluster), snap)
+        executor = _executor(run_dir / "slurm", cluster, params, dependency)
+        job = executor.submit(StageJob(stage, config))
+        record = _record(stage, config, run_dir, job.job_id, cost, dependency=dependency)
+        record["code_dir"] = str(snap)
+        _write_record(run_dir, record)
     if not quiet:
-        print(json.dumps(record))
+        emit(record)
     return record
+
+
+def _split_sweep(stage: str, configs: list, run_dirs: list[Path]):
+    """(to submit, live, complete): a resubmitted sweep submits only what is neither."""
+    records = {d: read_record(d) for d in run_dirs}
+    ids = [r["job_id"] for r in records.values() if r and r.get("job_id")]
+    try:
+        states = live_states(ids)  # one squeue for the whole sweep, not one per element
+    except QueueError as exc:
+        fail(f"{exc}: cannot tell which sweep elements are still live, so nothing was submitted")
+    todo, live, complete = [], [], []
+    for c, d in zip(configs, run_dirs):
+        job = (records[d] or {}).get("job_id")
+        if (d / "summary.json").exists():
+            complete.append(d)
+        elif job in states:
+            live.append((d, job, states[job]))
+        else:
+            check_code(c, d, records[d])
+            clear_stop(d)
+            todo.append((c, d))
+    return todo, live, complete
 
 
 def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
@@ -206,63 +277,62 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
             "a sweep over cluster.* keys cannot be one job array: sweep other keys, or submit separately"
         )
     cluster = configs[0].cluster
-    for c in configs:
+    for c in configs:  # arithmetic only: microseconds per element
         _check_memory(stage, c)
-    estimate = _check_budget(cluster, len(configs))
+    total = _check_budget(cluster, len(configs), stage)
     configs = [
         replace(c, log=replace(c.log, wandb_group=c.log.wandb_group or sweep_id)) for c in configs
     ]
     if cluster.dry_run:
         print(dry_run_script(stage, configs[0]))
-        print(
-            json.dumps(
-                {"dry_run": True, "stage": stage, "elements": len(configs), "estimate": estimate}
-            )
-        )
+        emit({"dry_run": True, "stage": stage, "elements": len(configs), "estimate": total})
         return []
     run_dirs = [prepare(c, stage) for c in configs]
     if len(set(run_dirs)) != len(run_dirs):
         fail(f"sweep {sweep_id} has duplicate configs (same run dir): remove the repeated values")
-    todo = [(c, d) for c, d in zip(configs, run_dirs) if not (d / "summary.json").exists()]
-    for c, d in todo:
-        check_resubmission(stage, c, d)
+    snap = code_snapshot(Path(configs[0].run.root))
     folder = Path(configs[0].run.root) / "sweeps" / sweep_id
-    executor = _executor(folder, cluster, sbatch_params(stage, cluster))
-    jobs = executor.submit_array([StageJob(stage, c) for c, _ in todo]) if todo else []
-    records = []
-    for (c, d), job in zip(todo, jobs):
-        record = _record(stage, c, d, job.job_id, cluster.estimate(), sweep=sweep_id)
-        _write_record(d, record)
-        records.append(record)
-    array_id = jobs[0].job_id.split("_")[0] if jobs else None
-    print(
-        json.dumps(
-            {
-                "sweep": sweep_id,
-                "array_job_id": array_id,
-                "elements": len(jobs),
-                "already_complete": len(configs) - len(todo),
-                "run_dirs": [str(d) for d in run_dirs],
-                "estimate": estimate,
-            }
-        )
-    )
+    with submit_lock(run_dirs):
+        todo, live, complete = _split_sweep(stage, configs, run_dirs)
+        params = _with_snapshot(sbatch_params(stage, cluster), snap)
+        executor = _executor(folder, cluster, params)
+        jobs = executor.submit_array([StageJob(stage, c) for c, _ in todo]) if todo else []
+        records = []
+        for (c, d), job in zip(todo, jobs):
+            record = _record(stage, c, d, job.job_id, estimate(stage, cluster), sweep=sweep_id)
+            record["code_dir"] = str(snap)
+            _write_record(d, record)
+            records.append(record)
+    summary = {
+        "sweep": sweep_id,
+        "stage": stage,
+        "array_job_id": jobs[0].job_id.split("_")[0] if jobs else None,
+        "elements": len(jobs),
+        "already_live": [{"run_dir": str(d), "job_id": j, "state": st} for d, j, st in live],
+        "already_complete": len(complete),
+        "run_dirs": [str(d) for d in run_dirs],
+        "submitted_run_dirs": [str(d) for _, d in todo],
+        "estimate": total,
+    }
+    emit(summary)
     return records
 
 
-def _record(stage, config, run_dir, job_id, estimate, *, dependency=None, sweep=None) -> dict:
+def _record(stage, config, run_dir, job_id, cost, *, dependency=None, sweep=None) -> dict:
     return {
         "stage": stage,
         "job_id": str(job_id),
         "run_dir": str(run_dir),
-        "wandb_id": wandb_id(stage, config),
+        "wandb_id": wandb_id(run_dir, stage),
         "cluster": config.cluster.name,
-        "gpus": config.cluster.gpus,
+        "gpus": billed_gpus(stage, config.cluster),
+        "billing_granularity_s": config.cluster.billing_granularity_s,
         "time_min": config.cluster.time_min,
         "gpu_hour_rate": config.cluster.gpu_hour_rate,
         "currency": config.cluster.currency,
-        "estimate": estimate,
+        "estimate": cost,
         "code_hash": code_hash(),
+        "packages": package_versions(),
         "dependency": dependency,
         "sweep": sweep,
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -277,17 +347,30 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __init__(self, stage: str, config) -> None:
         self.stage, self.config = stage, config
+        # What the job must run with: checked on every (re)start against the running tree.
+        self.code_hash, self.packages = code_hash(), package_versions()
 
     def __call__(self):
         from jobs._stage import requeue_or_fail, run_stage, stop_request
 
+        reason = check_running_code(self.code_hash, self.packages)
+        if reason:
+            raise RuntimeError(reason)
+        print(f"remax: running code {self.code_hash} from {REPO}", file=sys.stderr, flush=True)
+        segment = estimate(self.stage, self.config.cluster)["cost"]
+        run_dir = run_dir_for(self.config, self.stage)
+        reason = over_budget(run_dir, self.config.cluster, segment, job_id=current_job_id())
+        if reason:  # an exception fails the job: no requeue past the cap
+            raise RuntimeError(reason)
         cluster = self.config.cluster  # cluster.max_restarts: jobs._policy.check_start
         # Replaces submitit's USR2 handler (checkpoint + one unretried requeue) and its SIGTERM
         # bypass: both signals now take the one stop path of remax.preemption.
         stop = preemption.install(stop_request(cluster))
         summary = run_stage(self.stage, self.config, stop=stop)
+        if summary is None and stop_for_good(run_dir):
+            return None  # jobs.cancel --graceful: checkpoint written, job cancelled, no requeue
         if summary is None:  # stopped (after a checkpoint when it fit): requeue ourselves
-            requeue_or_fail(run_dir_for(self.config, self.stage))
+            requeue_or_fail(run_dir)
         return summary
 
 
@@ -313,12 +396,17 @@ def render_template(name: str, stage: str, config, overrides: list[str]) -> str:
     for key in ("partition", "account", "qos", "mem"):
         if key in params:
             lines.append(f"#SBATCH --{key}={params[key]}")
+    for key, value in params["additional_parameters"].items():
+        if key not in ("requeue", "kill_on_invalid_dep"):
+            lines.append(f"#SBATCH --{key.replace('_', '-')}={value}")
     command = " ".join(["python", "-u", "-m", f"jobs.{stage}", "cluster.backend=local", *overrides])
     values = {
         "SBATCH_DIRECTIVES": "\n".join(lines),
         "SETUP": "\n".join(config.cluster.setup),
         "STAGE": stage,
         "COMMAND": command,
-        "REPO": str(REPO),
+        "CPUS_PER_TASK": str(params["cpus_per_task"]),
+        # The script runs a snapshot of this checkout (jobs/_snapshot.py), like a submitted job.
+        "REPO": str(code_snapshot(Path(config.run.root))),
     }
     return string.Template((TEMPLATES / f"{name}.sbatch").read_text()).safe_substitute(values)

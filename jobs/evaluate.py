@@ -7,5 +7,10 @@ into ``runs/evaluate/<name>-<signature>/`` (``remax.evaluation``).
 
 from jobs._main import stage_main
 
-if __name__ == "__main__":
+
+def main() -> None:
     stage_main("evaluate")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,16 +17,26 @@ continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
+from pathlib import Path
 
-from jobs._config import SCHEMAS, compose_stage
-from jobs._stage import run_stage
+from jobs._config import SCHEMAS, compose_stage, fail
+from jobs._output import human, wants_json
 from remax.config import Backend
 from remax.run_dir import run_dir_for
 
 STAGES = ("sft", "reward_model", "remax", "evaluate")
+
+
+def run_stage(stage: str, config):
+    """:func:`jobs._stage.run_stage`, imported on first use: it imports torch, which a Slurm
+    submission from the login node never needs."""
+    from jobs._stage import run_stage as run
+
+    return run(stage, config)
 
 
 def split_overrides(argv: list[str]) -> dict[str, list[str]]:
@@ -70,22 +80,29 @@ def _evaluate_overrides(remax: str, sft: str, rm: str, algo=None) -> list[str]:
 
 
 def main(argv: list[str]) -> dict:
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return None
+    from jobs._output import use_json
+
+    use_json("--json" in argv)
+    argv = [a for a in argv if a != "--json"]
     evaluate = "evaluate=false" not in argv
     overrides = split_overrides([a for a in argv if a not in ("evaluate=false", "evaluate=true")])
     # Compose (and validate) every stage before training any: a typo in a remax.* override should
     # not surface after the SFT and RM stages have run.
-    compose_stage("sft", overrides["sft"])
-    compose_stage("reward_model", overrides["reward_model"])
+    sft_cfg = compose_stage("sft", overrides["sft"])
+    rm_cfg = compose_stage("reward_model", overrides["reward_model"])
     placeholders = ["model.path='<sft export>'", "reward_model.path='<reward_model export>'"]
     compose_stage("remax", placeholders + overrides["remax"])
     if evaluate:
         exports = _evaluate_overrides("<remax export>", "<sft export>", "<reward_model export>")
         compose_stage("evaluate", exports + overrides["evaluate"])
-    if compose_stage("sft", overrides["sft"]).cluster.backend == Backend.slurm:
-        return submit_pipeline(overrides, evaluate)
+    if sft_cfg.cluster.backend == Backend.slurm:
+        return submit_pipeline(overrides, evaluate, sft_cfg, rm_cfg)
     start = time.perf_counter()
-    sft = run_stage("sft", compose_stage("sft", overrides["sft"]))
-    rm = run_stage("reward_model", compose_stage("reward_model", overrides["reward_model"]))
+    sft = run_stage("sft", sft_cfg)
+    rm = run_stage("reward_model", rm_cfg)
     remax_overrides = [
         f"model.path={sft['run_dir']}/export",
         f"reward_model.path={rm['run_dir']}/export",
@@ -108,7 +125,7 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool) -> dict:
+def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool, sft_cfg, rm_cfg) -> dict:
     """Slurm: submit every stage now, chained with ``afterok`` so each starts on its inputs.
 
     SFT and the reward model do not depend on each other and run side by side; ReMax waits for
@@ -118,8 +135,6 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool) -> dict:
     """
     from jobs._submit import submit
 
-    sft_cfg = compose_stage("sft", overrides["sft"])
-    rm_cfg = compose_stage("reward_model", overrides["reward_model"])
     sft_export, rm_export = (
         run_dir_for(sft_cfg, "sft") / "export",
         run_dir_for(rm_cfg, "reward_model") / "export",
@@ -127,8 +142,7 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool) -> dict:
     remax_cfg = compose_stage(
         "remax", [f"model.path={sft_export}", f"reward_model.path={rm_export}", *overrides["remax"]]
     )
-    records = [submit("sft", sft_cfg, quiet=True), submit("reward_model", rm_cfg, quiet=True)]
-    records.append(submit("remax", remax_cfg, dependency=_after(records), quiet=True))
+    eval_cfg = None
     if evaluate:
         remax_export = run_dir_for(remax_cfg, "remax") / "export"
         eval_cfg = compose_stage(
@@ -136,12 +150,48 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool) -> dict:
             _evaluate_overrides(remax_export, sft_export, rm_export, remax_cfg.algo)
             + overrides["evaluate"],
         )
+    _check_total_budget(
+        [("sft", sft_cfg), ("reward_model", rm_cfg), ("remax", remax_cfg), ("evaluate", eval_cfg)]
+    )
+    records = [submit("sft", sft_cfg, quiet=True), submit("reward_model", rm_cfg, quiet=True)]
+    records.append(submit("remax", remax_cfg, dependency=_after(records), quiet=True))
+    if eval_cfg is not None:
         records.append(submit("evaluate", eval_cfg, dependency=_after(records[2:]), quiet=True))
     for stage, record in zip(STAGES, records):
         record.setdefault("stage", stage)
-    summary = {"jobs": records}
-    print(json.dumps(summary, indent=2))
+    summary = {"jobs": records, "record": str(_write_pipeline_record(sft_cfg.run.root, records))}
+    if wants_json():
+        print(json.dumps(summary, indent=2))
+    else:
+        for r in records:
+            print(human(r))
+        print(f"cancel all: python -m jobs.cancel {summary['record']}")
     return summary
+
+
+def _check_total_budget(stages: list) -> None:
+    """The pipeline's budget bounds the sum of its stages, checked before anything is submitted
+    (each stage alone might fit while the whole does not)."""
+    from jobs._submit import estimate
+
+    stages = [(s, c) for s, c in stages if c is not None]
+    budget = stages[0][1].cluster.budget
+    parts = {s: estimate(s, c.cluster)["cost"] for s, c in stages}
+    if budget is not None and sum(parts.values()) > budget:
+        detail = ", ".join(f"{s} {v}" for s, v in parts.items())
+        fail(
+            f"the pipeline's estimated cost {round(sum(parts.values()), 2)} ({detail}) exceeds "
+            f"cluster.budget={budget}: lower cluster.time_min or raise the budget"
+        )
+
+
+def _write_pipeline_record(root: str, records: list[dict]) -> Path:
+    """``<run.root>/pipelines/<id>.json``: what ``jobs.cancel`` and ``jobs.status`` read back."""
+    key = ",".join(sorted(r["run_dir"] for r in records))
+    path = Path(root) / "pipelines" / f"pipeline-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"jobs": records}, indent=2))
+    return path
 
 
 def _after(records: list[dict]) -> str | None:
@@ -197,5 +247,10 @@ def _evaluate_rows(table, ev: dict) -> None:
         table.add_row("evaluate", "gold score (± stderr)", _ms(by[b]["gold"]), _ms(by[a]["gold"]))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-pipeline``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -30,12 +30,9 @@ import json
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from jobs._config import CONF_DIR, compose_stage, fail, to_config
+from jobs._config import CONF_DIR, compose_dict, fail, to_config
 from remax import plan as planner
 from remax.config import DType
 
@@ -263,14 +260,8 @@ def check_fits(stage: str, config) -> str | None:
 
 def _compose(stage: str, args: list[str]):
     """The stage config; an RL config without an RM path gets a placeholder (no weights needed)."""
-    if stage not in RL_STAGES or any(a.startswith("reward_model.path=") for a in args):
-        return compose_stage(stage, args)
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            cfg = compose(config_name=stage, overrides=args)
-    except (HydraException, OmegaConfBaseException):
-        return compose_stage(stage, args)  # fails again, with compose_stage's one-line message
-    if cfg.reward_model.path is None:
+    cfg = compose_dict(stage, args)  # the one composition every entry point uses
+    if stage in RL_STAGES and cfg.reward_model.path is None:
         cfg.reward_model.path = PLANNED_RM
     return to_config(cfg)
 
@@ -294,6 +285,9 @@ def _describe(stage: str, config, opts: PlanOptions, inp: planner.PlanInput) -> 
 
 
 def main(argv: list[str]) -> planner.Plan:
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return None
     stage_args, opts = parse(argv)
     stage = stage_of(stage_args)
     config = _compose(stage, stage_args)
@@ -310,5 +304,10 @@ def main(argv: list[str]) -> planner.Plan:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-plan``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,5 +2,10 @@
 
 from jobs._main import stage_main
 
-if __name__ == "__main__":
+
+def main() -> None:
     stage_main("ppo")
+
+
+if __name__ == "__main__":
+    main()

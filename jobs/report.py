@@ -31,5 +31,10 @@ def main(argv: list[str]) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-report``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
 
-from jobs._config import SCHEMAS, fail, to_config
+from jobs._config import SCHEMAS, compose_stage, fail
 from remax.config import Backend
 from remax.run_dir import differing_keys, run_dir_for, to_plain
 
@@ -29,12 +28,7 @@ def load_run_config(run_dir: Path, overrides: list[str], force: bool):
     if not cfg_file.exists():
         fail(f"{cfg_file} is missing: pass a run dir that a stage has written")
     saved = yaml.safe_load(cfg_file.read_text())
-    merged = OmegaConf.merge(
-        OmegaConf.structured(SCHEMAS[stage]), saved, OmegaConf.from_dotlist(overrides)
-    )
-    if force:
-        merged.run.force = True
-    config = to_config(merged)
+    config = compose_stage(stage, [*overrides, *(["run.force=true"] if force else [])], saved=saved)
     if Path(run_dir_for(config, stage)).resolve() != run_dir.resolve():
         diff = differing_keys(saved, to_plain(config))
         fail(
@@ -45,7 +39,13 @@ def load_run_config(run_dir: Path, overrides: list[str], force: bool):
 
 
 def main(argv: list[str]) -> None:
-    args = [a for a in argv if a != "--force"]
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return None
+    from jobs._output import use_json
+
+    use_json("--json" in argv)
+    args = [a for a in argv if a not in ("--force", "--json")]
     if not args or not Path(args[0]).is_dir():
         fail(f"usage: python -m jobs.resume <run_dir> [key=value ...] [--force]; got {argv!r}")
     run_dir = Path(args[0])
@@ -60,5 +60,10 @@ def main(argv: list[str]) -> None:
         run_stage(stage, config)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``remax-resume``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,14 +35,34 @@ class DistEnv:
 
 
 def first_host(nodelist: str) -> str:
-    """First hostname of a Slurm node list: ``gpu[03-05,09],cpu1`` → ``gpu03``."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if m is None:
+    """First hostname of a Slurm node list: ``gpu[03-05,09],cpu1`` → ``gpu03``.
+
+    Slurm expands the list itself (``scontrol show hostnames``): names such as ``gpu[01-02]-ib``
+    defeat hand-written patterns. Without scontrol (tests, a laptop) a parser that keeps what
+    follows a bracket range answers.
+    """
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+        )
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return _first_host_fallback(nodelist)
+
+
+def _first_host_fallback(nodelist: str) -> str:
+    depth, first = 0, ""
+    for ch in nodelist.strip():  # the first top-level item: commas inside [] belong to ranges
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            break
+        first += ch
+    if not first:
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = m.group(1), m.group(3)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]  # keeps zero padding: "03-05" → "03"
+    # Each bracket group becomes its first value, zero padding kept: "gpu[03-05]-ib" → "gpu03-ib".
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def env_from_environ(environ=None) -> DistEnv | None:
@@ -63,7 +84,10 @@ def env_from_environ(environ=None) -> DistEnv | None:
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # An exported MASTER_ADDR wins (a site's high-speed interface name, a rendezvous
+            # host chosen by the batch script); else the first node of the allocation.
+            master_addr=env.get("MASTER_ADDR")
+            or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             # Unprivileged, and different for two jobs sharing a node (same rule on every task).
             master_port=int(env.get("MASTER_PORT", 20000 + job % 40000)),
         )

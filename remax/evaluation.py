@@ -56,7 +56,7 @@ from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig, generate
-from remax.run_dir import to_plain
+from remax.run_dir import to_plain, wandb_id
 from remax.stats import mean_stderr
 
 log = logging.getLogger("remax.evaluation")
@@ -499,7 +499,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
     summary = {"stage": "evaluate", "run_dir": str(run_dir), "eval": ev}
     writer = MetricWriter(  # W&B gets the summary only: an evaluation has no steps
         run_dir,
-        run_id=f"evaluate-{run_dir.name.rsplit('-', 1)[-1]}",
+        run_id=wandb_id(run_dir, "evaluate"),
         stage="evaluate",
         config=to_plain(cfg),
         wandb_mode=cfg.log.wandb_mode,

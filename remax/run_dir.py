@@ -12,6 +12,9 @@ import dataclasses
 import enum
 import hashlib
 import json
+import os
+import secrets
+import time
 from pathlib import Path
 
 import yaml
@@ -90,10 +93,10 @@ def prepare(config, stage: str) -> Path:
     A dir whose saved config differs on a result key is refused, naming the keys, unless
     ``run.force``; the old config is then kept as ``config.previous.yaml``. Nothing else is touched.
     """
-    path = run_dir_for(config, stage)
+    current = to_plain(config)  # once: a sweep prepares 100 run dirs on the login node
+    path = Path(config.run.root) / stage / f"{config.run.name}-{signature(current, stage)}"
     path.mkdir(parents=True, exist_ok=True)
     cfg_file = path / "config.yaml"
-    current = to_plain(config)
     if cfg_file.exists():
         try:
             saved = yaml.safe_load(cfg_file.read_text()) or {}
@@ -114,5 +117,29 @@ def prepare(config, stage: str) -> Path:
             )
         if diff:
             (path / "config.previous.yaml").write_text(cfg_file.read_text())
-    atomic_write_text(cfg_file, yaml.safe_dump(current, sort_keys=False))
+    # The C dumper when PyYAML has it: a 100-element sweep writes 100 of these on the login node.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    atomic_write_text(cfg_file, yaml.dump(current, Dumper=dumper, sort_keys=False))
     return path
+
+
+def wandb_id(run_dir: Path, stage: str) -> str:
+    """``<stage>-<signature>-<nonce>``: stable across requeues and resubmissions of one run dir,
+    different for the same config under another ``run.root`` or user (the signature alone would
+    send two sweeps into one W&B run). The nonce is drawn once and kept in ``<run_dir>/wandb_nonce``.
+    """
+    path = Path(run_dir) / "wandb_nonce"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:  # first caller draws the nonce; O_EXCL makes concurrent ranks or submissions agree
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(4) + "\n")
+    nonce = ""
+    for _ in range(50):  # a concurrent creator may not have written its line yet
+        nonce = path.read_text().strip()
+        if nonce:
+            break
+        time.sleep(0.01)
+    return f"{stage}-{Path(run_dir).name.rsplit('-', 1)[-1]}-{nonce}"

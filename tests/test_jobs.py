@@ -76,7 +76,8 @@ def test_wandb_offline_run_uses_the_signature_id(tmp_path):
     )
     run_dir = _only_run_dir(tmp_path, "sft")
     run_id = (run_dir / "wandb_id").read_text().strip()
-    assert run_id == f"sft-{run_dir.name.rsplit('-', 1)[1]}"
+    nonce = (run_dir / "wandb_nonce").read_text().strip()
+    assert run_id == f"sft-{run_dir.name.rsplit('-', 1)[1]}-{nonce}"
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1
 

@@ -46,7 +46,7 @@ JOB = [
 
 
 def _submit(root: Path, *extra: str, module: str = "jobs.remax") -> dict:
-    out = run_job(module, f"run.root={root}", *JOB, *extra)
+    out = run_job(module, "--json", f"run.root={root}", *JOB, *extra)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -167,6 +167,7 @@ def test_sweep_is_one_array_with_one_run_dir_per_element(tmp_path):
     out = run_job(
         "jobs.remax",
         "-m",
+        "--json",
         f"run.root={tmp_path}",
         *JOB,
         "train.max_steps=4",
@@ -188,6 +189,7 @@ def test_sweep_is_one_array_with_one_run_dir_per_element(tmp_path):
 def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
     out = run_job(
         "jobs.pipeline",
+        "--json",
         f"run.root={tmp_path}",
         *[("remax." + a if a.startswith("eval_prompts") else a) for a in JOB],
         "log.wandb_mode=disabled",
@@ -223,7 +225,7 @@ def test_second_live_job_and_changed_code_are_refused(tmp_path):
     record_file.write_text(json.dumps({**record, "code_hash": "0" * 12}))
     refused = run_job("jobs.resume", rec["run_dir"], check=False)
     assert refused.returncode == 2 and "code changed" in refused.stderr
-    forced = run_job("jobs.resume", rec["run_dir"], "--force")
+    forced = run_job("jobs.resume", rec["run_dir"], "--force", "--json")
     new = json.loads(forced.stdout.strip().splitlines()[-1])
     assert new["job_id"] != rec["job_id"]
     assert _wait_done(new["job_id"], timeout=900)[-1][0] == "COMPLETED"
@@ -232,7 +234,12 @@ def test_second_live_job_and_changed_code_are_refused(tmp_path):
 
 def test_dry_run_prints_script_and_estimate_and_submits_nothing(tmp_path):
     out = run_job(
-        "jobs.remax", f"run.root={tmp_path}", *JOB, "cluster.dry_run=true", "cluster.time_min=90"
+        "jobs.remax",
+        "--json",
+        f"run.root={tmp_path}",
+        *JOB,
+        "cluster.dry_run=true",
+        "cluster.time_min=90",
     )
     assert "#SBATCH --requeue" in out.stdout and "#SBATCH --signal=USR2@30" in out.stdout
     assert "--kill-on-bad-exit=1" in out.stdout  # a dead rank ends the step, not a timeout
@@ -246,6 +253,7 @@ def test_budget_cap_refuses_and_says_by_how_much(tmp_path):
     ok = run_job(
         "jobs.remax",
         "-m",
+        "--json",
         f"run.root={tmp_path}",
         *JOB,
         "cluster.budget=1.0",
@@ -292,6 +300,7 @@ def test_wandb_key_never_lands_in_pickles_scripts_configs_or_logs(tmp_path):
     secret = "sekret-wandb-key-0123456789"
     out = run_job(
         "jobs.remax",
+        "--json",
         f"run.root={tmp_path}",
         *JOB,
         "train.max_steps=4",

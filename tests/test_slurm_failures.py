@@ -47,6 +47,7 @@ def test_exception_fails_once_with_failure_json_and_no_requeue(tmp_path):
     args = [a for a in JOB if not a.startswith("eval_prompts")]  # a remax-only key
     out = run_job(
         "jobs.reward_model",
+        "--json",
         f"run.root={tmp_path}",
         *args,
         "log.wandb_mode=disabled",
@@ -99,7 +100,7 @@ def test_evaluate_stage_stopped_mid_answers_requeues_and_resumes_them(tmp_path):
     ]
     recs = {}
     for name in ("ref", "usr2"):
-        out = run_job("jobs.evaluate", f"run.root={tmp_path / name}", *args)
+        out = run_job("jobs.evaluate", "--json", f"run.root={tmp_path / name}", *args)
         recs[name] = json.loads(out.stdout.strip().splitlines()[-1])
     run_dir = Path(recs["usr2"]["run_dir"])
     partial = run_dir / "partial" / "a.jsonl"
@@ -132,6 +133,7 @@ def test_hung_rank_is_requeued_once_then_stopped_with_failure_json_and_stacks(tm
     args = [a for a in JOB if not a.startswith("eval_prompts")]  # a remax-only key
     out = run_job(
         "jobs.reward_model",
+        "--json",
         f"run.root={tmp_path / 'runs'}",
         *args,
         "log.wandb_mode=disabled",

@@ -10,32 +10,36 @@ Notation: B batch, T response length, V vocab.
 
 from __future__ import annotations
 
-from remax.algo.kl import full_vocab_kl, kl_penalty
-from remax.algo.logprobs import entropy_from_logits, logprobs_from_logits
-from remax.algo.masked import masked_mean, masked_sum, masked_whiten, seq_sum, token_mean
-from remax.algo.preference import bradley_terry_loss, pairwise_accuracy
-from remax.algo.registry import AGGREGATIONS, KL_ESTIMATORS, lookup
-from remax.algo.remax import RemaxStats, policy_gradient_loss, remax_advantages, remax_stats
-from remax.algo.sft import sft_loss
+import importlib
 
-__all__ = [
-    "AGGREGATIONS",
-    "KL_ESTIMATORS",
-    "RemaxStats",
-    "bradley_terry_loss",
-    "entropy_from_logits",
-    "full_vocab_kl",
-    "kl_penalty",
-    "logprobs_from_logits",
-    "lookup",
-    "masked_mean",
-    "masked_sum",
-    "masked_whiten",
-    "pairwise_accuracy",
-    "policy_gradient_loss",
-    "remax_advantages",
-    "remax_stats",
-    "seq_sum",
-    "sft_loss",
-    "token_mean",
-]
+# Names resolved on first use (PEP 562): ``remax.algo.types`` is imported by the config schema on
+# login-node commands, and importing this package must not pay ~2.5 s for torch there.
+_EXPORTS = {
+    "AGGREGATIONS": "registry",
+    "KL_ESTIMATORS": "registry",
+    "lookup": "registry",
+    "RemaxStats": "remax",
+    "policy_gradient_loss": "remax",
+    "remax_advantages": "remax",
+    "remax_stats": "remax",
+    "bradley_terry_loss": "preference",
+    "pairwise_accuracy": "preference",
+    "entropy_from_logits": "logprobs",
+    "logprobs_from_logits": "logprobs",
+    "full_vocab_kl": "kl",
+    "kl_penalty": "kl",
+    "masked_mean": "masked",
+    "masked_sum": "masked",
+    "masked_whiten": "masked",
+    "seq_sum": "masked",
+    "token_mean": "masked",
+    "sft_loss": "sft",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'remax.algo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"remax.algo.{_EXPORTS[name]}"), name)

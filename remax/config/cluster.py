@@ -66,16 +66,32 @@ class ClusterConfig:
     """Stop when this many segments in a row published no new checkpoint; 0 disables."""
     array_parallelism: int = 16
     """Array elements running at once (``%K`` of ``--array``)."""
+    exclude: str | None = None
+    """Nodes never to run on (``--exclude``, a Slurm node list such as ``gpu[03,07]``)."""
+    constraint: str | None = None
+    """Node features required (``--constraint``, e.g. ``a800&ib``)."""
+    reservation: str | None = None
+    """Slurm reservation to run in (``--reservation``)."""
+    mail_type: str | None = None
+    """When Slurm mails ``mail_user`` (``--mail-type``, e.g. ``END,FAIL,REQUEUE``)."""
+    mail_user: str | None = None
+    """Address for ``mail_type`` mails (``--mail-user``)."""
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    """Free-form sbatch parameters, ``{option_with_underscores: value}``, e.g. ``{gpu_bind: closest}``."""
     gres: bool = False
     """Request GPUs as ``--gres=gpu:N`` instead of ``--gpus-per-node`` (some sites accept only that)."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before the job step (``module load ...``, ``source venv/bin/activate``)."""
     gpu_hour_rate: float = 0.0
     """Price of one GPU-hour, for cost estimates and the status table."""
+    billing_granularity_s: int = 1
+    """Each job segment is billed in whole units of this many seconds (a site billing per started
+    hour uses 3600): the status table and the budget caps round every segment up to it."""
     currency: str = "CNY"
     """Currency of ``gpu_hour_rate``."""
     budget: float | None = None
-    """Refuse a submission (or sweep) whose estimated cost exceeds this; None: no cap."""
+    """Cap per run across all its requeues and resubmissions (checked at submission and when each
+    segment starts), and on a sweep's or pipeline's summed estimate at submission; None: no cap."""
     dry_run: bool = False
     """Print the sbatch script and the estimate; submit nothing."""
     check_memory: bool = True
@@ -88,7 +104,14 @@ class ClusterConfig:
             self.device,
             "use auto, cpu or cuda",
         )
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
+        for key in (
+            "nodes",
+            "tasks_per_node",
+            "cpus_per_task",
+            "time_min",
+            "array_parallelism",
+            "billing_granularity_s",
+        ):
             value = getattr(self, key)
             _require(value > 0, f"cluster.{key}", value, "use a positive integer")
         for key in (
@@ -114,6 +137,12 @@ class ClusterConfig:
             "cluster.watchdog_factor",
             self.watchdog_factor,
             "use >= 1 (a phase may take as long as it took before)",
+        )
+        _require(
+            self.mail_user is None or bool(self.mail_type),
+            "cluster.mail_type",
+            self.mail_type,
+            "set cluster.mail_type (e.g. END,FAIL) with cluster.mail_user, or drop mail_user",
         )
         _require(self.gpu_hour_rate >= 0, "cluster.gpu_hour_rate", self.gpu_hour_rate, "use >= 0")
         _require(

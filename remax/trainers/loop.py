@@ -28,7 +28,7 @@ from remax.engines import Engine
 from remax.fileio import write_json
 from remax.log import MetricWriter
 from remax.preemption import StopRequest
-from remax.run_dir import to_plain
+from remax.run_dir import to_plain, wandb_id
 from remax.saving import Saver
 
 log = logging.getLogger("remax.loop")
@@ -235,7 +235,7 @@ def _writer(cfg, run_dir: Path, stage: str, resume_step: int):
         return _NullWriter()
     return MetricWriter(
         run_dir,
-        run_id=f"{stage}-{run_dir.name.rsplit('-', 1)[-1]}",
+        run_id=wandb_id(run_dir, stage),
         stage=stage,
         config=to_plain(cfg),
         resume_step=resume_step,
