@@ -66,10 +66,11 @@ class RemaxJobConfig(_StageConfig):
             f"must not exceed data.num_eval={self.data.num_eval}",
         )
         _require(
-            self.reward_model.path is not None or self.data.source == "synthetic",
+            self.reward_model.has_reward or self.data.source == "synthetic",
             "reward_model.path",
             self.reward_model.path,
-            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+            "give the reward_model stage's export/ dir or reward_model.kind=function "
+            "(only data=synthetic has a built-in reward)",
         )
 
 
@@ -99,10 +100,11 @@ class PPOJobConfig(_StageConfig):
             f"must not exceed data.num_eval={self.data.num_eval}",
         )
         _require(
-            self.reward_model.path is not None or self.data.source == "synthetic",
+            self.reward_model.has_reward or self.data.source == "synthetic",
             "reward_model.path",
             self.reward_model.path,
-            "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+            "give the reward_model stage's export/ dir or reward_model.kind=function "
+            "(only data=synthetic has a built-in reward)",
         )
         _require(
             self.train.batch_size % self.algo.mini_batches == 0,

@@ -40,7 +40,7 @@ from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import build_actor, decode, frozen
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
-from remax.models.reward import load_reward_model, score
+from remax.rewards import RewardScorer
 from remax.rollout import Rollout
 from remax.trainers import rl_eval
 from remax.trainers.loop import select_device, write_json
@@ -63,20 +63,21 @@ class RemaxTrainer:
         # Rank 0's weights everywhere, before any engine shards them.
         distributed.broadcast_params(model)
         reference = copy.deepcopy(model)
-        self.reward_model = None
-        if cfg.reward_model.path is not None:
-            # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here.
-            self.reward_model, rm_tok = load_reward_model(
-                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
-            )
-            if rm_tok.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(
-                    f"reward model {cfg.reward_model.path} uses a different tokenizer than the policy "
-                    f"{cfg.model.path}: train both from the same base (re-templating is not supported)"
-                )
-        else:
-            log.info("reward_model.path is null: the synthetic task's gold score is the reward")
+        # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
+        # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
+        self.scorer = RewardScorer.load(
+            cfg.reward_model,
+            cfg.model,
+            self.tokenizer,
+            max_prompt_len=cfg.data.max_prompt_len,
+            seed=cfg.seed,
+            device=self.device,
+        )
+        self.reward_model = self.scorer.model if self.scorer is not None else None
         train, held_out = stage_records("prompts", cfg.data)
+        # Raw prompts (before the policy's chat template): RM templates and reward functions read them.
+        self.train_raw_prompts = [r["prompt"] for r in train]
+        self.eval_raw_prompts = [r["prompt"] for r in held_out][: cfg.eval_prompts]
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
         self.eval_prompts = [
             r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
@@ -104,6 +105,7 @@ class RemaxTrainer:
         self.reference = frozen(reference, cfg.deepspeed, **placement)
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
+            self.scorer.model = self.reward_model
         self.sampling = algo.sampling(cfg.data.max_response_len)
         # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
         # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
@@ -160,13 +162,12 @@ class RemaxTrainer:
         return mask
 
     @torch.no_grad()
-    def rewards(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
-        if self.reward_model is None:
+    def rewards(self, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
+        """(B,) frozen reward of each row (``prompts``: its raw prompt): ``reward_model``'s
+        scorer, or the synthetic gold score."""
+        if self.scorer is None:
             return self.gold(rollout)
-        return score(
-            self.reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index
-        )
+        return self.scorer(rollout, prompts)
 
     def gold(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the synthetic task's programmatic score of each decoded response."""
@@ -217,16 +218,20 @@ class RemaxTrainer:
         return mask.shape[0] * self.world_size
 
     def train_step(self) -> dict:
-        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
-        sampled, greedy = self.rollout(prompts)  # 1–2
-        return self.update(sampled, greedy)
+        rows = self.shard(self.sampler.next_indices())
+        sampled, greedy = self.rollout([self.train_prompts[i] for i in rows])  # 1–2
+        return self.update(sampled, greedy, [self.train_raw_prompts[i] for i in rows])
 
-    def update(self, sampled: Rollout, greedy: Rollout) -> dict:
-        """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step."""
+    def update(self, sampled: Rollout, greedy: Rollout, prompts: list[str] | None = None) -> dict:
+        """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step.
+
+        ``prompts``: the raw prompt of each greedy row (None: the decoded prompt text)."""
         algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
-        rewards = self.rewards(sampled)  # 3: r(x, a), (B·n,)
+        sampled_prompts = None if prompts is None else [p for p in prompts for _ in range(n)]
+        rewards = self.rewards(sampled, sampled_prompts)  # 3: r(x, a), (B·n,)
         if algo.baseline == Baseline.greedy:
-            baseline = self.rewards(greedy).repeat_interleave(n)  # r(x, ā) of each sample's prompt
+            # r(x, ā) of each sample's prompt
+            baseline = self.rewards(greedy, prompts).repeat_interleave(n)
         else:
             baseline = torch.zeros_like(rewards)
         mask = self.train_mask(sampled)  # (B·n, T)
@@ -367,7 +372,7 @@ class RemaxTrainer:
         }
         if "gold" in after:
             ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
-        reward_source = "reward_model" if self.reward_model is not None else "gold"
+        reward_source = "gold" if self.scorer is None else self.scorer.source
         return {"eval": ev, "reward_source": reward_source}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:

@@ -8,7 +8,8 @@ and every rank returns all of them in prompt order.
 
 The trainer provides ``cfg``, ``rank``, ``device``, ``tokenizer``, ``model``, ``reference``,
 ``eval_prompts``, ``decode(ids, mask, greedy) -> Rollout`` (post-processed),
-``logprobs(model, rollout) -> (B, T)``, ``rewards(rollout)`` and ``gold(rollout)``.
+``eval_raw_prompts`` (the same prompts before the chat template),
+``logprobs(model, rollout) -> (B, T)``, ``rewards(rollout, raw_prompts)`` and ``gold(rollout)``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {"reward": [], "gold": [], "kl": [], "length": []}
     bs = cfg.train.batch_size
     prompts = distributed.block(trainer.eval_prompts, pad=True)
+    raw = distributed.block(trainer.eval_raw_prompts, pad=True)  # same rows, before the template
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
@@ -42,7 +44,7 @@ def evaluate_policy(trainer) -> dict[str, torch.Tensor]:
             ro = trainer.decode(batch.input_ids, batch.attention_mask, greedy)
             logp = trainer.logprobs(trainer.model, ro)
             ref = trainer.logprobs(trainer.reference, ro)
-            out["reward"].append(trainer.rewards(ro))
+            out["reward"].append(trainer.rewards(ro, raw[i : i + bs]))
             if cfg.data.source == "synthetic":
                 out["gold"].append(trainer.gold(ro))
             out["kl"].append(((logp - ref) * ro.response_mask).sum(-1))
