@@ -374,8 +374,8 @@ def test_labels_derive_from_export_paths():
 def test_reward_model_with_another_vocabulary_scores_the_same_text(policy, tokenizer, reward_model):
     """Re-tokenizing for a reward model with another vocabulary gives the scores of the direct path
     when the text round-trips (here: a superset vocabulary with the same character ids)."""
-    from remax.data.batching import encode
     from remax.config import RewardSourceConfig
+    from remax.data.batching import encode
     from remax.evaluation import Scorer
     from remax.models.tiny import build_tokenizer
     from remax.rewards import RewardScorer
@@ -394,6 +394,7 @@ def test_reward_model_with_another_vocabulary_scores_the_same_text(policy, token
         greedy=False,
         max_prompt_len=12,
     )
+
     def scorer(rm_tokenizer):
         reward = RewardScorer(
             RewardSourceConfig(path="rm"),
