@@ -4,7 +4,10 @@ normalisation, and ReMax learning through them."""
 
 from __future__ import annotations
 
+import json
+import math
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,3 +446,83 @@ def test_a_reward_function_drives_remax_to_a_higher_gold_score(tmp_path, one_thr
     assert summary["reward_source"] == "function"
     assert_up_by_3_stderr(summary["eval"], "reward")
     assert_up_by_3_stderr(summary["eval"], "gold")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def save_tiny_ultrarm(path, seed: int = 0) -> None:
+    tok = other_tokenizer(bos=True)
+    torch.manual_seed(seed)
+    config = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    model = CardLlamaRewardModel(llama_config(len(tok), eos_token_id=tok.eos_token_id, **config))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_mistral_card_tiny_analogue_runs_through_jobs_remax(tmp_path):
+    """The card's recipe on a CPU: algo=remax_mistral_card (β 0.1 full-vocabulary KL, clip 1.0,
+    T 0.7, top-p 0.9) with a tiny UltraRM (Llama + regression_head, another tokenizer) read in
+    UltraRM's format, as experiment=remax_mistral7b_card sets it, through ``python -m jobs.remax``."""
+    from tests.conftest import run_job
+
+    save_tiny_ultrarm(tmp_path / "ultrarm")
+    proc = run_job(
+        "jobs.remax",
+        f"run.root={tmp_path / 'runs'}",
+        "algo=remax_mistral_card",
+        f"reward_model.path={tmp_path / 'ultrarm'}",
+        "reward_model.kind=regression_head",
+        "reward_model.template=format",
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.micro_batch_size=8",
+        "data.num_train=64",
+        "data.num_eval=64",
+        "eval_prompts=64",
+        "log.wandb_mode=disabled",
+        "log.progress=false",
+        "cluster.num_threads=1",  # two threads of tiny ops spin on a shared 2-core machine
+    )
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((Path(line["run_dir"]) / "summary.json").read_text())
+    assert summary["reward_source"] == "reward_model"
+    ev = summary["eval"]
+    assert math.isfinite(ev["reward_after"]["mean"]) and ev["reward_after"]["n"] == 64
+    assert "reward: " in proc.stderr and "kind=regression_head" in proc.stderr
+    assert "template=format" in proc.stderr
+
+
+def test_jobs_evaluate_scores_with_a_reward_function(tmp_path, policy, tokenizer):
+    """reward_model.kind=function in the evaluate stage: every answer's reward is the function of
+    its raw prompt and answer text (here 2 · gold − 1, checked row by row)."""
+    from jobs._config import compose_stage
+    from jobs._stage import run_stage
+    from tests.reward_functions import topic_margin
+
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    cfg = compose_stage(
+        "evaluate",
+        [
+            f"policies=[{tmp_path / 'policy'}]",
+            "names=[a]",
+            "reward_model.kind=function",
+            "reward_model.function=tests.reward_functions:topic_margin",
+            f"run.root={tmp_path / 'runs'}",
+            "num_prompts=64",
+            "batch_size=16",
+            "log.progress=false",
+            "log.wandb_mode=disabled",
+        ],
+    )
+    out = run_stage("evaluate", cfg)
+    assert out["eval"]["reward_source"] == "function"
+    rows = [
+        json.loads(line)
+        for line in (Path(out["run_dir"]) / "answers.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 64 and len({r["reward"] for r in rows}) > 1
+    for r in rows:
+        assert r["reward"] == pytest.approx(topic_margin([r["prompt"]], [r["response"]])[0])
+        assert r["reward"] == pytest.approx(2 * r["gold"] - 1)  # gold 0 without letters: −1
