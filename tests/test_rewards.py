@@ -526,3 +526,16 @@ def test_jobs_evaluate_scores_with_a_reward_function(tmp_path, policy, tokenizer
     for r in rows:
         assert r["reward"] == pytest.approx(topic_margin([r["prompt"]], [r["response"]])[0])
         assert r["reward"] == pytest.approx(2 * r["gold"] - 1)  # gold 0 without letters: −1
+
+
+def test_the_gold_score_as_a_reward_function_equals_the_built_in_gold_reward(policy, tokenizer):
+    """``remax.data.synthetic:gold_rewards`` (the README's example) gives the trainer's gold."""
+    cfg = RewardSourceConfig(kind=RewardKind.function, function="remax.data.synthetic:gold_rewards")
+    ro = sample_rollout(policy, tokenizer, PROMPTS)
+    got = RewardScorer(cfg, tokenizer, max_prompt_len=12)(ro, PROMPTS)
+    responses = [
+        tokenizer.decode(ro.response[i, : ro.lengths[i]], skip_special_tokens=True)
+        for i in range(len(PROMPTS))
+    ]
+    expected = [synthetic.gold_score(p, r) for p, r in zip(PROMPTS, responses)]
+    assert got.tolist() == pytest.approx(expected) and len(set(expected)) > 1
