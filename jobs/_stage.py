@@ -13,6 +13,7 @@ import torch
 
 from jobs._config import fail
 from remax import distributed
+from remax.config import ConfigError
 from remax.engines import close_all
 from remax.log import init_logging
 from remax.run_dir import RunDirError, prepare, run_dir_for
@@ -80,10 +81,15 @@ def run_stage(stage: str, config, stop=None) -> dict | None:
         # Not a training loop: answer, score, summarise; resumable batch by batch on its own.
         from remax.evaluation import run as evaluate
 
-        summary = evaluate(config, run_dir)
+        try:
+            summary = evaluate(config, run_dir)
+        except ConfigError as exc:  # a reward model or function that cannot serve: one line
+            fail(str(exc))
     else:
         try:
             summary = loop.run(_trainer(stage, config), config, run_dir, stage, stop=stop)
+        except ConfigError as exc:  # e.g. a reward function failing on a row; checkpoints stay
+            fail(str(exc))
         finally:
             close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)
     if summary is None:

@@ -35,7 +35,13 @@ from collections.abc import Callable
 
 import torch
 
-from remax.config import ModelConfig, RewardKind, RewardNormalization, RewardSourceConfig
+from remax.config import (
+    ConfigError,
+    ModelConfig,
+    RewardKind,
+    RewardNormalization,
+    RewardSourceConfig,
+)
 from remax.config import RewardTemplate as Template
 from remax.data.batching import encode, prompt_ids
 from remax.models.reward_adapters import load_reward_adapter, score_tokens
@@ -44,8 +50,9 @@ from remax.rollout import Rollout
 log = logging.getLogger("remax.rewards")
 
 
-class RewardFunctionError(ValueError):
-    """The configured reward function failed to import, raised, or returned something unusable."""
+class RewardFunctionError(ConfigError):
+    """The configured reward function failed to import, raised, or returned something unusable
+    (bad input: jobs report it in one ``error:`` line)."""
 
 
 def load_reward_function(spec: str) -> Callable:

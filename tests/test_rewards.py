@@ -539,3 +539,33 @@ def test_the_gold_score_as_a_reward_function_equals_the_built_in_gold_reward(pol
     ]
     expected = [synthetic.gold_score(p, r) for p, r in zip(PROMPTS, responses)]
     assert got.tolist() == pytest.approx(expected) and len(set(expected)) > 1
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        (
+            "tests.reward_functions:fails_on_z",
+            "error: reward function tests.reward_functions:fails_on_z failed on row ",
+        ),
+        ("tests.no_such_module:f", "error: reward_model.function=tests.no_such_module:f: cannot"),
+    ],
+)
+def test_a_bad_reward_function_stops_the_job_in_one_line(tmp_path, function, message):
+    from tests.conftest import run_job
+
+    proc = run_job(
+        "jobs.remax",
+        f"run.root={tmp_path}",
+        "reward_model.kind=function",
+        f"reward_model.function={function}",
+        "data.max_response_len=16",  # 34 symbols × 16 tokens × 64 rows: some answer has a z
+        "train.max_steps=1",
+        "log.wandb_mode=disabled",
+        "log.progress=false",
+        "cluster.num_threads=1",
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(message) and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -33,15 +33,16 @@ from transformers import (
     PreTrainedModel,
 )
 
-from remax.config import ModelConfig, RewardKind, RewardSourceConfig
+from remax.config import ConfigError, ModelConfig, RewardKind, RewardSourceConfig
 from remax.models.policy import disable_dropout, torch_dtype
 from remax.models.reward import load_reward_model, score
 
 log = logging.getLogger("remax.models")
 
 
-class RewardLoadError(ValueError):
-    """A reward model path does not hold the kind of model ``reward_model.kind`` names."""
+class RewardLoadError(ConfigError):
+    """A reward model path does not hold the kind of model ``reward_model.kind`` names (bad input:
+    jobs report it in one ``error:`` line)."""
 
 
 class RegressionHeadRewardModel(LlamaPreTrainedModel):
