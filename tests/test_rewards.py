@@ -569,3 +569,38 @@ def test_a_bad_reward_function_stops_the_job_in_one_line(tmp_path, function, mes
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(message) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_ppo_critic_starts_from_the_policy_when_the_rm_has_another_tokenizer(
+    tmp_path, caplog, one_thread
+):
+    """PPO with a GPT-2 RM of another vocabulary: rewards come from the RM on the decoded text,
+    the critic is the policy's shape with a fresh value head, and one log line says why."""
+    import logging
+
+    from remax.config import PPOAlgoConfig, PPOJobConfig
+    from remax.trainers.ppo import PPOTrainer
+
+    rm_tok = other_tokenizer()
+    gpt2_reward_model(rm_tok).save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    source = RewardSourceConfig(
+        path=str(tmp_path / "rm"), kind=RewardKind.hf_seq_cls, template=RewardTemplate.tokenizer
+    )
+    cfg = PPOJobConfig(
+        model=ModelConfig(hidden_size=32, intermediate_size=64),
+        data=DataConfig(num_train=64, num_eval=64, max_response_len=8),
+        train=TrainConfig(batch_size=8, micro_batch_size=8, max_steps=1),
+        log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
+        algo=PPOAlgoConfig(),
+        reward_model=source,
+        eval_prompts=64,
+    )
+    with caplog.at_level(logging.INFO, logger="remax"):
+        trainer = PPOTrainer(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("critic:")]
+    assert len(lines) == 1 and "another tokenizer" in lines[0] and "policy" in lines[0]
+    assert type(trainer.critic).__name__ == "LlamaForSequenceClassification"
+    assert type(trainer.reward_model).__name__ == "GPT2ForSequenceClassification"
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["reward/mean"]) and metrics["reward/mean"] != 0.0
