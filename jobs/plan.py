@@ -269,7 +269,7 @@ def _compose(stage: str, args: list[str]):
             cfg = compose(config_name=stage, overrides=args)
     except (HydraException, OmegaConfBaseException):
         return compose_stage(stage, args)  # fails again, with compose_stage's one-line message
-    if cfg.reward_model.path is None:
+    if cfg.reward_model.path is None and cfg.reward_model.kind != "function":
         cfg.reward_model.path = PLANNED_RM
     return to_config(cfg)
 

@@ -144,6 +144,13 @@ class RewardScorer:
     ) -> None:
         self.cfg, self.policy_tokenizer, self.max_prompt_len = cfg, policy_tokenizer, max_prompt_len
         self.model, self.tokenizer = model, tokenizer
+        if tokenizer is not None and cfg.template == Template.tokenizer:
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ConfigError(
+                    f"reward_model.template=tokenizer: the tokenizer of reward_model.path="
+                    f"{cfg.path} has no chat_template; use reward_model.template=format with the "
+                    "RM's training format in reward_model.format, or template=policy"
+                )
         self.function = (
             load_reward_function(cfg.function) if cfg.kind == RewardKind.function else None
         )

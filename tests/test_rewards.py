@@ -604,3 +604,9 @@ def test_ppo_critic_starts_from_the_policy_when_the_rm_has_another_tokenizer(
     assert type(trainer.reward_model).__name__ == "GPT2ForSequenceClassification"
     metrics = trainer.train_step()
     assert math.isfinite(metrics["reward/mean"]) and metrics["reward/mean"] != 0.0
+
+
+def test_template_tokenizer_needs_an_rm_chat_template(tokenizer, reward_model):
+    cfg = RewardSourceConfig(path="rm", template=RewardTemplate.tokenizer)
+    with pytest.raises(ConfigError, match="has no chat_template; use reward_model.template=format"):
+        RewardScorer(cfg, tokenizer, max_prompt_len=12, model=reward_model, tokenizer=tokenizer)
