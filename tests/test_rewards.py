@@ -610,3 +610,36 @@ def test_template_tokenizer_needs_an_rm_chat_template(tokenizer, reward_model):
     cfg = RewardSourceConfig(path="rm", template=RewardTemplate.tokenizer)
     with pytest.raises(ConfigError, match="has no chat_template; use reward_model.template=format"):
         RewardScorer(cfg, tokenizer, max_prompt_len=12, model=reward_model, tokenizer=tokenizer)
+
+
+def test_ppo_trains_on_a_reward_function(tmp_path, caplog):
+    """kind=function in PPO: the rewards are the function's (here 2 · gold − 1, so the logged
+    reward mean is 2 · gold mean − 1 of the same responses), and the critic starts from the policy."""
+    import logging
+
+    from remax.config import PPOAlgoConfig, PPOJobConfig
+    from remax.trainers.ppo import PPOTrainer
+
+    cfg = PPOJobConfig(
+        model=ModelConfig(hidden_size=32, intermediate_size=64),
+        data=DataConfig(num_train=64, num_eval=64, max_response_len=8),
+        train=TrainConfig(batch_size=8, micro_batch_size=8, max_steps=1),
+        log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
+        algo=PPOAlgoConfig(),
+        reward_model=RewardSourceConfig(
+            kind=RewardKind.function, function="tests.reward_functions:topic_margin"
+        ),
+        eval_prompts=64,
+    )
+    with caplog.at_level(logging.INFO, logger="remax"):
+        trainer = PPOTrainer(cfg)
+    assert any(
+        "not from the reward model: the reward is a function" in r.getMessage()
+        for r in caplog.records
+    )
+    rows = trainer.shard(trainer.sampler.next_indices())
+    sampled = trainer.rollout([trainer.train_prompts[i] for i in rows])
+    raw = [trainer.train_raw_prompts[i] for i in rows]
+    gold = trainer.gold(sampled)
+    metrics = trainer.update(sampled, raw)
+    assert metrics["reward/mean"] == pytest.approx(float(2 * gold.mean() - 1), abs=1e-6)
