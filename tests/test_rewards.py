@@ -341,6 +341,11 @@ def assert_up_by_3_stderr(ev: dict, key: str) -> None:
     assert after["mean"] - before["mean"] > 3 * se, (key, before, after)
 
 
+def max_abs_error(used: dict[tuple, list[float]], direct: dict[tuple, float]) -> float:
+    """Largest |reward used − direct score| over every row (rows share a key when texts repeat)."""
+    return max(abs(r - direct[key]) for key, values in used.items() for r in values)
+
+
 class Recorder:
     """The trainer's scorer, keeping every (rollout, prompts, rewards) it returned."""
 
@@ -427,7 +432,7 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
             used.setdefault((prompt, response), []).append(float(rewards[i]))
     direct = direct_hf_scores(rm, rm_tok, list(used))
     rows = sum(len(v) for v in used.values())
-    worst = max(abs(r - direct[key]) for key, values in used.items() for r in values)
+    worst = max_abs_error(used, direct)
     assert rows >= 120 * 64 and worst <= 1e-5, (rows, worst)
 
 
