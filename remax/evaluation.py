@@ -49,12 +49,14 @@ from remax.data import judge_formats, synthetic
 from remax.data.batching import collate_prompts
 from remax.data.stage_data import stage_records
 from remax.data.templates import format_conversation, format_prompt
+from remax.distributed import select_device
+from remax.fileio import atomic_write_text, write_json
 from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
 from remax.rewards import RewardScorer
 from remax.rollout import Rollout, SamplingConfig, generate
 from remax.run_dir import to_plain
-from remax.trainers.loop import mean_stderr, select_device, write_json
+from remax.stats import mean_stderr
 
 log = logging.getLogger("remax.evaluation")
 
@@ -468,9 +470,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
         for path, name in zip(cfg.policies, cfg.labels)
     }
     lines = [json.dumps(r) for answers in rows.values() for r in answers]
-    tmp = run_dir / "answers.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(run_dir / "answers.jsonl")
+    atomic_write_text(run_dir / "answers.jsonl", "".join(line + "\n" for line in lines))
     reward_source = scorer.reward.source if scorer.reward is not None else None
     ev = _summary(cfg, rows, reward_source or ("gold" if gold else None), gold)
     ev["answer_files"] = _answer_files(cfg, run_dir, rows)
