@@ -648,3 +648,27 @@ def test_ppo_trains_on_a_reward_function(tmp_path, caplog):
     gold = trainer.gold(sampled)
     metrics = trainer.update(sampled, raw)
     assert metrics["reward/mean"] == pytest.approx(float(2 * gold.mean() - 1), abs=1e-6)
+
+
+def test_remote_code_runs_only_when_the_user_sets_trust_remote_code(tmp_path):
+    """An RM repository with its own modelling code (``auto_map``): the library's class by
+    default, the repository's class only with reward_model.trust_remote_code=true."""
+    tok = other_tokenizer()
+    path = tmp_path / "rm"
+    gpt2_reward_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "custom_rm.CustomRM"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "custom_rm.py").write_text(
+        "from transformers import GPT2ForSequenceClassification\n\n\n"
+        "class CustomRM(GPT2ForSequenceClassification):\n    pass\n"
+    )
+    kinds = {}
+    for trust in (False, True):
+        cfg = RewardSourceConfig(
+            path=str(path), kind=RewardKind.hf_seq_cls, trust_remote_code=trust
+        )
+        model, _ = load_reward_adapter(cfg, ModelConfig(), seed=0, device="cpu")
+        kinds[trust] = type(model).__name__
+    assert kinds == {False: "GPT2ForSequenceClassification", True: "CustomRM"}
