@@ -396,6 +396,7 @@ def train_gpt2_rm(tok, steps: int = 200) -> GPT2ForSequenceClassification:
     return rm.eval()
 
 
+@pytest.mark.slow
 def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     tmp_path, tokenizer, one_thread
 ):
@@ -436,6 +437,7 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     assert rows >= 120 * 64 and worst <= 1e-5, (rows, worst)
 
 
+@pytest.mark.slow
 def test_a_reward_function_drives_remax_to_a_higher_gold_score(tmp_path, one_thread):
     """reward_model.kind=function with tests.reward_functions:topic_margin (2·gold − 1, written
     independently of the gold score): ReMax raises reward and gold by > 3 standard errors."""
@@ -465,6 +467,7 @@ def save_tiny_ultrarm(path, seed: int = 0) -> None:
     tok.save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_mistral_card_tiny_analogue_runs_through_jobs_remax(tmp_path):
     """The card's recipe on a CPU: algo=remax_mistral_card (β 0.1 full-vocabulary KL, clip 1.0,
     T 0.7, top-p 0.9) with a tiny UltraRM (Llama + regression_head, another tokenizer) read in
@@ -498,6 +501,7 @@ def test_mistral_card_tiny_analogue_runs_through_jobs_remax(tmp_path):
     assert "template=format" in proc.stderr
 
 
+@pytest.mark.slow
 def test_jobs_evaluate_scores_with_a_reward_function(tmp_path, policy, tokenizer):
     """reward_model.kind=function in the evaluate stage: every answer's reward is the function of
     its raw prompt and answer text (here 2 · gold − 1, checked row by row)."""
@@ -546,6 +550,7 @@ def test_the_gold_score_as_a_reward_function_equals_the_built_in_gold_reward(pol
     assert got.tolist() == pytest.approx(expected) and len(set(expected)) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("function", "message"),
     [
