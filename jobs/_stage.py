@@ -13,6 +13,7 @@ from jobs import _policy
 from jobs._config import fail
 from jobs._lease import claim, stop_for_good
 from remax import distributed, ledger, preemption, watchdog
+from remax.config import ConfigError
 from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
 from remax.log import init_logging
@@ -75,7 +76,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     try:
         check_inputs(config)
         trainer = None if stage == "evaluate" else _trainer(stage, config)
-    except InputError as exc:
+    except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
         fail(str(exc))
     owner = claim(run_dir_for(config, stage), stage)
     if owner:
@@ -166,7 +167,11 @@ def _run(stage: str, config, run_dir, stop, trainer) -> dict | None:
             return evaluate(config, run_dir)
         except preemption.Stopped:  # between two answer batches: the done ones are on disk
             return None
+        except ConfigError as exc:  # a reward model or function that cannot serve: one line
+            fail(str(exc))
     try:
         return loop.run(trainer, config, run_dir, stage, stop=stop)
+    except ConfigError as exc:  # e.g. a reward function failing on a row; checkpoints stay
+        fail(str(exc))
     finally:
         close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)

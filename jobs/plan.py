@@ -261,7 +261,7 @@ def check_fits(stage: str, config) -> str | None:
 def _compose(stage: str, args: list[str]):
     """The stage config; an RL config without an RM path gets a placeholder (no weights needed)."""
     cfg = compose_dict(stage, args)  # the one composition every entry point uses
-    if stage in RL_STAGES and cfg.reward_model.path is None:
+    if stage in RL_STAGES and cfg.reward_model.path is None and cfg.reward_model.kind != "function":
         cfg.reward_model.path = PLANNED_RM
     return to_config(cfg)
 

@@ -8,8 +8,8 @@ What one evaluation computes (``jobs.evaluate``; every number is per prompt, the
   an uninterrupted one) and every policy sees the same random stream.
 - multi-turn prompts (MT-bench): turn k's input is the whole conversation so far, the policy's own
   earlier answers included, rendered by ``remax.data.templates.format_conversation``.
-- reward: the reward model's score at the answer's end token (``remax.models.reward.score``), or
-  the synthetic task's gold score when no reward model is given; gold: the synthetic task's
+- reward: the RL stages' reward (``remax.rewards.RewardScorer``: any reward model kind or
+  tokenizer, or a reward function), or the synthetic task's gold score when none is given; gold: the synthetic task's
   programmatic score (held-out synthetic prompts only); KL: Σ_t log π(a_t) − log π_ref(a_t) over
   the decoded answer, the k1 estimate the ReMax stage logs (an unbiased KL estimate for sampled
   answers; for greedy ones it is the log-ratio of the one answer each policy gives); length:
@@ -47,14 +47,14 @@ from remax.config import (
     PromptFormat,
 )
 from remax.data import judge_formats, synthetic
-from remax.data.batching import collate_prompts, encode, prompt_ids
+from remax.data.batching import collate_prompts
 from remax.data.stage_data import stage_records
 from remax.data.templates import format_conversation, format_prompt
 from remax.distributed import select_device
 from remax.fileio import atomic_write_text, write_json
 from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
-from remax.models.reward import load_reward_model, score
+from remax.rewards import RewardScorer
 from remax.rollout import Rollout, SamplingConfig, generate
 from remax.run_dir import to_plain, wandb_id
 from remax.stats import mean_stderr
@@ -239,26 +239,25 @@ def answer_turns(
 
 
 class Scorer:
-    """Scores decoded answers: reward (RM or gold), gold, KL to the reference, length.
+    """Scores decoded answers: reward (``remax.rewards.RewardScorer``, or gold), gold, KL to the
+    reference, length.
 
-    The reward model reads the policy's token ids when both share a vocabulary (exactly what the
-    RL stage scored); otherwise prompt and answer are re-tokenized with the reward model's
-    tokenizer, the EOS kept only where the policy stopped.
+    The reward is the RL stages' own scorer: a reward model of the policy's vocabulary reads the
+    policy's token ids (exactly what the RL stage scored); any other model reads the decoded text
+    rendered in its own format; a reward function reads the text.
     """
 
     def __init__(
         self,
-        reward_model=None,
-        rm_tokenizer=None,
+        reward: RewardScorer | None = None,
         reference=None,
         reference_tokenizer=None,
         *,
         gold: bool,
-        max_prompt_len: int,
     ):
-        self.reward_model, self.rm_tokenizer = reward_model, rm_tokenizer
+        self.reward = reward
         self.reference, self.reference_tokenizer = reference, reference_tokenizer
-        self.gold, self.max_prompt_len = gold, max_prompt_len
+        self.gold = gold
 
     @torch.no_grad()
     def __call__(self, policy, tokenizer, turn: Turn, raw: list[str]) -> dict[str, list[float]]:
@@ -267,12 +266,7 @@ class Scorer:
         gold = (
             [synthetic.gold_score(p, a) for p, a in zip(raw, turn.answers)] if self.gold else None
         )
-        if self.reward_model is None:
-            reward = gold
-        elif self.rm_tokenizer.get_vocab() == tokenizer.get_vocab():
-            reward = score(self.reward_model, ro.sequences, ro.attention_mask, ro.end_index)
-        else:
-            reward = self._retokenized(tokenizer, turn)
+        reward = gold if self.reward is None else self.reward.for_policy(tokenizer)(ro, raw)
         kl = None
         if self.reference is not None:
             logp = response_logprobs(policy, ro.sequences, ro.attention_mask, ro.prompt_len)
@@ -284,25 +278,6 @@ class Scorer:
             "kl": _floats(kl),
             "length": _floats(ro.lengths),
         }
-
-    def _retokenized(self, tokenizer, turn: Turn) -> torch.Tensor:
-        tok, ro = self.rm_tokenizer, turn.rollout
-        last = ro.response.gather(1, (ro.lengths - 1)[:, None]).squeeze(1)  # (B,)
-        stopped = (last == tokenizer.eos_token_id).tolist()
-        prompts = [prompt_ids(tok, t, self.max_prompt_len) for t in turn.texts]
-        answers = [
-            encode(tok, a) + ([tok.eos_token_id] if s else []) or [tok.eos_token_id]
-            for a, s in zip(turn.answers, stopped)
-        ]
-        P, T = max(map(len, prompts)), max(map(len, answers))
-        ids = torch.full((len(prompts), P + T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, a) in enumerate(zip(prompts, answers)):  # [pad.. prompt | answer | pad..]
-            ids[i, P - len(p) : P + len(a)] = torch.tensor(p + a)
-            mask[i, P - len(p) : P + len(a)] = 1
-        end = torch.tensor([P + len(a) - 1 for a in answers])
-        device = next(self.reward_model.parameters()).device
-        return score(self.reward_model, ids.to(device), mask.to(device), end.to(device))
 
 
 def _floats(values) -> list[float] | None:
@@ -444,15 +419,21 @@ def _answer_files(cfg, run_dir: Path, rows: dict[str, list[dict]]) -> dict[str, 
 def _scorer(cfg: EvaluateJobConfig, device, gold: bool) -> Scorer:
     """The frozen reward model and reference, each loaded once for every policy."""
     models: dict[str, Any] = {}
-    if cfg.reward_model.path is not None:
-        model_cfg = ModelConfig(path=cfg.reward_model.path, dtype=cfg.dtype)
-        rm, models["rm_tokenizer"] = load_reward_model(model_cfg, seed=cfg.seed, device=device)
-        models["reward_model"] = rm.eval().requires_grad_(False)
+    if cfg.reward_model.has_reward:
+        # Bound to each policy's tokenizer when it scores (Scorer.__call__).
+        models["reward"] = RewardScorer.load(
+            cfg.reward_model,
+            ModelConfig(dtype=cfg.dtype),
+            None,
+            max_prompt_len=cfg.data.max_prompt_len,
+            seed=cfg.seed,
+            device=device,
+        )
     if cfg.reference.path is not None:
         model_cfg = ModelConfig(path=cfg.reference.path, dtype=cfg.dtype)
         ref, models["reference_tokenizer"] = load_policy(model_cfg, seed=cfg.seed, device=device)
         models["reference"] = ref.eval().requires_grad_(False)
-    return Scorer(**models, gold=gold, max_prompt_len=cfg.data.max_prompt_len)
+    return Scorer(**models, gold=gold)
 
 
 def _summary(cfg: EvaluateJobConfig, rows: dict[str, list[dict]], reward_source, gold) -> dict:
@@ -493,7 +474,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
     }
     lines = [json.dumps(r) for answers in rows.values() for r in answers]
     atomic_write_text(run_dir / "answers.jsonl", "".join(line + "\n" for line in lines))
-    reward_source = "reward_model" if scorer.reward_model is not None else None
+    reward_source = scorer.reward.source if scorer.reward is not None else None
     ev = _summary(cfg, rows, reward_source or ("gold" if gold else None), gold)
     ev["answer_files"] = _answer_files(cfg, run_dir, rows)
     summary = {"stage": "evaluate", "run_dir": str(run_dir), "eval": ev}

@@ -374,9 +374,11 @@ def test_labels_derive_from_export_paths():
 def test_reward_model_with_another_vocabulary_scores_the_same_text(policy, tokenizer, reward_model):
     """Re-tokenizing for a reward model with another vocabulary gives the scores of the direct path
     when the text round-trips (here: a superset vocabulary with the same character ids)."""
+    from remax.config import RewardSourceConfig
     from remax.data.batching import encode
     from remax.evaluation import Scorer
     from remax.models.tiny import build_tokenizer
+    from remax.rewards import RewardScorer
 
     other = build_tokenizer()
     other.add_tokens(["<extra>"])
@@ -392,8 +394,18 @@ def test_reward_model_with_another_vocabulary_scores_the_same_text(policy, token
         greedy=False,
         max_prompt_len=12,
     )
-    direct = Scorer(reward_model, tokenizer, gold=False, max_prompt_len=12)
-    retokenized = Scorer(reward_model, other, gold=False, max_prompt_len=12)
+
+    def scorer(rm_tokenizer):
+        reward = RewardScorer(
+            RewardSourceConfig(path="rm"),
+            None,
+            max_prompt_len=12,
+            model=reward_model,
+            tokenizer=rm_tokenizer,
+        )
+        return Scorer(reward, gold=False)
+
+    direct, retokenized = scorer(tokenizer), scorer(other)
     a = direct(policy, tokenizer, turn, raw)["reward"]
     b = retokenized(policy, tokenizer, turn, raw)["reward"]
     ro = turn.rollout

@@ -97,6 +97,9 @@ EXPECTED = {
         "model.name": "mistral_7b",
         "model.path": "mistralai/Mistral-7B-Instruct-v0.2",
         "reward_model.path": "openbmb/UltraRM-13b",
+        "reward_model.kind": "regression_head",  # UltraRM's LlamaRewardModel
+        "reward_model.template": "format",  # [MC] scores in UltraRM's chat template
+        "reward_model.format": "Human: {prompt}\nAssistant: {response}",
         "data.max_prompt_len": 384,
         "data.max_response_len": 384,
         "data.num_train": 10000,

@@ -261,8 +261,8 @@ def test_best_eval_reward_export_is_what_the_summary_describes(
     trainer.train_step = train_step
     real = rl_eval.evaluate_policy
 
-    def evaluate_policy(t, prompts=None):
-        out = real(t, prompts) if prompts is not None else real(t)
+    def evaluate_policy(t, prompts=None, raw=None):
+        out = real(t, prompts, raw)
         out["reward"] = torch.full_like(out["reward"], table[fingerprint()])
         return out
 

@@ -42,7 +42,13 @@ from remax.config.cluster import Backend, ClusterConfig
 from remax.config.data import DataConfig
 from remax.config.deepspeed import DeepSpeedConfig, deepspeed_json
 from remax.config.evaluate import AnswerFormat, EvaluateJobConfig, PromptFormat, ReferenceConfig
-from remax.config.model import ModelConfig, RewardSourceConfig
+from remax.config.model import (
+    ModelConfig,
+    RewardKind,
+    RewardNormalization,
+    RewardSourceConfig,
+    RewardTemplate,
+)
 from remax.config.run import LogConfig, RunConfig, WandbMode
 from remax.config.stages import (
     PPOJobConfig,
@@ -82,7 +88,10 @@ __all__ = [
     "RemaxAlgoConfig",
     "RemaxJobConfig",
     "RewardModelJobConfig",
+    "RewardKind",
+    "RewardNormalization",
     "RewardSourceConfig",
+    "RewardTemplate",
     "RunConfig",
     "SFTJobConfig",
     "Scheduler",

@@ -105,8 +105,9 @@ def _check_rl_stage(cfg) -> None:
         f"must not exceed data.num_eval={cfg.data.num_eval}",
     )
     _require(
-        cfg.reward_model.path is not None or cfg.data.source == "synthetic",
+        cfg.reward_model.has_reward or cfg.data.source == "synthetic",
         "reward_model.path",
         cfg.reward_model.path,
-        "give the reward_model stage's export/ dir (only data=synthetic has a built-in reward)",
+        "give the reward_model stage's export/ dir or reward_model.kind=function "
+        "(only data=synthetic has a built-in reward)",
     )

@@ -53,6 +53,12 @@ def gold_score(prompt: str, response: str) -> float:
     return sum(c in allowed for c in letters) / len(letters)
 
 
+def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:
+    """:func:`gold_score` of each row: the gold score as a reward function
+    (``reward_model.kind=function reward_model.function=remax.data.synthetic:gold_rewards``)."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
 def _rng(seed: int, stream: str, split: str) -> random.Random:
     return random.Random(f"{seed}:{_STREAMS[stream]}:{_SPLITS[split]}")
 

@@ -18,39 +18,33 @@ from remax import distributed
 from remax.config import EmptyResponse
 from remax.data import synthetic
 from remax.fileio import write_json
-from remax.inputs import InputError
-from remax.models.reward import load_reward_model, score
+from remax.rewards import RewardScorer
 from remax.rollout import Rollout
 from remax.trainers import rl_eval
 
 log = logging.getLogger("remax.trainers")
 
 
-def load_frozen_reward_model(cfg, tokenizer, device):
-    """The reward model of ``cfg.reward_model.path`` in the policy's dtype, or None (gold reward).
-
-    The RM must share the policy's tokenizer: rollouts are scored as token ids, not re-templated.
-    """
-    if cfg.reward_model.path is None:
-        log.info("reward_model.path is null: the synthetic task's gold score is the reward")
-        return None
-    model, rm_tok = load_reward_model(
-        cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=device
+def load_scorer(cfg, tokenizer, device) -> RewardScorer | None:
+    """The frozen reward of an RL stage (``remax.rewards``): a reward model of any tokenizer and
+    head, or a function; None when the synthetic task's gold score is the reward."""
+    return RewardScorer.load(
+        cfg.reward_model,
+        cfg.model,
+        tokenizer,
+        max_prompt_len=cfg.data.max_prompt_len,
+        seed=cfg.seed,
+        device=device,
     )
-    if rm_tok.get_vocab() != tokenizer.get_vocab():
-        raise InputError(
-            f"reward_model.path={cfg.reward_model.path!r} uses a different tokenizer than the "
-            f"policy {cfg.model.path}: train both from the same base (re-templating is not supported)"
-        )
-    return model
 
 
 @torch.no_grad()
-def rewards(reward_model, tokenizer, rollout: Rollout) -> torch.Tensor:
-    """(B,) frozen reward: the RM's end-token score, or the synthetic gold score (RM None)."""
-    if reward_model is None:
+def rewards(scorer, tokenizer, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
+    """(B,) frozen reward: the scorer's (``prompts``: each row's raw prompt), or the synthetic gold
+    score when ``scorer`` is None."""
+    if scorer is None:
         return gold(tokenizer, rollout)
-    return score(reward_model, rollout.sequences, rollout.attention_mask, rollout.end_index)
+    return scorer(rollout, prompts)
 
 
 def gold(tokenizer, rollout: Rollout) -> torch.Tensor:
@@ -150,5 +144,5 @@ def final_summary(trainer, run_dir) -> dict:
         ev["kl_token_after"] = after["kl_token"]["mean"]
     if "gold" in after:
         ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
-    reward_source = "reward_model" if trainer.reward_model is not None else "gold"
+    reward_source = "gold" if trainer.scorer is None else trainer.scorer.source
     return {"eval": ev, "reward_source": reward_source}

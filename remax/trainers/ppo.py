@@ -14,9 +14,11 @@ Critic. An ``*ForSequenceClassification`` model initialised from the reward mode
 DS-Chat convention), trained with its own optimizer (``critic_optim``). Its value of response token
 t is the score head applied to the hidden state at column P + t − 1, the state that predicts token
 t, i.e. V(s_t) before the action — DS-Chat's ``forward_value(...)[:, :-1]`` sliced from
-``prompt_len − 1``. With ``reward_model.path`` null (synthetic gold reward) there is no RM to start
-from: the critic is ``load_reward_model(cfg.model)``, a fresh scalar head on the policy's shape
-(tiny random init when ``model.path`` is null too).
+``prompt_len − 1``. The critic reads the policy's tokens, so it starts from the RM only when the RM
+is a sequence-classification model with the policy's vocabulary; otherwise (another tokenizer, a
+``regression_head``, a reward function, the synthetic gold score) it is the policy's backbone with a
+fresh scalar head (``load_reward_model(cfg.model)``; tiny random init when ``model.path`` is null),
+said in one log line.
 
 Departures from DS-Chat, as in ``remax.algo.ppo``: sampled generation for every architecture (DS-Chat
 forces greedy for Llama), empty answers per ``algo.empty_response`` instead of dropped, and
@@ -54,6 +56,7 @@ from remax.distributed import select_device
 from remax.engines import build_actor, decode, frozen
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model
+from remax.models.reward_adapters import critic_compatible
 from remax.rollout import Rollout
 from remax.trainers import conventions, rl_eval
 
@@ -84,18 +87,17 @@ class PPOTrainer:
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
         distributed.broadcast_params(self.model)  # rank 0's weights, before an engine shards them
         self.reference = copy.deepcopy(self.model)
-        self.reward_model = conventions.load_frozen_reward_model(cfg, self.tokenizer, self.device)
-        if self.reward_model is not None:
-            # The critic starts as a trainable copy of the RM, in the actor's dtype and grad-ckpt.
-            self.critic, _ = load_reward_model(
-                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
-            )
-        else:
-            torch.manual_seed(cfg.seed + 1)  # a fresh head (and tiny backbone), not the policy's
-            self.critic, _ = load_reward_model(cfg.model, seed=cfg.seed + 1, device=self.device)
+        # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
+        # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
+        self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)
+        self.reward_model = self.scorer.model if self.scorer is not None else None
+        self.critic = self._critic()
         self.critic.requires_grad_(True)
         distributed.broadcast_params(self.critic)
         train, held_out = stage_records("prompts", cfg.data)
+        # Raw prompts (before the policy's chat template): RM templates and reward functions read them.
+        self.train_raw_prompts = [r["prompt"] for r in train]
+        self.eval_raw_prompts = [r["prompt"] for r in held_out][: cfg.eval_prompts]
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
         self.eval_prompts = [
             r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
@@ -135,6 +137,7 @@ class PPOTrainer:
         self.reference = frozen(self.reference, cfg.deepspeed, **placement)
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
+            self.scorer.model = self.reward_model
         self.sampling = algo.sampling(cfg.data.max_response_len)
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
@@ -153,6 +156,31 @@ class PPOTrainer:
             # world size 1, which keeps single-process runs bit-identical to earlier releases.
             torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.step = 0
+
+    def _critic(self):
+        """The critic: a trainable copy of the RM (DS-Chat) when it reads the policy's tokens
+        through a ``score`` head; else a fresh scalar head on the policy (tiny: its shape)."""
+        cfg = self.cfg
+        why = "the reward is the synthetic gold score"
+        if self.scorer is not None:
+            why = critic_compatible(cfg.reward_model, self.scorer.tokenizer, self.tokenizer)
+        if why is None:
+            # In the actor's dtype and grad-ckpt (the frozen RM is the policy's dtype too).
+            critic, _ = load_reward_model(
+                cfg.model, path=cfg.reward_model.path, seed=cfg.seed, device=self.device
+            )
+            log.info("critic: starts from the reward model %s", cfg.reward_model.path)
+            return critic
+        log.info(
+            "critic: starts from the policy %s with a fresh value head, not from the reward "
+            "model: %s",
+            cfg.model.path or "(tiny random init)",
+            why,
+        )
+        torch.manual_seed(cfg.seed + 1)  # a fresh head (and tiny backbone), not the policy's
+        return load_reward_model(
+            cfg.model, path=cfg.model.path, seed=cfg.seed + 1, device=self.device
+        )[0]
 
     # ----------------------------------------------------------------- experience
     def _postprocess(self, rollout: Rollout) -> Rollout:
@@ -178,9 +206,10 @@ class PPOTrainer:
             train_on_eos=algo.train_on_eos,
         )
 
-    def rewards(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
-        return conventions.rewards(self.reward_model, self.tokenizer, rollout)
+    def rewards(self, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
+        """(B,) frozen reward of each row (``prompts``: its raw prompt, as reward models and
+        functions read it), or the synthetic gold score (``conventions.rewards``)."""
+        return conventions.rewards(self.scorer, self.tokenizer, rollout, prompts)
 
     def gold(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the synthetic task's programmatic score of each decoded response."""
@@ -296,13 +325,16 @@ class PPOTrainer:
         return out
 
     def train_step(self) -> dict:
-        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
-        return self.update(self.rollout(prompts))  # 1
+        rows = self.shard(self.sampler.next_indices())
+        sampled = self.rollout([self.train_prompts[i] for i in rows])  # 1
+        return self.update(sampled, [self.train_raw_prompts[i] for i in rows])
 
-    def update(self, sampled: Rollout) -> dict:
-        """Steps 2–5 on this rank's rows (its block of every minibatch, minibatch by minibatch)."""
+    def update(self, sampled: Rollout, prompts: list[str] | None = None) -> dict:
+        """Steps 2–5 on this rank's rows (its block of every minibatch, minibatch by minibatch).
+
+        ``prompts``: the raw prompt of each row (None: the decoded prompt text)."""
         algo = self.cfg.algo
-        scores = self.rewards(sampled)  # 2: (B,)
+        scores = self.rewards(sampled, prompts)  # 2: (B,)
         mask = self.train_mask(sampled)  # (B, T)
         minibatches = self._minibatches(mask.shape[0])
         n_tokens = self.token_counts(mask, minibatches)  # (M,) over all ranks

@@ -60,8 +60,14 @@ class RemaxTrainer:
         # Rank 0's weights everywhere, before any engine shards them.
         distributed.broadcast_params(model)
         reference = copy.deepcopy(model)
-        self.reward_model = conventions.load_frozen_reward_model(cfg, self.tokenizer, self.device)
+        # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
+        # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
+        self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)
+        self.reward_model = self.scorer.model if self.scorer is not None else None
         train, held_out = stage_records("prompts", cfg.data)
+        # Raw prompts (before the policy's chat template): RM templates and reward functions read them.
+        self.train_raw_prompts = [r["prompt"] for r in train]
+        self.eval_raw_prompts = [r["prompt"] for r in held_out][: cfg.eval_prompts]
         self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
         held = [r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)]
         self.eval_prompts = held[: cfg.eval_prompts]
@@ -70,6 +76,11 @@ class RemaxTrainer:
         self.select_prompts = (
             best_actor.selection_prompts(held, cfg.eval_prompts) if self.keep_best else None
         )
+        self.select_raw_prompts = (
+            [r["prompt"] for r in held_out][cfg.eval_prompts : 2 * cfg.eval_prompts]
+            if self.keep_best
+            else None
+        )  # the same rows as select_prompts (best_actor.selection_prompts), before the template
         # Data parallel: every rank draws the same global batch from the same sampler order and
         # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
         # blocks concatenated in rank order are exactly the world-size-1 batch.
@@ -94,6 +105,7 @@ class RemaxTrainer:
         self.reference = frozen(reference, cfg.deepspeed, **placement)
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
+            self.scorer.model = self.reward_model
         self.sampling = algo.sampling(cfg.data.max_response_len)
         # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
         # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
@@ -142,9 +154,10 @@ class RemaxTrainer:
             train_on_eos=algo.train_on_eos,
         )
 
-    def rewards(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) frozen reward: the RM's end-token score, or the synthetic gold score."""
-        return conventions.rewards(self.reward_model, self.tokenizer, rollout)
+    def rewards(self, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
+        """(B,) frozen reward of each row (``prompts``: its raw prompt, as reward models and
+        functions read it), or the synthetic gold score (``conventions.rewards``)."""
+        return conventions.rewards(self.scorer, self.tokenizer, rollout, prompts)
 
     def gold(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the synthetic task's programmatic score of each decoded response."""
@@ -197,16 +210,20 @@ class RemaxTrainer:
         return mask.shape[0] * self.world_size
 
     def train_step(self) -> dict:
-        prompts = [self.train_prompts[i] for i in self.shard(self.sampler.next_indices())]
-        sampled, greedy = self.rollout(prompts)  # 1–2
-        return self.update(sampled, greedy)
+        rows = self.shard(self.sampler.next_indices())
+        sampled, greedy = self.rollout([self.train_prompts[i] for i in rows])  # 1–2
+        return self.update(sampled, greedy, [self.train_raw_prompts[i] for i in rows])
 
-    def update(self, sampled: Rollout, greedy: Rollout) -> dict:
-        """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step."""
+    def update(self, sampled: Rollout, greedy: Rollout, prompts: list[str] | None = None) -> dict:
+        """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step.
+
+        ``prompts``: the raw prompt of each greedy row (None: the decoded prompt text)."""
         algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
-        rewards = self.rewards(sampled)  # 3: r(x, a), (B·n,)
+        sampled_prompts = None if prompts is None else [p for p in prompts for _ in range(n)]
+        rewards = self.rewards(sampled, sampled_prompts)  # 3: r(x, a), (B·n,)
         if algo.baseline == Baseline.greedy:
-            baseline = self.rewards(greedy).repeat_interleave(n)  # r(x, ā) of each sample's prompt
+            # r(x, ā) of each sample's prompt
+            baseline = self.rewards(greedy, prompts).repeat_interleave(n)
         else:
             baseline = torch.zeros_like(rewards)
         mask = self.train_mask(sampled)  # (B·n, T)
@@ -323,7 +340,7 @@ class RemaxTrainer:
         every = self.cfg.train.eval_every
         if not every or self.step == 0 or self.step % every:
             return False
-        ev = rl_eval.eval_summary(self, self.select_prompts)
+        ev = rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts)
         # Per-token units: the release's --target_kl 1.0 is a mean over tokens, not over answers
         # (an answer's Σ_t grows with its length: 256 tokens would stop at ~0.004 nats/token).
         self.last_eval_kl = ev["kl_token"]["mean"]
@@ -352,7 +369,10 @@ class RemaxTrainer:
         export = {"policy": self.cfg.export_policy.value, "step": self.step}
         if self.keep_best:
             best_actor.consider(
-                self, rl_eval.eval_summary(self, self.select_prompts)["reward"]["mean"]
+                self,
+                rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts)["reward"][
+                    "mean"
+                ],
             )
             best_actor.load_best(self)
             export.update(step=self.best_step, selection_reward=self.best_eval_reward)

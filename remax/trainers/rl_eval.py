@@ -8,7 +8,8 @@ and every rank returns all of them in prompt order.
 
 The trainer provides ``cfg``, ``rank``, ``device``, ``tokenizer``, ``model``, ``reference``,
 ``eval_prompts``, ``decode(ids, mask, greedy) -> Rollout`` (post-processed),
-``logprobs(model, rollout) -> (B, T)``, ``rewards(rollout)`` and ``gold(rollout)``.
+``eval_raw_prompts`` (the same prompts before the chat template),
+``logprobs(model, rollout) -> (B, T)``, ``rewards(rollout, raw_prompts)`` and ``gold(rollout)``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from remax.stats import mean_stderr
 
 
 @torch.no_grad()
-def evaluate_policy(trainer, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+def evaluate_policy(
+    trainer, prompts: list[str] | None = None, raw: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl`` (Σ_t of the
-    answer), ``kl_token`` (the answer's per-token mean, the release's early-stop units), ``length``."""
+    answer), ``kl_token`` (the answer's per-token mean, the release's early-stop units), ``length``.
+
+    ``prompts`` (templated) and ``raw`` (the same rows before the chat template, which reward
+    models and functions read) default to the trainer's held-out ``eval_prompts``."""
     cfg = trainer.cfg
     trainer.model.eval()
     greedy = cfg.algo.eval_decoding == EvalDecoding.greedy
@@ -36,9 +42,11 @@ def evaluate_policy(trainer, prompts: list[str] | None = None) -> dict[str, torc
         k: [] for k in ("reward", "gold", "kl", "kl_token", "length")
     }
     bs = cfg.train.batch_size
-    prompts = trainer.eval_prompts if prompts is None else prompts
+    if prompts is None:
+        prompts, raw = trainer.eval_prompts, trainer.eval_raw_prompts
     n = len(prompts)
     prompts = distributed.block(prompts, pad=True)
+    raw = distributed.block(raw, pad=True)  # same rows, before the template
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
@@ -56,7 +64,7 @@ def evaluate_policy(trainer, prompts: list[str] | None = None) -> dict[str, torc
             ro = trainer.decode(batch.input_ids, batch.attention_mask, greedy)
             logp = trainer.logprobs(trainer.model, ro)
             ref = trainer.logprobs(trainer.reference, ro)
-            out["reward"].append(trainer.rewards(ro))
+            out["reward"].append(trainer.rewards(ro, raw[i : i + bs]))
             if cfg.data.source == "synthetic":
                 out["gold"].append(trainer.gold(ro))
             kl = ((logp - ref) * ro.response_mask).sum(-1)  # (b,) Σ_t k1 over the answer
@@ -67,10 +75,10 @@ def evaluate_policy(trainer, prompts: list[str] | None = None) -> dict[str, torc
     return {k: distributed.all_gather_cat(torch.cat(v))[:n] for k, v in out.items() if v}
 
 
-def eval_summary(trainer, prompts: list[str] | None = None) -> dict:
+def eval_summary(trainer, prompts: list[str] | None = None, raw: list[str] | None = None) -> dict:
     """``{metric: {"mean", "stderr", "n"}}`` of :func:`evaluate_policy` (collective); ``prompts``
-    defaults to the trainer's held-out ``eval_prompts``."""
-    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer, prompts).items()}
+    and ``raw`` default to the trainer's held-out ``eval_prompts``."""
+    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer, prompts, raw).items()}
 
 
 def write_eval_before(trainer, run_dir: Path) -> None:

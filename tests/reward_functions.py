@@ -1,0 +1,29 @@
+"""Reward functions the tests name as ``reward_model.function=tests.reward_functions:<name>``."""
+
+from __future__ import annotations
+
+from remax.data import synthetic
+
+
+def topic_margin(prompts: list[str], responses: list[str]) -> list[float]:
+    """+1 per response letter from the prompt's topic half, −1 per other letter, over the letters
+    (2 · gold − 1; −1 for an answer without letters): a rule-based reward, not the gold score."""
+    out = []
+    for prompt, response in zip(prompts, responses):
+        topic = set(synthetic.preferred_letters(prompt))
+        letters = [c for c in response if c in synthetic.ALPHABET]
+        out.append(sum(1 if c in topic else -1 for c in letters) / len(letters) if letters else -1)
+    return out
+
+
+def fails_on_z(prompts: list[str], responses: list[str]) -> list[float]:
+    """Raises for a response containing ``z``: the error must name that row."""
+    return [1.0 / ("z" not in r) for r in responses]
+
+
+def wrong_length(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.0]
+
+
+def not_finite(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan") if i == 1 else 0.0 for i in range(len(prompts))]
