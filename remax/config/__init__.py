@@ -18,6 +18,7 @@ One module per concern; this package re-exports every schema so callers write
 | ``deepspeed`` | ``deepspeed`` |
 | ``run`` | ``run``, ``log`` |
 | ``cluster`` | ``cluster`` |
+| ``rollout`` | ``rollout`` (the decoding engine: hf or vllm) |
 | ``stages`` / ``evaluate`` | the stage roots |
 
 Defaults of :class:`RemaxAlgoConfig` are the paper's Algorithm 1 (remax-spec §4.1); every departure
@@ -43,6 +44,7 @@ from remax.config.data import DataConfig
 from remax.config.deepspeed import DeepSpeedConfig, deepspeed_json
 from remax.config.evaluate import AnswerFormat, EvaluateJobConfig, PromptFormat, ReferenceConfig
 from remax.config.model import ModelConfig, RewardSourceConfig
+from remax.config.rollout import RolloutConfig, RolloutEngine
 from remax.config.run import LogConfig, RunConfig, WandbMode
 from remax.config.stages import (
     PPOJobConfig,
@@ -83,6 +85,8 @@ __all__ = [
     "RemaxJobConfig",
     "RewardModelJobConfig",
     "RewardSourceConfig",
+    "RolloutConfig",
+    "RolloutEngine",
     "RunConfig",
     "SFTJobConfig",
     "Scheduler",

@@ -52,10 +52,11 @@ from remax.config import EmptyResponse, PPOJobConfig
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
-from remax.engines import build_actor, decode, frozen
+from remax.engines import build_actor, frozen
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
+from remax.rollout_engines import build_rollout_engine, mark_unsampled, offpolicy_gap
 from remax.trainers import rl_eval
 from remax.trainers.loop import (
     select_device,
@@ -151,6 +152,14 @@ class PPOTrainer:
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
         self.sampling = algo.sampling(cfg.data.max_response_len)
+        # hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once.
+        self.engine = build_rollout_engine(
+            cfg.rollout,
+            self.actor,
+            self.tokenizer,
+            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
+            seed=cfg.seed,
+        )
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
         self.off_policy_sampling = self.sampling.filtered
@@ -186,7 +195,11 @@ class PPOTrainer:
         response[empty, 0] = self.space_id
         response[empty, 1] = self.tokenizer.eos_token_id
         mask[empty, 1] = True
-        return rollout._replace(response=response, response_mask=mask)
+        return rollout._replace(
+            response=response,
+            response_mask=mask,
+            logprobs=mark_unsampled(rollout.logprobs, empty, 2),
+        )
 
     def train_mask(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
@@ -225,10 +238,7 @@ class PPOTrainer:
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
-        rollout = decode(
-            self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer
-        )
-        return self._postprocess(rollout)
+        return self._postprocess(self.engine.generate(ids, mask, self.sampling, greedy=greedy))
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
@@ -354,6 +364,7 @@ class PPOTrainer:
                         chunks, n, sampled, mask, old_logprobs, old_values, advantages, returns
                     )
                 )
+        self.engine.weights_updated()  # the next rollout decodes with the stepped actor
         for u in updates:
             for k, v in u.items():
                 totals[k] += v / len(updates)
@@ -383,7 +394,9 @@ class PPOTrainer:
             "value/mse": totals["value/mse"],
             "response/length_mean": float(sampled.lengths.float().mean()) / N,
         }
+        gap = offpolicy_gap(sampled, old_logprobs)  # vllm: max |log p_vLLM − log p_actor|
         return {
+            **({} if gap is None else {"rollout/offpolicy_gap_max": gap}),  # this rank's
             **distributed.sum_over_ranks(shares),  # rank 0 logs the global values
             # The same on every rank: all ranks step on the same all-reduced gradients.
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),

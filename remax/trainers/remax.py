@@ -37,11 +37,12 @@ from remax.config import (
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
-from remax.engines import build_actor, decode, frozen
+from remax.engines import build_actor, frozen
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
+from remax.rollout_engines import build_rollout_engine, mark_unsampled, offpolicy_gap
 from remax.trainers import rl_eval
 from remax.trainers.loop import select_device, write_json
 
@@ -105,6 +106,14 @@ class RemaxTrainer:
         if self.reward_model is not None:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
         self.sampling = algo.sampling(cfg.data.max_response_len)
+        # hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once.
+        self.engine = build_rollout_engine(
+            cfg.rollout,
+            self.actor,
+            self.tokenizer,
+            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
+            seed=cfg.seed,
+        )
         # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
         # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
         self.off_policy_sampling = (
@@ -146,7 +155,11 @@ class RemaxTrainer:
         response[empty, 0] = self.space_id
         response[empty, 1] = self.tokenizer.eos_token_id
         mask[empty, 1] = True
-        return rollout._replace(response=response, response_mask=mask)
+        return rollout._replace(
+            response=response,
+            response_mask=mask,
+            logprobs=mark_unsampled(rollout.logprobs, empty, 2),
+        )
 
     def train_mask(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) bool: tokens that get a gradient (EOS if ``train_on_eos``; none for empty rows
@@ -190,8 +203,8 @@ class RemaxTrainer:
         return both.select(slice(0, B * n)), both.select(slice(B * n, None))
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
-        """One decode with the actor; under ZeRO-3 its parameters are gathered once for it."""
-        return decode(self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer)
+        """One decode by the rollout engine (the actor's: parameters gathered once under ZeRO-3)."""
+        return self.engine.generate(ids, mask, self.sampling, greedy=greedy)
 
     # ----------------------------------------------------------------- update
     def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -234,11 +247,13 @@ class RemaxTrainer:
         denominator = self.denominator(mask)
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
-        kl_sum, loss_sum = 0.0, 0.0
+        kl_sum, loss_sum, gaps = 0.0, 0.0, []
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
             part = sampled.select(rows)
             logprobs, logits = self._logprobs(self.actor.model, part)  # (b, T), with grad
+            if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
+                gaps.append(offpolicy_gap(part, logprobs))
             with torch.no_grad():
                 ref_logprobs, ref_logits = self._logprobs(self.reference, part)
                 if logits is not None:
@@ -268,6 +283,7 @@ class RemaxTrainer:
             loss_sum += float(loss.detach())
             kl_sum += float((kl * mask[rows]).sum())
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
+        self.engine.weights_updated()
         lengths = sampled.lengths.float()
         metrics = {
             "reward/mean": rewards.mean(),
@@ -290,6 +306,8 @@ class RemaxTrainer:
                 for k, v in zip(keys, vals)
             }
         metrics = {k: float(v) for k, v in metrics.items()}
+        if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
+            metrics["rollout/offpolicy_gap_max"] = max(gaps)
         return {
             **metrics,
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),
