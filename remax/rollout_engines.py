@@ -13,6 +13,8 @@ the actor that scores the samples.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from remax.config.rollout import RolloutConfig, RolloutEngine
@@ -37,6 +39,24 @@ class HFEngine:
 
     def close(self) -> None:
         pass
+
+
+class _FrozenActor:
+    """A frozen policy seen as an actor (``module``, ``generation()``), for evaluation."""
+
+    def __init__(self, model) -> None:
+        self.module = model
+
+    def generation(self):
+        return contextlib.nullcontext()
+
+    def all_finished(self, done: bool) -> bool:
+        return done
+
+
+def as_actor(model) -> _FrozenActor:
+    """A plain model with the actor interface ``build_rollout_engine`` takes."""
+    return _FrozenActor(model)
 
 
 def build_rollout_engine(cfg: RolloutConfig, actor, tokenizer, *, max_model_len: int, seed: int):

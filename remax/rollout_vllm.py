@@ -91,7 +91,8 @@ class VLLMEngine:
             load_format="safetensors",
             skip_tokenizer_init=True,
             dtype=str(next(actor.module.parameters()).dtype).removeprefix("torch."),
-            max_model_len=max_model_len,
+            # Prompt + answer, within what the model's positions allow.
+            max_model_len=min(max_model_len, config.max_position_embeddings),
             enforce_eager=not self.on_gpu,
             enable_sleep_mode=self.on_gpu and cfg.sleep,
             seed=seed,

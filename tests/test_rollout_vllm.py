@@ -21,6 +21,7 @@ from remax.engines import TorchActor
 from remax.models.policy import response_logprobs
 from remax.rollout_engines import HFEngine, build_rollout_engine, offpolicy_gap
 
+pytestmark = pytest.mark.vllm
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 PROMPTS = ["abc = ", "what is this?", "x", "hello world: ", "one, two, three", "z?", "a b", "q"]
 SAMPLING = SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0)
