@@ -42,7 +42,8 @@ def test_remax_with_vllm_rollouts_learns_the_synthetic_task(tmp_path):
         "rollout.engine=vllm",
         *TINY_32,
         f"run.root={tmp_path}",
-        "train.max_steps=40",
+        "train.max_steps=30",
+        "optim.lr=1e-3",  # from random init: 40 steps gave +9.8 SE here
         "log.wandb_mode=disabled",
         "log.progress=false",
         "train.log_every=1",
@@ -57,7 +58,7 @@ def test_remax_with_vllm_rollouts_learns_the_synthetic_task(tmp_path):
         assert after["mean"] - before["mean"] > 3 * se, (key, before, after)
     rows = _metrics(run_dir)
     gaps = [r["rollout/offpolicy_gap_max"] for r in rows]
-    assert len(gaps) == 40
+    assert len(gaps) == 30
     # fp32 log-softmax of the same weights: the engines differ only in summation order.
     assert max(gaps) < 1e-4, max(gaps)
 
@@ -120,7 +121,11 @@ def test_stop_and_resume_with_vllm_rollouts_is_bit_identical(tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
     assert summary["eval"] == ref["eval"]
-    assert _metrics(run_dir)[-1] == _metrics(ref_dir)[-1]
+    untimed = [
+        [{k: v for k, v in row.items() if not k.startswith("time/")} for row in _metrics(d)]
+        for d in (ref_dir, run_dir)
+    ]
+    assert untimed[0] == untimed[1]  # every step's metrics, the off-policy gap included
 
 
 # ---------------------------------------------------------------- PPO and evaluation
