@@ -26,6 +26,7 @@ from pathlib import Path
 import submitit
 
 from jobs._config import fail
+from remax.fileio import write_json
 from remax.run_dir import prepare, run_dir_for, signature, to_plain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +95,7 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / "submission.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(run_dir / "submission.json")
+    write_json(run_dir / "submission.json", record)
     with open(run_dir / "submissions.jsonl", "a") as f:  # history across resubmissions
         f.write(json.dumps(record, sort_keys=True) + "\n")
 

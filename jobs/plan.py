@@ -4,11 +4,12 @@ Takes the same overrides as a stage (``experiment=remax_llama2_7b_official``, or
 ``model=llama2_7b algo=ppo_dschat cluster=slurm_a800``). The stage is an ``experiment=`` preset's
 prefix (``sft_``, ``rm_``, ``remax_``, ``ppo_``), else PPO for ``algo=ppo_*``, else ReMax.
 
-Every planner input comes from the composed config: world size ``cluster.gpus``; placement from
+Every planner input comes from the composed config: world size ``cluster.ranks`` (processes, one
+per GPU); placement from
 ``deepspeed`` when enabled (``zero_stage``, ``inference_zero_stage``, ``offload_optimizer``,
 ``offload_params``, ``inference_offload_params``), else plain PyTorch (every model replicated); rows
-per rank from ``train`` (micro-batch ``min(micro_batch_size, batch_size / gpus)``, generation batch
-``batch_size / gpus``, times ``algo.samples_per_prompt``); lengths from ``data``; the RM's shape from
+per rank from ``train`` (micro-batch ``min(micro_batch_size, batch_size / ranks)``, generation
+batch ``train.per_rank(ranks)``, times ``algo.samples_per_prompt``); lengths from ``data``; the RM's shape from
 ``reward_model.path`` when it is a model preset's hub id or a local dir with a ``config.json``, else
 the actor's. ``plan.*`` keys override: ``plan.offload`` (the release's ``--offload
 --offload_reference_model --offload_reward_model``), ``plan.micro_batch`` (rows per micro-batch and
@@ -194,7 +195,7 @@ def _placement(config) -> tuple[int, int, bool, bool, bool]:
 
 def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
     """The planner's input for a composed stage config, ``plan.*`` keys over its values."""
-    world = max(1, config.cluster.gpus)
+    ranks = config.cluster.ranks
     actor = shape_of(config.model)
     zero, frozen_zero, offload_optimizer, offload_params, offload_frozen = _placement(config)
     zero = zero if opts.actor_zero is None else opts.actor_zero
@@ -209,7 +210,7 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
     data, train = config.data, config.train
     if stage in RL_STAGES:
         n = getattr(config.algo, "samples_per_prompt", 1)
-        per_rank = -(-train.batch_size // world)  # prompts per rank and step (deepspeed_json)
+        per_rank = train.per_rank(ranks)  # prompts per rank and step
         micro, gen = min(train.micro_batch_size, per_rank) * n, per_rank * n
         prompt, response = data.max_prompt_len, data.max_response_len
         build = planner.ppo_models if stage == "ppo" else planner.remax_models
@@ -233,7 +234,7 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
         micro = gen = opts.micro_batch
     return planner.PlanInput(
         models=models,
-        world_size=world,
+        world_size=ranks,
         gpu_memory_gib=opts.gpu_memory_gib,
         micro_batch=micro,
         generation_batch=gen,

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from remax import distributed
+from remax.fileio import replace_dir
 
 log = logging.getLogger("remax.checkpoint")
 
@@ -84,7 +85,7 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
+def save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
     # safetensors refuses shared storage (tied embeddings): save contiguous clones.
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, path)
 
@@ -150,7 +151,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
         tmp.mkdir()
         if model_state is not None:
-            _save_weights(model_state, tmp / "model.safetensors")
+            save_weights(model_state, tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
         if write is not None:
             write(tmp)
@@ -184,7 +185,7 @@ class CheckpointManager:
         distributed.barrier()  # the directory exists before anyone writes into it
         if rank == 0:
             if model_state is not None:
-                _save_weights(model_state, tmp / "model.safetensors")
+                save_weights(model_state, tmp / "model.safetensors")
             torch.save(state, tmp / "state.pt")
         else:
             torch.save(state, tmp / f"state_rank{rank}.pt")
@@ -203,12 +204,17 @@ class CheckpointManager:
         from ``state_rank<r>.pt``."""
         weights = Path(path) / "model.safetensors"
         model_state = load_file(weights, device=str(device)) if weights.is_file() else None
+        return model_state, CheckpointManager.load_state(path, rank)
+
+    @staticmethod
+    def load_state(path: Path, rank: int = 0) -> dict:
+        """``state.pt`` (counters, sampler, RNG); rank r > 0 gets its own RNG state."""
         state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
         if rank > 0:
             own_file = Path(path) / f"state_rank{rank}.pt"
             own = torch.load(own_file, map_location="cpu", weights_only=True)
             state["rng"] = own["rng"]
-        return model_state, state
+        return state
 
 
 def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -> Path:
@@ -223,7 +229,4 @@ def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    os.replace(tmp, export_dir)
-    return export_dir
+    return replace_dir(tmp, export_dir)

@@ -88,13 +88,39 @@ def init_distributed(timeout_s: float = 1800) -> DistEnv:
         os.environ[key] = str(value)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-        backend = "nccl"
-    else:
-        backend = "gloo"
     dist.init_process_group(
-        backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s)
+        backend(), rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s)
     )
     return env
+
+
+def backend() -> str:
+    """The collective backend of this machine: nccl with CUDA, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def select_device(name: str) -> torch.device:
+    """``cluster.device`` (auto, cpu, cuda) as this rank's device (``LOCAL_RANK`` picks the GPU)."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def ensure_process_group() -> None:
+    """A process group even at world size 1 (DeepSpeed needs one): one rank on a free port."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # DeepSpeed reads the launcher's variables (LOCAL_RANK picks the GPU): set torchrun's.
+    for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        os.environ.setdefault(key, str(value))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group(backend(), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def shutdown() -> None:
@@ -214,7 +240,7 @@ def micro_batch_parts(batch_size: int, micro_batch_size: int) -> list[tuple[int,
     larger than B/N is split over ranks. ``rows`` indexes the global batch. At world size 1 this is
     every micro-batch, whole, in order.
     """
-    per_rank = batch_size // world_size()
+    per_rank = batch_size // world_size()  # divisibility: TrainConfig.per_rank, at setup
     lo = rank() * per_rank
     hi = lo + per_rank
     parts = []

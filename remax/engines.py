@@ -1,9 +1,10 @@
 """The trained actor and the frozen models: plain PyTorch, or DeepSpeed engines (ZeRO 0–3, offload).
 
-One interface, so the trainer reads the same at world size 1 and N, with or without DeepSpeed:
+One typed interface, :class:`Engine`, so the trainers and the loop read the same at world size 1
+and N, with or without DeepSpeed (no trainer asks which one it has):
 
-- ``actor.model``: what training forwards call (the engine under DeepSpeed); ``actor.module``: the
-  bare model, for generation, evaluation, and forwards through submodules (the RM's score head).
+- ``actor.forward_module``: what training forwards call (the engine under DeepSpeed);
+  ``actor.module``: the bare model, for generation, evaluation, and forwards through submodules (the RM's score head).
   ZeRO counts micro-batches at the start of the engine's forward; a forward through the bare
   module skips that, and ZeRO-3 then overwrites instead of accumulating the earlier micro-batches'
   gradients (measured: only the last one survived). ``backward`` therefore closes each micro-batch
@@ -18,9 +19,13 @@ One interface, so the trainer reads the same at world size 1 and N, with or with
   parameters once per rollout instead of once per decoding step (``deepspeed.gather_for_generation``).
 - ``actor.full_state_dict()``: every parameter, consolidated from ZeRO-3 shards (collective; the
   full dict on rank 0 only).
-- DeepSpeed only, ``actor.save(dir)``/``actor.load(dir)``: engine state (partitioned fp32 master
-  weights, optimizer, scheduler) inside the run's ``step_<N>/``. Plain PyTorch's weights the loop
-  saves itself, its optimizer and scheduler travel in ``actor.state_dict()``.
+- ``actor.export_weights()``: the weights an export must save instead of the module's own (a
+  ZeRO-3 consolidation; None when the module holds them).
+- ``actor.save(dir)``/``actor.load(dir)``: the engine's state inside the run's ``step_<N>/``.
+  Plain PyTorch: ``model.safetensors`` (the actor; other engines ``<name>.safetensors``) and
+  ``<name>_optimizer.pt`` (optimizer and scheduler), written by rank 0 (identical on every rank).
+  DeepSpeed: the engine's own files (each rank's ZeRO shards of the fp32 master weights, optimizer,
+  scheduler) under ``deepspeed/<name>/``.
 
 ``frozen(model, ...)`` places the reference and the reward model: as they are, or as ZeRO-3
 inference engines (parameters sharded across ranks, optionally in CPU memory), as the release does.
@@ -30,24 +35,56 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from safetensors.torch import load_file
 
 from remax import distributed
+from remax.checkpoint import save_weights
 from remax.config import DeepSpeedConfig, DType, OptimConfig, TrainConfig, deepspeed_json
-from remax.trainers.loop import build_optimizer, optimizer_step
+from remax.optim import build_optimizer, optimizer_step
 
 ENGINE_DIR = "deepspeed"  # inside checkpoints/step_<N>/
 _ENGINES: list = []  # every DeepSpeed engine of this process, for close_all()
 
 
+class Engine(Protocol):
+    """A trained model with its optimizer, plain or DeepSpeed (see the module docstring)."""
+
+    name: str
+    module: torch.nn.Module
+    forward_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def lr(self) -> float: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """One optimizer step; the pre-clip gradient norm."""
+
+    def generation(self) -> contextlib.AbstractContextManager: ...
+
+    def all_finished(self, done: bool) -> bool: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
 class TorchActor:
     """Plain PyTorch: AdamW, the LR schedule, gradients summed over ranks by hand."""
 
-    uses_deepspeed = False
-
-    def __init__(self, model, optim: OptimConfig, total_steps: int) -> None:
-        self.model = self.module = model
+    def __init__(self, model, optim: OptimConfig, total_steps: int, name: str = "actor") -> None:
+        self.name = name
+        self.forward_module = self.module = model
         self.grad_clip = optim.grad_clip
         self.optimizer, self.scheduler = build_optimizer(model, optim, total_steps)
 
@@ -73,10 +110,31 @@ class TorchActor:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def export_weights(self) -> None:
+        return None  # the module holds them
 
-    def load_state_dict(self, state: dict) -> None:
+    def _files(self, directory: Path) -> tuple[Path, Path]:
+        weights = "model.safetensors" if self.name == "actor" else f"{self.name}.safetensors"
+        return Path(directory) / weights, Path(directory) / f"{self.name}_optimizer.pt"
+
+    def save(self, directory: Path) -> None:
+        if distributed.rank():  # weights and optimizer are identical on every rank
+            return
+        weights, optimizer = self._files(directory)
+        save_weights(self.module.state_dict(), weights)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, optimizer)
+
+    def load(self, directory: Path) -> None:
+        weights, optimizer = self._files(directory)
+        if not weights.is_file():
+            raise ValueError(
+                f"{directory} holds no plain PyTorch weights ({weights.name} is missing): it was "
+                "written with deepspeed.enabled=true; resume with the same deepspeed setting"
+            )
+        device = next(self.module.parameters()).device
+        self.module.load_state_dict(load_file(weights, device=str(device)))
+        state = torch.load(optimizer, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -88,8 +146,6 @@ class DeepSpeedActor:
     optimizer state is offloaded, whose op DeepSpeed JIT-builds once per ``TORCH_EXTENSIONS_DIR``),
     the schedule the same LambdaLR as plain PyTorch, so both paths take the same steps.
     """
-
-    uses_deepspeed = True
 
     def __init__(
         self,
@@ -105,7 +161,7 @@ class DeepSpeedActor:
     ) -> None:
         import deepspeed
 
-        ensure_process_group()
+        distributed.ensure_process_group()
         self.ds, self.name = ds, name
         self.world_size = distributed.world_size()
         config = deepspeed_json(
@@ -116,14 +172,14 @@ class DeepSpeedActor:
             world_size=self.world_size,
             rows_per_prompt=rows_per_prompt,
         )
-        self.accumulation_steps = config["gradient_accumulation_steps"]
+        self.grad_accum = train.rank_grad_accum(self.world_size)
         optimizer, scheduler = _client_optimizer(model, ds, optim, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         _load_weights_only(self.engine)
         _ENGINES.append(self.engine)
-        self.model, self.module = self.engine, self.engine.module
+        self.forward_module, self.module = self.engine, self.engine.module
         self._micro, self._grad_norm = 0, 0.0
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -140,10 +196,10 @@ class DeepSpeedActor:
         self._micro += 1
 
     def step(self) -> float:
-        if self._micro != self.accumulation_steps:
+        if self._micro != self.grad_accum:
             raise RuntimeError(
                 f"{self._micro} micro-batches in one step, DeepSpeed expects "
-                f"{self.accumulation_steps} (train.batch_size / world size / micro_batch_size)"
+                f"{self.grad_accum} (train.batch_size / world size / micro_batch_size)"
             )
         self._micro = 0
         norm = self.engine.get_global_grad_norm()
@@ -173,11 +229,8 @@ class DeepSpeedActor:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
         return self.module.state_dict()
 
-    def state_dict(self) -> dict:
-        return {}  # optimizer and scheduler live in the engine's checkpoint
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        return self.full_state_dict() if self.partitioned else None
 
     def save(self, directory: Path) -> None:
         """Every rank writes its shards into ``directory/deepspeed/`` (collective)."""
@@ -218,7 +271,7 @@ def build_actor(
     ``name`` tags its engine files (``step_<N>/deepspeed/<name>/``)."""
     optim, train = optim or cfg.optim, train or cfg.train
     if not cfg.deepspeed.enabled:
-        return TorchActor(model, optim, total_steps)
+        return TorchActor(model, optim, total_steps, name=name)
     return DeepSpeedActor(
         model,
         cfg.deepspeed,
@@ -262,7 +315,7 @@ def frozen(model, ds: DeepSpeedConfig, *, train: TrainConfig, dtype: DType):
         return model
     import deepspeed
 
-    ensure_process_group()
+    distributed.ensure_process_group()
     config = deepspeed_json(
         ds,
         optim=OptimConfig(),
@@ -288,31 +341,6 @@ def close_all() -> None:
     while _ENGINES:
         _ENGINES.pop().destroy()
     gc.collect()
-
-
-def ensure_process_group() -> None:
-    """DeepSpeed needs a process group even at world size 1: a one-rank group on a free port."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    import os
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # DeepSpeed reads the launcher's variables (LOCAL_RANK picks the GPU): set torchrun's.
-    for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-        os.environ.setdefault(key, str(value))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group(
-        "nccl" if torch.cuda.is_available() else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-    )
 
 
 def _client_optimizer(model, ds: DeepSpeedConfig, optim: OptimConfig, total_steps: int):

@@ -50,13 +50,15 @@ from remax.data import judge_formats, synthetic
 from remax.data.batching import collate_prompts, encode, prompt_ids
 from remax.data.stage_data import stage_records
 from remax.data.templates import format_conversation, format_prompt
+from remax.distributed import select_device
+from remax.fileio import atomic_write_text, write_json
 from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout, SamplingConfig
 from remax.rollout_engines import HFEngine, as_actor, build_rollout_engine
 from remax.run_dir import to_plain
-from remax.trainers.loop import mean_stderr, select_device, write_json
+from remax.stats import mean_stderr
 
 log = logging.getLogger("remax.evaluation")
 
@@ -495,9 +497,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
         for path, name in zip(cfg.policies, cfg.labels)
     }
     lines = [json.dumps(r) for answers in rows.values() for r in answers]
-    tmp = run_dir / "answers.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(run_dir / "answers.jsonl")
+    atomic_write_text(run_dir / "answers.jsonl", "".join(line + "\n" for line in lines))
     reward_source = "reward_model" if scorer.reward_model is not None else None
     ev = _summary(cfg, rows, reward_source or ("gold" if gold else None), gold)
     ev["answer_files"] = _answer_files(cfg, run_dir, rows)

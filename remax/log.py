@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from remax.fileio import atomic_write_text
+
 log = logging.getLogger("remax")
 
 
@@ -111,9 +113,7 @@ class MetricWriter:
                 redone += 1
         if redone:
             log.info("resuming at step %d: %d logged step(s) after it are redone", step, redone)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": int(step), **_clean(metrics)}

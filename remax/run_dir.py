@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from remax.fileio import atomic_write_text
+
 # Keys (dotted prefixes) that do not change what a run computes.
 EXCLUDED_KEYS = (
     "run.root",
@@ -112,7 +114,5 @@ def prepare(config, stage: str) -> Path:
             )
         if diff:
             (path / "config.previous.yaml").write_text(cfg_file.read_text())
-    tmp = cfg_file.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(current, sort_keys=False))
-    tmp.replace(cfg_file)
+    atomic_write_text(cfg_file, yaml.safe_dump(current, sort_keys=False))
     return path

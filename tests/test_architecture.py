@@ -1,70 +1,230 @@
-"""Layer boundaries (style.md §2), checked on every module's imports by walking its AST."""
+"""Layer boundaries (style.md §2, docs/architecture.md), checked on every module's imports.
+
+Layers, lowest first: L0 ``remax/algo`` (maths) → L1 the capabilities (every other module of
+``remax/`` outside ``remax/trainers``: config, models, data, rollout, engines, checkpoint, ...) →
+L2 ``remax/trainers`` → L3 ``jobs/``. A module may import its own layer and the layers below,
+never above; and no chain of imports may lead back to where it started (a circle). Imports inside
+functions count too: a lazy import is still a dependency.
+
+The checks are functions of a source tree, so a test plants violations in a scratch copy and
+asserts that they are found (a test that cannot fail checks nothing).
+"""
 
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
+LAYERS = ("algo", "capability", "trainers", "jobs")
 
 
-def _imports(path: Path) -> set[str]:
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    """Every project module (``remax.*``, ``jobs.*``) of the tree at ``root``."""
+    out = {}
+    for top in ("remax", "jobs"):
+        for path in sorted((root / top).rglob("*.py")):
+            out[_module_name(root, path)] = path
+    assert out, f"no modules under {root}"
+    return out
+
+
+def _imported(node: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """Project modules an import statement names (``from a import b``: ``a.b`` when it is a
+    module, else ``a``)."""
+    names: list[str] = []
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+    out = set()
+    for name in names:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name:
+            out.add(name)
+    if isinstance(node, ast.ImportFrom) and node.module:
+        # `from a import b` with b a module imports a.b, not (only) the package a.
+        subs = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
+        if subs:
+            out = (out - {node.module}) | subs
+    return out
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module → the project modules it imports (anywhere in its body)."""
+    modules = _modules(root)
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            deps |= _imported(node, modules)
+        graph[name] = deps - {name}
+    return graph
+
+
+def layer(module: str) -> int:
+    if module.startswith("jobs"):
+        return 3
+    if module.startswith("remax.trainers"):
+        return 2
+    if module == "remax" or module.startswith("remax.algo"):
+        return 0
+    return 1
+
+
+def upward_imports(root: Path) -> list[str]:
+    """``"a (layer) imports b (layer)"`` for every import of a higher layer."""
+    return [
+        f"{m} ({LAYERS[layer(m)]}) imports {d} ({LAYERS[layer(d)]})"
+        for m, deps in sorted(import_graph(root).items())
+        for d in sorted(deps)
+        if layer(d) > layer(m)
+    ]
+
+
+def import_circles(root: Path) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each a circle of imports."""
+    graph = import_graph(root)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def _third_party(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names
+    return names - STDLIB - {"remax", "jobs"}
 
 
-def _modules(folder: str) -> list[Path]:
-    files = sorted((REPO / folder).rglob("*.py"))
-    assert files, f"no modules under {folder}"
-    return files
+# ---------------------------------------------------------------- the tree
+
+
+def test_imports_only_go_down_the_layers():
+    bad = upward_imports(REPO)
+    assert not bad, "imports against the layers (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_no_import_circle():
+    circles = import_circles(REPO)
+    assert not circles, "import circles: " + "; ".join(" ↔ ".join(c) for c in circles)
 
 
 def test_algo_imports_only_torch_and_stdlib():
-    for path in _modules("remax/algo"):
-        bad = {m for m in _imports(path) if m not in STDLIB and m not in ("torch", "remax")}
-        assert not bad, f"{path.relative_to(REPO)} imports {bad}; remax/algo may import torch only"
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (
-                isinstance(node, ast.ImportFrom)
-                and node.module
-                and node.module.startswith("remax.")
-            ):
-                assert node.module.startswith("remax.algo"), f"{path} imports {node.module}"
+    for name, path in _modules(REPO).items():
+        if layer(name) == 0:
+            bad = _third_party(path) - {"torch"}
+            assert not bad, f"{name} imports {bad}; remax/algo may import torch only"
 
 
 def test_only_jobs_know_hydra_omegaconf_submitit():
-    for path in _modules("remax"):
-        bad = _imports(path) & {"hydra", "omegaconf", "submitit"}
-        assert not bad, f"{path.relative_to(REPO)} imports {bad}; only jobs/ may"
+    for name, path in _modules(REPO).items():
+        if not name.startswith("jobs"):
+            bad = _third_party(path) & {"hydra", "omegaconf", "submitit"}
+            assert not bad, f"{name} imports {bad}; only jobs/ may"
 
 
 def test_only_log_module_imports_wandb():
-    for path in _modules("remax"):
-        if path.name == "log.py":
+    for name, path in _modules(REPO).items():
+        if name.startswith("remax") and name != "remax.log":
+            assert "wandb" not in _third_party(path), f"{name} imports wandb"
+
+
+def test_only_distributed_names_nccl_or_cuda_devices():
+    """Device and process-group choice live in remax/distributed.py (style.md §2)."""
+    for name, path in _modules(REPO).items():
+        if name in ("remax.distributed",) or not name.startswith("remax"):
             continue
-        assert "wandb" not in _imports(path), f"{path.relative_to(REPO)} imports wandb"
+        text = path.read_text()
+        for needle in ('"nccl"', 'torch.device("cuda"', "init_process_group"):
+            assert needle not in text, f"{name} names {needle}: use remax.distributed"
 
 
 def test_trainers_do_not_import_each_other():
-    for path in _modules("remax/trainers"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (
-                isinstance(node, ast.ImportFrom)
-                and node.module
-                and node.module.startswith("remax.trainers.")
-            ):
-                assert node.module == "remax.trainers.loop", f"{path.name} imports {node.module}"
+    """Trainers share the loop and the conventions module, never another trainer."""
+    shared = {"remax.trainers", "remax.trainers.loop", "remax.trainers.rl_eval"}
+    graph = import_graph(REPO)
+    for name, deps in graph.items():
+        if name.startswith("remax.trainers."):
+            others = {d for d in deps if d.startswith("remax.trainers")} - shared
+            assert not others, f"{name} imports {others}"
 
 
 def test_importing_remax_and_algo_does_not_import_transformers():
     code = "import sys, remax, remax.algo, remax.config; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- the checks catch what they claim
+
+
+def _scratch(tmp_path: Path) -> Path:
+    for top in ("remax", "jobs"):
+        shutil.copytree(REPO / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def _append(path: Path, line: str) -> None:
+    path.write_text(path.read_text() + f"\n\ndef _planted():\n    {line}\n")
+
+
+def test_an_upward_import_planted_in_a_copy_is_found(tmp_path):
+    root = _scratch(tmp_path)
+    assert upward_imports(root) == []  # the copy is the tree
+    _append(root / "remax" / "models" / "tiny.py", "from remax.trainers.loop import run")
+    _append(root / "remax" / "algo" / "masked.py", "import remax.config")
+    assert upward_imports(root) == [
+        "remax.algo.masked (algo) imports remax.config (capability)",
+        "remax.models.tiny (capability) imports remax.trainers.loop (trainers)",
+    ]
+
+
+def test_a_circle_planted_in_a_copy_is_found(tmp_path):
+    root = _scratch(tmp_path)
+    before = import_circles(root)  # the tree's own (none, by the test above)
+    _append(root / "remax" / "stats.py", "from remax.fileio import write_json")
+    _append(root / "remax" / "fileio.py", "from remax.stats import mean_stderr")
+    assert [c for c in import_circles(root) if c not in before] == [["remax.fileio", "remax.stats"]]

@@ -178,7 +178,7 @@ def test_world_size_must_divide_the_batch(monkeypatch):
     from remax.trainers.remax import RemaxTrainer
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
-    with pytest.raises(ValueError, match=r"train.batch_size=8 .* world size 3"):
+    with pytest.raises(ValueError, match=r"train.batch_size=8.* world size 3"):
         RemaxTrainer(config(Aggregation.token_mean))
 
 
@@ -221,6 +221,9 @@ class StopAfter:
     def requested(self) -> bool:
         self.seen += 1
         return self.seen >= self.k
+
+    def observe(self, step_s: float) -> None:
+        pass
 
 
 class CrashAfter(StopAfter):

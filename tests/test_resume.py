@@ -90,6 +90,9 @@ class StopAt:
     def requested(self) -> bool:
         return self.trainer.step >= self.k
 
+    def observe(self, step_s: float) -> None:
+        pass
+
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "export" / "model.safetensors")

@@ -50,7 +50,8 @@ from typing import NamedTuple
 
 import torch
 
-from remax.algo.masked import masked_mean, masked_sum, seq_sum, token_mean
+from remax.algo.masked import masked_mean, masked_sum
+from remax.algo.registry import AGGREGATIONS, lookup
 from remax.algo.types import Aggregation, ClipTarget, DiscountConvention, KLMode, as_enum
 
 __all__ = ["RemaxStats", "policy_gradient_loss", "remax_advantages", "remax_stats"]
@@ -249,7 +250,7 @@ def policy_gradient_loss(
     zero = torch.zeros((), dtype=advantages.dtype, device=advantages.device)
     advantages = torch.where(mask, advantages.detach(), zero)
     per_token = -advantages * logprobs  # (B, T)
-    aggregate = token_mean if aggregation is Aggregation.token_mean else seq_sum
+    aggregate = lookup(AGGREGATIONS, aggregation)
     return aggregate(values=per_token, mask=mask, denominator=denominator)
 
 

@@ -53,8 +53,6 @@ class RemaxAlgoConfig(SamplingFields):
     """Decoding of evaluation answers."""
     early_stop_kl: float | None = None
     """Stop when eval KL reaches this value (release: 1.0); None never stops."""
-    entropy_coef: float = 0.0
-    """Entropy bonus (parsed but unused upstream; kept for ablation)."""
     epochs: int = 1
     """Passes over one rollout. Fixed at 1: ReMax is on-policy with no importance ratio."""
 
@@ -86,7 +84,6 @@ class RemaxAlgoConfig(SamplingFields):
             self.early_stop_kl,
             "use a positive KL or null",
         )
-        _require(self.entropy_coef >= 0, "algo.entropy_coef", self.entropy_coef, "use >= 0")
 
 
 @dataclass(kw_only=True)

@@ -113,6 +113,11 @@ class ClusterConfig:
     def gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def ranks(self) -> int:
+        """Processes of a job (the world size): ``nodes`` × ``tasks_per_node``."""
+        return self.nodes * self.tasks_per_node
+
     def estimate(self, jobs: int = 1) -> dict:
         """Upper bound for ``jobs`` job segments: every GPU for the whole time limit."""
         gpu_hours = jobs * self.gpus * self.time_min / 60

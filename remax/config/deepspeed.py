@@ -84,20 +84,8 @@ def deepspeed_json(
     ``torch.optim.AdamW`` (passed to ``deepspeed.initialize``), so no ``optimizer`` block appears
     and no fused/CPU Adam op is JIT-built (python-stack.md) unless optimizer offload asks for it.
     """
-    _require(
-        train.batch_size % world_size == 0,
-        "train.batch_size",
-        train.batch_size,
-        f"is not divisible by the world size {world_size}: use a multiple of {world_size}",
-    )
-    per_rank = train.batch_size // world_size
-    micro = min(train.micro_batch_size, per_rank)
-    _require(
-        per_rank % micro == 0,
-        "train.micro_batch_size",
-        train.micro_batch_size,
-        f"must divide the per-rank batch {per_rank} (train.batch_size / world size {world_size})",
-    )
+    per_rank = train.per_rank(world_size)
+    accumulation = train.rank_grad_accum(world_size)
     stage = ds.inference_zero_stage if inference else ds.zero_stage
     zero: dict = {"stage": stage}
     if stage in (1, 2):
@@ -114,8 +102,8 @@ def deepspeed_json(
     if ds.offload_optimizer and not inference:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     out = {
-        "train_micro_batch_size_per_gpu": micro * rows_per_prompt,
-        "gradient_accumulation_steps": per_rank // micro,
+        "train_micro_batch_size_per_gpu": per_rank // accumulation * rows_per_prompt,
+        "gradient_accumulation_steps": accumulation,
         "train_batch_size": train.batch_size * rows_per_prompt,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == DType.bfloat16},

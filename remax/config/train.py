@@ -66,7 +66,32 @@ class TrainConfig:
 
     @property
     def grad_accum(self) -> int:
+        """Micro-batches of the whole step (all ranks together)."""
         return self.batch_size // self.micro_batch_size
+
+    def per_rank(self, world_size: int) -> int:
+        """Examples per rank and step: ``batch_size`` / number of ranks (processes, not GPUs)."""
+        _require(
+            self.batch_size % world_size == 0,
+            "train.batch_size",
+            self.batch_size,
+            f"is not divisible by the world size {world_size}: use a multiple of {world_size} "
+            "or change the number of ranks",
+        )
+        return self.batch_size // world_size
+
+    def rank_grad_accum(self, world_size: int) -> int:
+        """Micro-batches one rank runs per step (DeepSpeed's ``gradient_accumulation_steps``)."""
+        per_rank = self.per_rank(world_size)
+        micro = min(self.micro_batch_size, per_rank)
+        _require(
+            per_rank % micro == 0,
+            "train.micro_batch_size",
+            self.micro_batch_size,
+            f"must divide the per-rank batch {per_rank} (train.batch_size / world size "
+            f"{world_size})",
+        )
+        return per_rank // micro
 
 
 @dataclass(kw_only=True)

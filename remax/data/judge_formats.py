@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from remax.fileio import atomic_write_text
+
 ALPACA_EVAL_FIELDS = ("instruction", "output", "generator")
 MT_BENCH_ANSWER_FIELDS = ("question_id", "answer_id", "model_id", "choices", "tstamp")
 PathLike = str | os.PathLike
@@ -249,9 +251,4 @@ def _read_jsonl(path: Path) -> list[Any]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+_write_atomic = atomic_write_text

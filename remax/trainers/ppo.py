@@ -52,16 +52,14 @@ from remax.config import EmptyResponse, PPOJobConfig
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
+from remax.distributed import select_device
 from remax.engines import build_actor, frozen
+from remax.fileio import write_json
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
 from remax.rollout_engines import build_rollout_engine, mark_unsampled, offpolicy_gap
 from remax.trainers import rl_eval
-from remax.trainers.loop import (
-    select_device,
-    write_json,
-)
 
 log = logging.getLogger("remax.trainers.ppo")
 
@@ -298,7 +296,9 @@ class PPOTrainer:
         n_tokens = max(1, n_tokens)
         for rows in chunks:
             w = int(mask[rows].sum()) / n_tokens
-            logprobs = self.logprobs(self.actor.model, sampled.select(rows))  # (b, T), with grad
+            logprobs = self.logprobs(
+                self.actor.forward_module, sampled.select(rows)
+            )  # (b, T), with grad
             loss, st = ppo_policy_loss(
                 logprobs,
                 old_logprobs[rows],
@@ -441,33 +441,21 @@ class PPOTrainer:
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The actor and its weights (consolidated from ZeRO-3 shards: collective)."""
-        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
+        return self.model, self.actor.export_weights()
 
     # ----------------------------------------------------------------- state
+    def engines(self) -> list:
+        return [self.actor, self.critic_actor]
+
     def state_dict(self) -> dict:
-        """Everything but the actor's weights (the loop saves those). Plain PyTorch: the critic's
-        weights go in as plain tensors (``torch.load(weights_only=True)`` reads them), with its
-        optimizer and scheduler; under DeepSpeed both models' states are their engines' files."""
-        state = {
+        """Counters and sampler; both models' weights and optimizers are their engines' files."""
+        return {
             "step": self.step,
             "total_steps": self.total_steps,
-            **self.actor.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
-        if not self.critic_actor.uses_deepspeed:
-            critic = self.critic_actor.state_dict()
-            state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
-            state["critic_optimizer"] = critic["optimizer"]
-            state["critic_scheduler"] = critic["scheduler"]
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
-        self.actor.load_state_dict(state)
-        if not self.critic_actor.uses_deepspeed:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_actor.load_state_dict(
-                {"optimizer": state["critic_optimizer"], "scheduler": state["critic_scheduler"]}
-            )
         self.sampler.load_state_dict(state["sampler"])

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from remax import distributed
-from remax.algo.kl import full_vocab_kl, kl_penalty
 from remax.algo.logprobs import logprobs_from_logits
-from remax.algo.remax import policy_gradient_loss, remax_advantages
+from remax.algo.registry import KL_ESTIMATORS, lookup
+from remax.algo.remax import policy_gradient_loss, remax_advantages, remax_stats
 from remax.algo.sampling import filter_logits
 from remax.config import (
     Aggregation,
@@ -37,14 +37,15 @@ from remax.config import (
 from remax.data import synthetic
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
+from remax.distributed import select_device
 from remax.engines import build_actor, frozen
+from remax.fileio import atomic_write, write_json
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.models.reward import load_reward_model, score
 from remax.rollout import Rollout
 from remax.rollout_engines import build_rollout_engine, mark_unsampled, offpolicy_gap
 from remax.trainers import rl_eval
-from remax.trainers.loop import select_device, write_json
 
 log = logging.getLogger("remax.trainers.remax")
 
@@ -87,11 +88,7 @@ class RemaxTrainer:
         # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
         # blocks concatenated in rank order are exactly the world-size-1 batch.
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        if cfg.train.batch_size % self.world_size:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
-                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
-            )
+        cfg.train.per_rank(self.world_size)  # refuses a batch the ranks cannot share
         self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
@@ -247,19 +244,21 @@ class RemaxTrainer:
         denominator = self.denominator(mask)
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
-        kl_sum, loss_sum, gaps = 0.0, 0.0, []
+        loss_sum, kls, advs, gaps = 0.0, [], [], []
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
             part = sampled.select(rows)
-            logprobs, logits = self._logprobs(self.actor.model, part)  # (b, T), with grad
+            logprobs, logits = self._logprobs(self.actor.forward_module, part)  # (b, T), with grad
             if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
                 gaps.append(offpolicy_gap(part, logprobs))
             with torch.no_grad():
                 ref_logprobs, ref_logits = self._logprobs(self.reference, part)
-                if logits is not None:
-                    kl = full_vocab_kl(logits.detach(), ref_logits)
-                else:
-                    kl = kl_penalty(logprobs.detach(), ref_logprobs, estimator=algo.kl_estimator)
+                kl = lookup(KL_ESTIMATORS, algo.kl_estimator)(
+                    logprobs=logprobs.detach(),
+                    ref_logprobs=ref_logprobs,
+                    logits=None if logits is None else logits.detach(),
+                    ref_logits=ref_logits,
+                )
                 advantages = remax_advantages(  # 4: returns per token, (b, T)
                     rewards[rows],
                     baseline[rows],
@@ -281,31 +280,37 @@ class RemaxTrainer:
             )
             self.actor.backward(loss)
             loss_sum += float(loss.detach())
-            kl_sum += float((kl * mask[rows]).sum())
+            kls.append(kl)
+            advs.append(advantages)
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
         self.engine.weights_updated()
-        lengths = sampled.lengths.float()
-        metrics = {
-            "reward/mean": rewards.mean(),
-            "reward/baseline_mean": baseline.mean(),
-            "reward/advantage_mean": (rewards - baseline).mean(),
+        stats = remax_stats(
+            rewards,
+            baseline,
+            mask,
+            torch.cat(advs),
+            kl=torch.cat(kls),
+            reward_clip=algo.reward_clip,
+            clip_target=algo.clip_target,
+        )
+        # Equal shards: each rank logs its mean / world size, and the ranks' sum is the global
+        # mean; the loss already is each rank's share of the global loss.
+        share = {
+            "reward/mean": stats.reward_mean,
+            "reward/baseline_mean": stats.baseline_mean,
+            "reward/advantage_mean": stats.advantage_mean,
             "reward/advantage_abs_mean": (rewards - baseline).abs().mean(),
-            "kl/mean": kl_sum / mask.shape[0],  # per sequence: Σ_t kl_t averaged over rows
-            "loss/policy": loss_sum,
-            "response/length_mean": lengths.mean(),
+            "reward/win_frac": stats.win_frac,
+            "reward/tie_frac": stats.tie_frac,
+            "reward/clip_frac": stats.clip_frac,
+            "kl/mean": stats.kl_seq_mean,  # per sequence: Σ_t kl_t averaged over rows
+            "return/mean": stats.return_mean,
+            "response/length_mean": sampled.lengths.float().mean(),
             "response/greedy_length_mean": greedy.lengths.float().mean(),
             "response/same_as_greedy": self._same(sampled, greedy).float().mean(),
         }
-        if self.world_size > 1:
-            # Equal shards: the mean of the ranks' means is the global mean; the loss is a sum.
-            keys = list(metrics)
-            vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-            vals = distributed.all_reduce_sum(vals.to(self.device)).cpu()
-            metrics = {
-                k: float(v) if k == "loss/policy" else float(v) / self.world_size
-                for k, v in zip(keys, vals)
-            }
-        metrics = {k: float(v) for k, v in metrics.items()}
+        share = {k: float(v) / self.world_size for k, v in share.items()}
+        metrics = distributed.sum_over_ranks({**share, "loss/policy": loss_sum})
         if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
             metrics["rollout/offpolicy_gap_max"] = max(gaps)
         return {
@@ -357,9 +362,8 @@ class RemaxTrainer:
             weights = self.actor.full_state_dict()  # collective under ZeRO-3
             if distributed.is_main():
                 # On disk, not in memory: a resumed run still exports the best actor it has seen.
-                tmp = self.run_dir / "best_policy.safetensors.tmp"
-                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
-                tmp.replace(self.run_dir / "best_policy.safetensors")
+                cpu = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+                atomic_write(self.run_dir / "best_policy.safetensors", lambda t: save_file(cpu, t))
         limit = self.cfg.algo.early_stop_kl
         if limit is not None and self.last_eval_kl >= limit:
             log.info(
@@ -393,16 +397,16 @@ class RemaxTrainer:
         best = run_dir / "best_policy.safetensors"
         if self.cfg.export_policy == ExportPolicy.best_eval_reward and best.exists():
             return self.model, load_file(best)
-        if self.actor.uses_deepspeed:
-            return self.model, self.actor.full_state_dict()
-        return self.model, None
+        return self.model, self.actor.export_weights()
 
     # ----------------------------------------------------------------- state
+    def engines(self) -> list:
+        return [self.actor]
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
             "total_steps": self.total_steps,
-            **self.actor.state_dict(),  # optimizer, scheduler (in the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
             "best_eval_reward": self.best_eval_reward,
         }
@@ -410,6 +414,5 @@ class RemaxTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
-        self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
         self.best_eval_reward = state["best_eval_reward"]

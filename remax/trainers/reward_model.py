@@ -16,9 +16,9 @@ from remax.algo.preference import bradley_terry_loss, pairwise_accuracy
 from remax.config import RewardModelJobConfig
 from remax.data.batching import EpochSampler, collate_pairs
 from remax.data.stage_data import format_prompts, stage_records
+from remax.distributed import select_device
 from remax.engines import build_actor
 from remax.models.reward import load_reward_model, score
-from remax.trainers.loop import select_device
 
 
 class RewardModelTrainer:
@@ -30,11 +30,7 @@ class RewardModelTrainer:
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
         self.world_size = distributed.world_size()
-        if cfg.train.batch_size % self.world_size:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
-                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
-            )
+        cfg.train.per_rank(self.world_size)  # refuses a batch the ranks cannot share
         self.sampler = EpochSampler(len(self.train_records), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
@@ -120,16 +116,17 @@ class RewardModelTrainer:
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The module and its weights (consolidated from ZeRO-3 shards: collective)."""
-        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
+        return self.model, self.actor.export_weights()
+
+    def engines(self) -> list:
+        return [self.actor]
 
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            **self.actor.state_dict(),  # optimizer, scheduler (the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])

@@ -20,7 +20,8 @@ import torch
 from remax import distributed
 from remax.config import EvalDecoding
 from remax.data.batching import collate_prompts
-from remax.trainers.loop import mean_stderr, write_json
+from remax.fileio import write_json
+from remax.stats import mean_stderr
 
 
 @torch.no_grad()

@@ -18,9 +18,9 @@ from remax.algo.sft import sft_loss
 from remax.config import SFTJobConfig
 from remax.data.batching import EpochSampler, SFTBatch, collate_sft
 from remax.data.stage_data import format_prompts, stage_records
+from remax.distributed import select_device
 from remax.engines import build_actor
 from remax.models.policy import load_policy, token_logprobs
-from remax.trainers.loop import select_device
 
 
 class SFTTrainer:
@@ -32,11 +32,7 @@ class SFTTrainer:
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
         self.world_size = distributed.world_size()
-        if cfg.train.batch_size % self.world_size:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by the world size "
-                f"{self.world_size}: use a multiple of {self.world_size} or change the number of ranks"
-            )
+        cfg.train.per_rank(self.world_size)  # refuses a batch the ranks cannot share
         self.sampler = EpochSampler(len(self.train_records), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
@@ -108,18 +104,19 @@ class SFTTrainer:
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The module and its weights (consolidated from ZeRO-3 shards: collective)."""
-        return self.model, self.actor.full_state_dict() if self.actor.uses_deepspeed else None
+        return self.model, self.actor.export_weights()
+
+    def engines(self) -> list:
+        return [self.actor]
 
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            **self.actor.state_dict(),  # optimizer, scheduler (the engine's files under DeepSpeed)
             "sampler": self.sampler.state_dict(),
             "loss_before": self.loss_before,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.actor.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
         self.loss_before = state["loss_before"]
