@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import run_job
 from safetensors.torch import load_file
+from test_resume import StopAt
 from test_rollout_vllm import require_vllm
 
 from jobs._config import compose_stage
@@ -64,17 +65,6 @@ def test_remax_with_vllm_rollouts_learns_the_synthetic_task(tmp_path):
 
 
 # ---------------------------------------------------------------- exact resume
-
-
-class StopAt:
-    """Requests a stop once the trainer has done ``k`` steps, as the USR2 handler would."""
-
-    def __init__(self, k: int) -> None:
-        self.k, self.trainer = k, None
-
-    @property
-    def requested(self) -> bool:
-        return self.trainer.step >= self.k
 
 
 def _remax(root: Path, stop=None):
