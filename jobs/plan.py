@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from jobs._config import CONF_DIR, compose_dict, fail, to_config
 from remax import plan as planner
-from remax.config import DType
+from remax.config import DType, RolloutEngine
 
 PRESETS = {
     "llama2_7b": planner.ModelShape.llama2_7b,
@@ -238,7 +238,16 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
         prompt_len=prompt if opts.prompt_len is None else opts.prompt_len,
         response_len=response if opts.response_len is None else opts.response_len,
         rollout=stage in RL_STAGES,
+        **_vllm(config) if stage in RL_STAGES else {},
     )
+
+
+def _vllm(config) -> dict:
+    """``rollout.engine=vllm``: vLLM's weights and KV-cache budget replace HF generate's."""
+    rollout = config.rollout
+    if rollout.engine != RolloutEngine.vllm:
+        return {}
+    return {"vllm_kv_cache_gib": rollout.kv_cache_gib, "vllm_sleep": rollout.sleep}
 
 
 def check_fits(stage: str, config) -> str | None:

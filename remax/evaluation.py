@@ -2,7 +2,8 @@
 
 What one evaluation computes (``jobs.evaluate``; every number is per prompt, then averaged):
 
-- answers: each policy answers every prompt through ``remax.rollout.generate`` (greedy or sampled),
+- answers: each policy answers every prompt through its rollout engine (``rollout.engine=hf``:
+  ``remax.rollout.generate``; ``vllm``: ``remax.rollout_vllm``), greedy or sampled,
   in batches of ``batch_size``. Batch ``k`` is decoded under ``torch.manual_seed`` of a hash of
   ``(seed, k)``, so answers do not depend on which batches ran before (a resumed evaluation equals
   an uninterrupted one) and every policy sees the same random stream.
@@ -55,7 +56,8 @@ from remax.fileio import atomic_write_text, write_json
 from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
 from remax.rewards import RewardScorer
-from remax.rollout import Rollout, SamplingConfig, generate
+from remax.rollout import Rollout, SamplingConfig
+from remax.rollout_engines import HFEngine, as_actor, build_rollout_engine
 from remax.run_dir import to_plain, wandb_id
 from remax.stats import mean_stderr
 
@@ -202,9 +204,14 @@ def answer_turns(
     sampling: SamplingConfig,
     greedy: bool,
     max_prompt_len: int,
+    engine=None,
 ) -> list[Turn]:
-    """Answer every turn of every prompt; turn k sees the conversation with the earlier answers."""
+    """Answer every turn of every prompt; turn k sees the conversation with the earlier answers.
+
+    ``engine``: the rollout engine decoding ``model``'s answers (``remax.rollout_engines``);
+    None: ``model`` decodes them itself (``hf``)."""
     device = next(model.parameters()).device
+    engine = engine or HFEngine(as_actor(model), tokenizer)
     history: list[list[dict[str, str]]] = [[] for _ in prompts]
     turns = []
     for k in range(max(len(p.turns) for p in prompts)):
@@ -219,15 +226,7 @@ def answer_turns(
             for i in rows
         ]
         batch = collate_prompts(tokenizer, texts, max_prompt_len, device)
-        rollout = generate(
-            model,
-            batch.input_ids,
-            batch.attention_mask,
-            sampling,
-            greedy=greedy,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        rollout = engine.generate(batch.input_ids, batch.attention_mask, sampling, greedy=greedy)
         answers = decode_answers(tokenizer, rollout)
         for i, answer in zip(rows, answers):
             history[i].append({"role": "assistant", "content": answer})
@@ -350,6 +349,13 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
                 "the KL needs both to score the same tokens; drop reference.path"
             )
         sampling = cfg.sampling(cfg.response_len)
+        engine = build_rollout_engine(  # hf, or vllm on this policy's weights
+            cfg.rollout,
+            as_actor(model),
+            tokenizer,
+            max_model_len=cfg.data.max_prompt_len + cfg.response_len + 1,
+            seed=cfg.seed,
+        )
         partial.write_text(
             "".join(json.dumps({"batch": b, **r}) + "\n" for b in done for r in done[b])
         )
@@ -371,10 +377,12 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
                     sampling=sampling,
                     greedy=cfg.decoding == EvalDecoding.greedy,
                     max_prompt_len=cfg.data.max_prompt_len,
+                    engine=engine,
                 )
             with open(partial, "a") as f:  # one write per batch: a kill tears at most this one
                 f.write("".join(json.dumps({"batch": b, **r}) + "\n" for r in rows))
             done[b] = rows
+        engine.close()
         del model
     return [r for b in range(len(chunks)) for r in done[b]]
 

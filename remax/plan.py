@@ -64,6 +64,12 @@ NCCL communicator buffers for DeepSpeed's process groups (a few hundred MiB) and
 fragmentation (typically a few per cent of the ~40-80 GiB reserved, 1-2 GiB). Note that an "80 GB"
 A100/A800 reports about 79.3 GiB to PyTorch; ``gpu_memory_gib`` defaults to the nominal 80.
 
+vLLM rollouts (``vllm_kv_cache_gib`` set, ``rollout.engine=vllm``): the actor's generation phase is
+vLLM's instead of HF ``generate``'s: its own copy of the actor's weights (N·d) and its KV-cache budget
+(``rollout.kv_cache_gib``), plus, at ZeRO-3, the whole actor gathered once for the weight push (N·d). With sleep mode
+(``rollout.sleep``, GPUs) both are released while the actor trains, so they are a generation
+transient; without it they are resident.
+
 Not modelled: DeepSpeed hybrid-engine inference workspaces, HF ``generate``'s KV-cache concatenation
 copies, CPU memory, pipeline/tensor parallelism, LoRA.
 """
@@ -367,6 +373,10 @@ class PlanInput:
     full_vocab_logging: bool = True
     rollout: bool = True
     """False: a supervised stage (SFT, RM training): no generation and no experience phase."""
+    vllm_kv_cache_gib: float | None = None
+    """``rollout.engine=vllm``: vLLM's KV-cache budget per GPU; None: HF ``generate`` decodes."""
+    vllm_sleep: bool = True
+    """``rollout.sleep``: vLLM releases its memory while the actor trains."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -482,6 +492,8 @@ class Part(str, Enum):
     ACTIVATIONS = "activations"
     LOGITS = "logits"
     KV_CACHE = "kv_cache"
+    VLLM_WEIGHTS = "vllm_weights"
+    VLLM_KV_CACHE = "vllm_kv_cache"
 
 
 #: table columns → the parts they add up
@@ -637,6 +649,14 @@ def _add_rollout(inp: PlanInput, add) -> None:
     # generation (actor only)
     for m in inp.models:
         if m.role != "actor":
+            continue
+        if inp.vllm_kv_cache_gib is not None:
+            phase = GENERATION if inp.vllm_sleep else RESIDENT
+            weights = m.shape.n_params * m.dtype_bytes
+            add(m.role, Part.VLLM_WEIGHTS, phase, weights)
+            add(m.role, Part.VLLM_KV_CACHE, phase, round(inp.vllm_kv_cache_gib * GIB))
+            # ZeRO-3: the push gathers the whole actor once
+            add(m.role, Part.GATHERED, GENERATION, weights if m.zero_stage == 3 else 0)
             continue
         add(m.role, Part.KV_CACHE, GENERATION, kv_cache_bytes(m.shape, s, g, m.dtype_bytes))
         add(m.role, Part.LOGITS, GENERATION, logits_bytes(m.shape, 1, g))

@@ -30,12 +30,16 @@ class Rollout(NamedTuple):
         response: (B, T) generated ids, pad after the first EOS.
         response_mask: (B, T) bool, generated tokens up to and including the first EOS (all T if
             none was produced). Every row has at least one generated token.
+        logprobs: (B, T) float, the decoding engine's log-prob of each generated token under the
+            raw softmax (0 where masked), or None when the actor decoded (``hf``): only the
+            off-policy gap metric reads it; the loss always uses the actor's own log-probs.
     """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     response: torch.Tensor
     response_mask: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -62,7 +66,7 @@ class Rollout(NamedTuple):
         return self.prompt_len + self.lengths - 1
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
-        return Rollout(*(t[rows] for t in self))
+        return Rollout(*(None if t is None else t[rows] for t in self))
 
 
 def _cache_kw(model) -> str:

@@ -475,3 +475,19 @@ def test_offload_halves_are_separate_switches():
     assert not remax_models(LLAMA, LLAMA, actor_zero_stage=3, offload=True)[0].offload_params
     # frozen parameter offload exists only at ZeRO-3
     assert not remax_models(LLAMA, LLAMA, frozen_zero_stage=0, offload=True)[1].offload_params
+
+
+def test_vllm_rollouts_count_the_engines_weights_and_kv_budget_in_generation_only():
+    """rollout.engine=vllm: generation holds vLLM's copy of the actor (N·d) and its KV budget
+    instead of HF generate's cache; with sleep mode both are gone while the actor trains."""
+    m = ModelPlacement(role="actor", shape=ONE_B, trainable=True, zero_stage=2)
+    common = dict(models=(m,), world_size=4, prompt_len=3, response_len=5)
+    hf = plan(PlanInput(**common))
+    asleep = plan(PlanInput(**common, vllm_kv_cache_gib=2.0))
+    awake = plan(PlanInput(**common, vllm_kv_cache_gib=2.0, vllm_sleep=False))
+    weights, kv = ONE_B.n_params * 2, 2 * GIB  # bf16 copy; the configured budget
+    assert asleep.bytes_of(part=Part.VLLM_WEIGHTS, phase="generation") == weights
+    assert asleep.bytes_of(part=Part.VLLM_KV_CACHE, phase="generation") == kv
+    assert asleep.bytes_of(part=Part.KV_CACHE) == 0 < hf.bytes_of(part=Part.KV_CACHE)
+    assert asleep.resident_bytes == hf.resident_bytes
+    assert awake.resident_bytes == hf.resident_bytes + weights + kv

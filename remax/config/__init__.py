@@ -18,6 +18,7 @@ One module per concern; this package re-exports every schema so callers write
 | ``deepspeed`` | ``deepspeed`` |
 | ``run`` | ``run``, ``log`` |
 | ``cluster`` | ``cluster`` |
+| ``rollout`` | ``rollout`` (the decoding engine: hf or vllm) |
 | ``stages`` / ``evaluate`` | the stage roots |
 
 Defaults of :class:`RemaxAlgoConfig` are the paper's Algorithm 1 (remax-spec §4.2); every departure
@@ -49,6 +50,7 @@ from remax.config.model import (
     RewardSourceConfig,
     RewardTemplate,
 )
+from remax.config.rollout import RolloutConfig, RolloutEngine
 from remax.config.run import LogConfig, RunConfig, WandbMode
 from remax.config.stages import (
     PPOJobConfig,
@@ -92,6 +94,8 @@ __all__ = [
     "RewardNormalization",
     "RewardSourceConfig",
     "RewardTemplate",
+    "RolloutConfig",
+    "RolloutEngine",
     "RunConfig",
     "SFTJobConfig",
     "Scheduler",

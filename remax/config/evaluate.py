@@ -10,6 +10,7 @@ from remax.config.base import DType, _require
 from remax.config.cluster import ClusterConfig
 from remax.config.data import DataConfig
 from remax.config.model import RewardSourceConfig
+from remax.config.rollout import RolloutConfig
 from remax.config.run import LogConfig, RunConfig
 from remax.config.sampling import SamplingFields
 
@@ -55,6 +56,8 @@ class EvaluateJobConfig(SamplingFields):
     """Reward model of the win rate; None on held-out synthetic prompts: the gold score; None on
     other prompts: no reward (answer files only)."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The decoding engine of the answers (``rollout.engine=hf|vllm``)."""
     prompt_source: str = "held_out"
     """``held_out``: the held-out RL prompts of ``data`` (the synthetic task's by default); else a
     prompt set, a local file or an HF data set name, read as ``prompt_format``."""

@@ -11,6 +11,7 @@ from remax.config.cluster import ClusterConfig
 from remax.config.data import DataConfig
 from remax.config.deepspeed import DeepSpeedConfig
 from remax.config.model import ModelConfig, RewardSourceConfig
+from remax.config.rollout import RolloutConfig
 from remax.config.run import LogConfig, RunConfig
 from remax.config.train import CheckpointConfig, OptimConfig, TrainConfig
 
@@ -52,6 +53,8 @@ class RemaxJobConfig(_StageConfig):
     stage = "remax"
     algo: RemaxAlgoConfig = field(default_factory=RemaxAlgoConfig)
     reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The decoding engine of rollouts and evaluation (``rollout.engine=hf|vllm``)."""
     eval_prompts: int = 128
     """Held-out prompts for the before/after evaluation (>= 64)."""
     export_policy: ExportPolicy = ExportPolicy.last
@@ -72,6 +75,8 @@ class PPOJobConfig(_StageConfig):
     stage = "ppo"
     algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     reward_model: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The decoding engine of rollouts and evaluation (``rollout.engine=hf|vllm``)."""
     critic_optim: OptimConfig = field(default_factory=OptimConfig)
     """Critic optimizer (DS-Chat ``critic_learning_rate``, ``critic_weight_decay``); ``optim`` is
     the actor's."""

@@ -20,6 +20,7 @@ from remax.data import synthetic
 from remax.fileio import write_json
 from remax.rewards import RewardScorer
 from remax.rollout import Rollout
+from remax.rollout_engines import mark_unsampled
 from remax.trainers import rl_eval
 
 log = logging.getLogger("remax.trainers")
@@ -90,7 +91,9 @@ def rewrite_empty(
     response[empty, 0], mask[empty, 0] = space_id, True
     ends = empty & has_eos  # a truncated one-token answer stays truncated: " " without EOS
     response[ends, 1], mask[ends, 1] = eos_id, True
-    return rollout._replace(response=response, response_mask=mask)
+    # The rollout engine's log-probs of the rewritten tokens describe tokens never sampled.
+    logprobs = mark_unsampled(rollout.logprobs, empty, 2)
+    return rollout._replace(response=response, response_mask=mask, logprobs=logprobs)
 
 
 def train_mask(

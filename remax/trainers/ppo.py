@@ -53,11 +53,12 @@ from remax.config import PPOJobConfig
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
-from remax.engines import build_actor, decode, frozen
+from remax.engines import build_actor, frozen
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model
 from remax.models.reward_adapters import critic_compatible
 from remax.rollout import Rollout
+from remax.rollout_engines import build_rollout_engine, offpolicy_gap
 from remax.trainers import conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.ppo")
@@ -139,6 +140,14 @@ class PPOTrainer:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
             self.scorer.model = self.reward_model
         self.sampling = algo.sampling(cfg.data.max_response_len)
+        # hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once.
+        self.engine = build_rollout_engine(
+            cfg.rollout,
+            self.actor,
+            self.tokenizer,
+            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
+            seed=cfg.seed,
+        )
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
         self.off_policy_sampling = self.sampling.filtered
@@ -228,10 +237,7 @@ class PPOTrainer:
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
-        rollout = decode(
-            self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer
-        )
-        return self._postprocess(rollout)
+        return self._postprocess(self.engine.generate(ids, mask, self.sampling, greedy=greedy))
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
@@ -362,6 +368,7 @@ class PPOTrainer:
                         chunks, n, sampled, mask, old_logprobs, old_values, advantages, returns
                     )
                 )
+        self.engine.weights_updated()  # the next rollout decodes with the stepped actor
         for u in updates:
             for k, v in u.items():
                 totals[k] += v / len(updates)
@@ -391,7 +398,9 @@ class PPOTrainer:
             "value/mse": totals["value/mse"],
             "response/length_mean": float(sampled.lengths.float().mean()) / N,
         }
+        gap = offpolicy_gap(sampled, old_logprobs)  # vllm: max |log p_vLLM − log p_actor|
         return {
+            **({} if gap is None else {"rollout/offpolicy_gap_max": gap}),  # this rank's
             **distributed.sum_over_ranks(shares),  # rank 0 logs the global values
             # The same on every rank: all ranks step on the same all-reduced gradients.
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),

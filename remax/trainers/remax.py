@@ -35,11 +35,12 @@ from remax.config import (
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
-from remax.engines import build_actor, decode, frozen
+from remax.engines import build_actor, frozen
 from remax.inputs import InputError
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.rollout import Rollout
+from remax.rollout_engines import build_rollout_engine, offpolicy_gap
 from remax.trainers import best_actor, conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.remax")
@@ -107,6 +108,14 @@ class RemaxTrainer:
             self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
             self.scorer.model = self.reward_model
         self.sampling = algo.sampling(cfg.data.max_response_len)
+        # hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once.
+        self.engine = build_rollout_engine(
+            cfg.rollout,
+            self.actor,
+            self.tokenizer,
+            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
+            seed=cfg.seed,
+        )
         # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
         # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
         self.off_policy_sampling = (
@@ -181,8 +190,8 @@ class RemaxTrainer:
         return both.select(slice(0, B * n)), both.select(slice(B * n, None))
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
-        """One decode with the actor; under ZeRO-3 its parameters are gathered once for it."""
-        return decode(self.actor, ids, mask, self.sampling, greedy=greedy, tokenizer=self.tokenizer)
+        """One decode by the rollout engine (the actor's: parameters gathered once under ZeRO-3)."""
+        return self.engine.generate(ids, mask, self.sampling, greedy=greedy)
 
     # ----------------------------------------------------------------- update
     def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -233,11 +242,13 @@ class RemaxTrainer:
         micro = self.cfg.train.micro_batch_size * n
         n_micro = -(-mask.shape[0] // micro)
         per_rank = algo.aggregation == Aggregation.rank_token_mean
-        loss_sum, kls, advs = 0.0, [], []
+        loss_sum, kls, advs, gaps = 0.0, [], [], []
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
             part = sampled.select(rows)
             logprobs, logits = self._logprobs(self.actor.forward_module, part)  # (b, T), with grad
+            if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
+                gaps.append(offpolicy_gap(part, logprobs))
             with torch.no_grad():
                 ref_logprobs, ref_logits = self._logprobs(self.reference, part)
                 kl = lookup(KL_ESTIMATORS, algo.kl_estimator)(
@@ -274,6 +285,7 @@ class RemaxTrainer:
             kls.append(kl)
             advs.append(advantages)
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
+        self.engine.weights_updated()
         stats = remax_stats(
             rewards,
             baseline,
@@ -301,6 +313,8 @@ class RemaxTrainer:
         }
         share = {k: float(v) / self.world_size for k, v in share.items()}
         metrics = distributed.sum_over_ranks({**share, "loss/policy": loss_sum})
+        if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
+            metrics["rollout/offpolicy_gap_max"] = max(gaps)
         return {
             **metrics,
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),

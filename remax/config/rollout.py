@@ -1,0 +1,42 @@
+"""The ``rollout`` group: which engine decodes the sampled and greedy responses.
+
+``hf`` decodes with the trained actor itself (``remax.rollout.generate``). ``vllm`` hands the same
+requests to a vLLM engine colocated in each rank's process (``remax.rollout_vllm``): the actor's
+weights are pushed to it after every optimizer step, and the actor still computes every log-prob
+the loss uses.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from dataclasses import dataclass
+
+from remax.config.base import _require
+
+
+class RolloutEngine(str, enum.Enum):
+    hf = "hf"  # the actor's own batched decode with a KV cache (default; no extra install)
+    vllm = "vllm"  # vLLM (``pip install '.[vllm]'`` or ``make vllm``)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: RolloutEngine = RolloutEngine.hf
+    """``hf`` or ``vllm``: who decodes rollouts and evaluation answers."""
+    kv_cache_gib: float = 1.0
+    """vLLM's KV-cache budget per rank, GiB (rounded up to whole GiB on the CPU build, whose
+    ``VLLM_CPU_KVCACHE_SPACE`` is an integer). Counted by the memory planner."""
+    sleep: bool = True
+    """GPUs only: release vLLM's weights and KV cache (its sleep mode) while the actor trains."""
+
+    def __post_init__(self) -> None:
+        _require(self.kv_cache_gib > 0, "rollout.kv_cache_gib", self.kv_cache_gib, "use > 0")
+        if self.engine == RolloutEngine.vllm:
+            _require(
+                importlib.util.find_spec("vllm") is not None,
+                "rollout.engine",
+                self.engine.value,
+                "vLLM is not installed: `make vllm` (or pip install '.[vllm]'), "
+                "or use rollout.engine=hf",
+            )
