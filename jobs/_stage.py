@@ -59,6 +59,10 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     init_logging()
     if config.cluster.num_threads:
         torch.set_num_threads(config.cluster.num_threads)
+    # Watched from the first moment: a rendezvous, an input read or a model load that never
+    # returns (a stuck NFS mount) must not keep the node billed until the time limit. The
+    # watchdog writes into the run dir only when it fires.
+    _watch(config, run_dir_for(config, stage))
     # One process per GPU (torchrun or Slurm tasks); a no-op in a plain single process.
     env = distributed.init_distributed()
     # Before any model is built or loaded: a run is a function of its config whatever the model
@@ -83,6 +87,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
         # Another live job owns this run dir: touching it would delete that job's in-progress
         # saves. Return a result (not None) so neither submitit nor the template requeues us.
         log.warning("%s: run dir owned by live job %s; this job exits untouched", stage, owner)
+        watchdog.activate(None)
         close_all()
         return {"stage": stage, "run_dir": str(run_dir_for(config, stage)), "not_owner": owner}
     try:
@@ -128,14 +133,6 @@ def _guarded(stage: str, config, run_dir, stop, trainer) -> dict | None:
     if main:
         ledger.attach(run_dir)
         _policy.check_start(config.cluster, run_dir, ledger.current().restart)
-    if config.cluster.watchdog_s:
-        dog = Watchdog(
-            run_dir,
-            config.cluster.watchdog_s,
-            config.cluster.watchdog_factor,
-            _policy.on_hang(config.cluster),
-        )
-        watchdog.activate(dog.start())
     try:
         summary = _run(stage, config, run_dir, stop, trainer)
     except Exception as exc:
@@ -149,6 +146,18 @@ def _guarded(stage: str, config, run_dir, stop, trainer) -> dict | None:
         reason = "completed" if summary is not None else _stop_reason(stop)
         ledger.finish(reason)
     return summary
+
+
+def _watch(config, run_dir) -> None:
+    """Start this rank's hang watchdog (``cluster.watchdog_s``; 0: none) in its startup phase."""
+    if config.cluster.watchdog_s:
+        dog = Watchdog(
+            run_dir,
+            config.cluster.watchdog_s,
+            config.cluster.watchdog_factor,
+            _policy.on_hang(config.cluster),
+        )
+        watchdog.activate(dog.start())
 
 
 def _stop_reason(stop) -> str:

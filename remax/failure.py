@@ -71,7 +71,8 @@ def record(
         "time": time.time(),
         **extra,
     }
-    folder = Path(folder)  # the run dir
+    folder = Path(folder)  # the run dir (not yet prepared when a startup read hangs)
+    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "failure.json", info)
     with open(folder / "failures.jsonl", "a") as f:
         f.write(json.dumps(info, sort_keys=True) + "\n")

@@ -96,7 +96,7 @@ class Watchdog:
 
     def _dump_stacks(self) -> Path:
         folder = self.run_dir / "failure"
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)  # a hang before the run dir was prepared
         job = os.environ.get("SLURM_JOB_ID", "local")
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         rank = os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or "0"

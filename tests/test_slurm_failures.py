@@ -118,12 +118,6 @@ def test_evaluate_stage_stopped_mid_answers_requeues_and_resumes_them(tmp_path):
     assert [s["stop_reason"] for s in segments] == ["usr2", "completed"], segments
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="known defect after merging #11 and #12: the trainer (and its data loading) is now built "
-    "before the watchdog starts, so a hang while loading data is not watched and the job would hold "
-    "the test cluster until its time limit; fix: start the watchdog before the trainer is built",
-)
 def test_hung_rank_is_requeued_once_then_stopped_with_failure_json_and_stacks(tmp_path):
     """A read that never returns (a FIFO nobody writes: a stuck NFS mount) in the data loading:
     the watchdog ends the segment after its startup budget (2 × cluster.watchdog_s), dumps the
