@@ -142,12 +142,50 @@ def check() -> None:
 def install(stop: StopRequest) -> StopRequest:
     """USR2 sets ``stop``; it becomes the active request; a guard thread watches it."""
     signal.signal(signal.SIGUSR2, stop.on_signal)
-    # SIGTERM is left to its default (the job ends): `scancel` sends it too, and handled like
-    # USR2 it requeued a job the user had cancelled (tests/test_slurm.py, live-job test). Telling
-    # a preemption's SIGTERM from a cancel's is open work.
+    signal.signal(signal.SIGTERM, lambda *_: _triage_sigterm(stop))
     activate(stop)
     threading.Thread(target=_guard, args=(stop,), name="remax-stop-guard", daemon=True).start()
     return stop
+
+
+# What Slurm says about a job that just got SIGTERM (measured on slurm-wlm 22.05): a preemption's
+# GraceTime signal finds it RUNNING; `scancel`, `scontrol requeue` and the time limit have already
+# moved it to COMPLETING (or a terminal state).
+PREEMPTED_STATES = frozenset({"RUNNING"})
+
+
+def _triage_sigterm(stop: StopRequest) -> None:
+    """SIGTERM handler: ask Slurm why, off the main thread (a handler must not block on a pipe)."""
+    threading.Thread(target=_on_sigterm, args=(stop,), name="remax-sigterm", daemon=True).start()
+
+
+def _on_sigterm(stop: StopRequest, state: str | None = None) -> None:
+    """A preemption (the job still RUNNING) takes the stop path: checkpoint and requeue. A cancel
+    or anything Slurm cannot confirm ends the segment as SIGTERM's default would: requeueing a job
+    the user cancelled bills hours nobody asked for."""
+    state = state or job_state()
+    if state in PREEMPTED_STATES:
+        log.warning("SIGTERM while the job is %s: a preemption; checkpointing for a requeue", state)
+        stop.on_signal(signal.SIGTERM)
+        return
+    log.warning("SIGTERM while the job is %s: cancelled or at its limit; ending now", state)
+    ledger.finish(f"sigterm ({state or 'state unknown'})")
+    os._exit(128 + signal.SIGTERM)
+
+
+def job_state() -> str | None:
+    """This job's state per ``squeue`` (RUNNING, COMPLETING, ...), None when Slurm does not say."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = out.stdout.split()
+    return states[0] if out.returncode == 0 and states else None
 
 
 def _guard(stop: StopRequest) -> None:

@@ -147,6 +147,53 @@ def test_hung_rank_is_requeued_once_then_stopped_with_failure_json_and_stacks(tm
     assert len(list((run_dir / "failure").glob("stacks-*.txt"))) == 2
 
 
+def _segments(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_of_a_running_job_checkpoints_and_requeues_bit_identical(tmp_path):
+    """SIGTERM while Slurm still says RUNNING (a preemption's GraceTime signal on sites without
+    preempt_send_user_signal; here `scancel --signal=TERM`): checkpoint, requeue, identical run.
+    A plain `scancel` (COMPLETING first) still cancels: test_slurm.py, live-job test."""
+    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
+    rec = _submit(tmp_path / "term", "log.wandb_mode=disabled")
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_10")
+    subprocess.run(["scancel", "--signal=TERM", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"])
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    assert [s["stop_reason"] for s in _segments(run_dir)] == ["sigterm", "completed"]
+    _wait_done(ref["job_id"])
+    _assert_same_export(ref["run_dir"], rec["run_dir"])
+
+
+def test_preemption_by_a_higher_priority_partition_resumes_bit_identical(tmp_path):
+    """The real thing: a job on `low` (PreemptMode=REQUEUE, GraceTime=20) while the node's other
+    core runs the reference; a `high` job then needs that core. The preempted job checkpoints on
+    the signal Slurm sends, is requeued, runs again after the high job and matches the reference."""
+    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
+    rec = _submit(tmp_path / "low", "log.wandb_mode=disabled", "cluster.partition=low")
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_10", timeout=240)
+    high = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-c", "1", "-o", "/dev/null", "--wrap", "sleep 2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    states = _wait_done(rec["job_id"], timeout=600)
+    kinds = [s for s, _ in states]
+    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) <= {"REQUEUED", "PREEMPTED"}, states
+    assert len(kinds) >= 2, f"never preempted: {states}"
+    assert _wait_done(high)[-1][0] == "COMPLETED"
+    segments = _segments(run_dir)
+    assert segments[0]["stop_reason"] in {"usr2", "sigterm"}, segments
+    # the next segment resumed from the preempted one's last checkpoint, not from scratch
+    assert segments[1]["resume_step"] == segments[0]["checkpoints"][-1] > 0, segments
+    _wait_done(ref["job_id"], timeout=600)
+    _assert_same_export(ref["run_dir"], rec["run_dir"])
+
+
 def test_real_time_limit_requeues_until_done_and_the_export_is_identical(tmp_path):
     """cluster.time_min=2 with USR2 30 s before it (sent at 60-90 s): every segment stops for a
     requeue before Slurm's limit, never TIMEOUT, and the run finishes like an uninterrupted one."""

@@ -68,6 +68,27 @@ def test_save_that_cannot_finish_before_the_kill_is_skipped():
     assert not stop.can_save()  # 58 + 5 >= 60: requeue without saving
 
 
+@pytest.mark.parametrize("state", ["COMPLETING", "CANCELLED", None])
+def test_sigterm_of_a_cancel_ends_the_segment_without_a_stop(state, monkeypatch):
+    # scancel, scontrol requeue and the time limit mark the job COMPLETING before the SIGTERM
+    # (measured on slurm-wlm 22.05, remax/preemption.py); a state Slurm does not give (None) is
+    # not taken for a preemption either: requeueing a cancelled job would bill unasked hours.
+    exits = []
+    monkeypatch.setattr(preemption.os, "_exit", exits.append)
+    stop = StopRequest()
+    preemption._on_sigterm(stop, state)
+    assert exits == [143] and stop.reason is None and not stop.requested
+
+
+def test_sigterm_of_a_preemption_takes_the_stop_path(monkeypatch):
+    # A preemption's GraceTime SIGTERM finds the job still RUNNING: checkpoint, then requeue.
+    monkeypatch.setattr(preemption.os, "_exit", lambda code: pytest.fail(f"exited {code}"))
+    stop = StopRequest(grace_s=60)
+    preemption._on_sigterm(stop, "RUNNING")
+    assert stop.requested and stop.reason == preemption.StopReason.sigterm
+    assert stop.kill_time() is not None
+
+
 def test_stop_at_a_periodic_save_saves_that_step_once(tmp_path, monkeypatch):
     saves = _saves(monkeypatch)
     cfg = _config("sft", tmp_path)  # every_steps=2
