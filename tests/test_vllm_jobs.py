@@ -43,8 +43,8 @@ def test_remax_with_vllm_rollouts_learns_the_synthetic_task(tmp_path):
         "rollout.engine=vllm",
         *TINY_32,
         f"run.root={tmp_path}",
-        "train.max_steps=30",
-        "optim.lr=1e-3",  # from random init: 40 steps gave +9.8 SE here
+        "train.max_steps=40",
+        "optim.lr=1e-3",  # from random init: +9.8 SE in 40 steps under empty_response=mask
         "log.wandb_mode=disabled",
         "log.progress=false",
         "train.log_every=1",
@@ -59,7 +59,7 @@ def test_remax_with_vllm_rollouts_learns_the_synthetic_task(tmp_path):
         assert after["mean"] - before["mean"] > 3 * se, (key, before, after)
     rows = _metrics(run_dir)
     gaps = [r["rollout/offpolicy_gap_max"] for r in rows]
-    assert len(gaps) == 30
+    assert len(gaps) == 40
     # fp32 log-softmax of the same weights: the engines differ only in summation order.
     assert max(gaps) < 1e-4, max(gaps)
 
