@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import NamedTuple
 
 import torch
 
 from remax import distributed
 from remax.config import EmptyResponse
 from remax.data import synthetic
+from remax.data.stage_data import format_prompts, stage_records
+from remax.engines import frozen
 from remax.fileio import write_json
 from remax.rewards import RewardScorer
 from remax.rollout import Rollout
-from remax.rollout_engines import mark_unsampled
+from remax.rollout_engines import build_rollout_engine, mark_unsampled
 from remax.trainers import rl_eval
 
 log = logging.getLogger("remax.trainers")
@@ -37,6 +40,68 @@ def load_scorer(cfg, tokenizer, device) -> RewardScorer | None:
         seed=cfg.seed,
         device=device,
     )
+
+
+class PromptSets(NamedTuple):
+    """An RL stage's prompts, each list also raw (before the policy's chat template: reward-model
+    templates and reward functions read those). ``held``: every held-out prompt, of which the
+    first ``eval_prompts`` are the reported ``eval`` set."""
+
+    train: list[str]
+    train_raw: list[str]
+    eval: list[str]
+    eval_raw: list[str]
+    held: list[str]
+    held_raw: list[str]
+
+
+def prompt_sets(cfg, tokenizer) -> PromptSets:
+    """The train and held-out prompts of ``cfg.data``, templated for ``tokenizer`` and raw."""
+    train, held_out = stage_records("prompts", cfg.data)
+    held = [r["prompt"] for r in format_prompts(held_out, cfg.data, tokenizer)]
+    held_raw = [r["prompt"] for r in held_out]
+    return PromptSets(
+        train=[r["prompt"] for r in format_prompts(train, cfg.data, tokenizer)],
+        train_raw=[r["prompt"] for r in train],
+        eval=held[: cfg.eval_prompts],
+        eval_raw=held_raw[: cfg.eval_prompts],
+        held=held,
+        held_raw=held_raw,
+    )
+
+
+def place_frozen(trainer, reference, train_cfg) -> None:
+    """``trainer.reference`` and ``trainer.reward_model``: as they are, or ZeRO-3 inference
+    engines (``remax.engines.frozen``), in the policy's dtype; the scorer reads the placed RM."""
+    cfg = trainer.cfg
+    placement = dict(train=train_cfg, dtype=cfg.model.dtype)
+    trainer.reference = frozen(reference, cfg.deepspeed, **placement)
+    if trainer.reward_model is not None:
+        trainer.reward_model = frozen(trainer.reward_model, cfg.deepspeed, **placement)
+        trainer.scorer.model = trainer.reward_model
+
+
+def rollout_engine(cfg, actor, tokenizer):
+    """hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once."""
+    return build_rollout_engine(
+        cfg.rollout,
+        actor,
+        tokenizer,
+        max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
+        seed=cfg.seed,
+    )
+
+
+def space_id(tokenizer) -> int:
+    """The token of " ", which ``space_token`` writes into empty answers (as the release)."""
+    return tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+
+
+def seed_ranks(seed: int, world_size: int) -> None:
+    """Same weights, different samples: each rank its own (reproducible) stream. Not done at
+    world size 1, which keeps single-process runs bit-identical to earlier releases."""
+    if world_size > 1:
+        torch.manual_seed(distributed.rank_seed(seed))
 
 
 @torch.no_grad()

@@ -51,14 +51,13 @@ from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from remax.config import PPOJobConfig
 from remax.data.batching import EpochSampler, collate_prompts
-from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
-from remax.engines import build_actor, frozen
+from remax.engines import build_actor
 from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model
 from remax.models.reward_adapters import critic_compatible
 from remax.rollout import Rollout
-from remax.rollout_engines import build_rollout_engine, offpolicy_gap
+from remax.rollout_engines import offpolicy_gap
 from remax.trainers import conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.ppo")
@@ -95,37 +94,17 @@ class PPOTrainer:
         self.critic = self._critic()
         self.critic.requires_grad_(True)
         distributed.broadcast_params(self.critic)
-        train, held_out = stage_records("prompts", cfg.data)
-        # Raw prompts (before the policy's chat template): RM templates and reward functions read them.
-        self.train_raw_prompts = [r["prompt"] for r in train]
-        self.eval_raw_prompts = [r["prompt"] for r in held_out][: cfg.eval_prompts]
-        self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
-        self.eval_prompts = [
-            r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)
-        ]
-        self.eval_prompts = self.eval_prompts[: cfg.eval_prompts]
+        sets = conventions.prompt_sets(cfg, self.tokenizer)
+        self.train_prompts, self.train_raw_prompts = sets.train, sets.train_raw
+        self.eval_prompts, self.eval_raw_prompts = sets.eval, sets.eval_raw
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        blocks = algo.mini_batches * self.world_size
-        if cfg.train.batch_size % blocks:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by algo.mini_batches × "
-                f"world size = {algo.mini_batches}×{self.world_size}: every rank takes an equal block "
-                f"of each minibatch; use a multiple of {blocks} or change the number of ranks"
-            )
         self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
-        # Each train_step makes ppo_epochs × mini_batches optimizer steps: schedule over all. An
-        # optimizer step is one minibatch (a DeepSpeed engine's batch), in micro-batches per rank.
+        # Each train_step makes ppo_epochs × mini_batches optimizer steps: schedule over all.
         updates = self.total_steps * algo.ppo_epochs * algo.mini_batches
-        step = replace(
-            cfg.train,
-            batch_size=cfg.train.batch_size // algo.mini_batches,
-            micro_batch_size=min(
-                cfg.train.micro_batch_size, cfg.train.batch_size // algo.mini_batches
-            ),
-        )
+        step = self._minibatch_train()
         self.actor = build_actor(self.model, cfg, updates, train=step)  # plain or DeepSpeed
         self.critic_actor = build_actor(
             self.critic, cfg, updates, train=step, optim=cfg.critic_optim, name="critic"
@@ -134,20 +113,9 @@ class PPOTrainer:
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         self.critic_optimizer = self.critic_actor.optimizer
         self.critic_scheduler = self.critic_actor.scheduler
-        placement = dict(train=step, dtype=cfg.model.dtype)
-        self.reference = frozen(self.reference, cfg.deepspeed, **placement)
-        if self.reward_model is not None:
-            self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
-            self.scorer.model = self.reward_model
+        conventions.place_frozen(self, self.reference, step)
         self.sampling = algo.sampling(cfg.data.max_response_len)
-        # hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once.
-        self.engine = build_rollout_engine(
-            cfg.rollout,
-            self.actor,
-            self.tokenizer,
-            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
-            seed=cfg.seed,
-        )
+        self.engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
         self.off_policy_sampling = self.sampling.filtered
@@ -159,12 +127,27 @@ class PPOTrainer:
                 algo.temperature,
                 algo.top_k,
             )
-        self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
-        if self.world_size > 1:
-            # Same weights, different samples: each rank its own (reproducible) stream. Not done at
-            # world size 1, which keeps single-process runs bit-identical to earlier releases.
-            torch.manual_seed(distributed.rank_seed(cfg.seed))
+        self.space_id = conventions.space_id(self.tokenizer)
+        conventions.seed_ranks(cfg.seed, self.world_size)
         self.step = 0
+
+    def _minibatch_train(self):
+        """An optimizer step is one minibatch (a DeepSpeed engine's batch), in micro-batches per
+        rank; refuses a batch whose minibatches the ranks cannot share equally."""
+        cfg, algo = self.cfg, self.cfg.algo
+        blocks = algo.mini_batches * self.world_size
+        if cfg.train.batch_size % blocks:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by algo.mini_batches × "
+                f"world size = {algo.mini_batches}×{self.world_size}: every rank takes an equal block "
+                f"of each minibatch; use a multiple of {blocks} or change the number of ranks"
+            )
+        minibatch = cfg.train.batch_size // algo.mini_batches
+        return replace(
+            cfg.train,
+            batch_size=minibatch,
+            micro_batch_size=min(cfg.train.micro_batch_size, minibatch),
+        )
 
     def _critic(self):
         """The critic: a trainable copy of the RM (DS-Chat) when it reads the policy's tokens
@@ -372,14 +355,31 @@ class PPOTrainer:
         for u in updates:
             for k, v in u.items():
                 totals[k] += v / len(updates)
+        totals["ppo/ratio_mean_first"] = updates[0]["ppo/ratio_mean"]
+        return self._metrics(
+            sampled,
+            mask,
+            scores,
+            rewards,
+            n_tokens.sum(),
+            totals,
+            logprobs=(old_logprobs, ref_logprobs),
+            values=(advantages, old_values, returns),
+        )
+
+    def _metrics(self, sampled, mask, scores, rewards, all_tokens, totals, *, logprobs, values):
+        """The step's metrics: rank 0 logs the global values (each rank sums its share)."""
+        old_logprobs, ref_logprobs = logprobs
+        advantages, old_values, returns = values
         zeros = torch.zeros_like(old_logprobs)
         kl = torch.where(mask, old_logprobs - ref_logprobs, zeros).sum(-1)  # (B,) Σ_t k1
-        all_tokens = n_tokens.sum()
 
         def token_share(x: torch.Tensor) -> float:  # this rank's part of the global token mean
             return float(token_mean(values=x, mask=mask, denominator=all_tokens))
 
         N = self.world_size  # equal row counts: a row mean / N is this rank's share
+        averaged = ("loss/policy", "loss/value", "ppo/clip_fraction", "ppo/approx_kl")
+        averaged += ("ppo/ratio_mean", "ppo/value_clip_fraction", "value/mse")
         shares = {
             "reward/mean": float(scores.mean()) / N,
             "reward/total_mean": float(rewards.sum(-1).mean()) / N,  # clipped score + KL reward
@@ -387,21 +387,15 @@ class PPOTrainer:
             "advantage/mean": token_share(advantages),
             "value/mean": token_share(old_values),
             "value/returns_mean": token_share(returns),
-            "loss/policy": totals["loss/policy"],
-            "loss/value": totals["loss/value"],
-            "ppo/clip_fraction": totals["ppo/clip_fraction"],
-            "ppo/approx_kl": totals["ppo/approx_kl"],
-            "ppo/ratio_mean": totals["ppo/ratio_mean"],
+            **{k: totals[k] for k in averaged},
             # First epoch's first minibatch: π = π_old, so exactly 1 unless experience drifted.
-            "ppo/ratio_mean_first": updates[0]["ppo/ratio_mean"],
-            "ppo/value_clip_fraction": totals["ppo/value_clip_fraction"],
-            "value/mse": totals["value/mse"],
+            "ppo/ratio_mean_first": totals["ppo/ratio_mean_first"],
             "response/length_mean": float(sampled.lengths.float().mean()) / N,
         }
         gap = offpolicy_gap(sampled, old_logprobs)  # vllm: max |log p_vLLM − log p_actor|
         return {
             **({} if gap is None else {"rollout/offpolicy_gap_max": gap}),  # this rank's
-            **distributed.sum_over_ranks(shares),  # rank 0 logs the global values
+            **distributed.sum_over_ranks(shares),
             # The same on every rank: all ranks step on the same all-reduced gradients.
             "rollout/offpolicy_sampling": float(self.off_policy_sampling),
             "optim/grad_norm": totals["optim/grad_norm"],

@@ -33,14 +33,13 @@ from remax.config import (
     RemaxJobConfig,
 )
 from remax.data.batching import EpochSampler, collate_prompts
-from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
-from remax.engines import build_actor, frozen
+from remax.engines import build_actor
 from remax.inputs import InputError
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.rollout import Rollout
-from remax.rollout_engines import build_rollout_engine, offpolicy_gap
+from remax.rollout_engines import offpolicy_gap
 from remax.trainers import best_actor, conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.remax")
@@ -65,23 +64,7 @@ class RemaxTrainer:
         # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
         self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)
         self.reward_model = self.scorer.model if self.scorer is not None else None
-        train, held_out = stage_records("prompts", cfg.data)
-        # Raw prompts (before the policy's chat template): RM templates and reward functions read them.
-        self.train_raw_prompts = [r["prompt"] for r in train]
-        self.eval_raw_prompts = [r["prompt"] for r in held_out][: cfg.eval_prompts]
-        self.train_prompts = [r["prompt"] for r in format_prompts(train, cfg.data, self.tokenizer)]
-        held = [r["prompt"] for r in format_prompts(held_out, cfg.data, self.tokenizer)]
-        self.eval_prompts = held[: cfg.eval_prompts]
-        self.keep_best = cfg.export_policy == ExportPolicy.best_eval_reward
-        # Periodic evals (best actor, KL early stop) on prompts the final report does not use.
-        self.select_prompts = (
-            best_actor.selection_prompts(held, cfg.eval_prompts) if self.keep_best else None
-        )
-        self.select_raw_prompts = (
-            [r["prompt"] for r in held_out][cfg.eval_prompts : 2 * cfg.eval_prompts]
-            if self.keep_best
-            else None
-        )  # the same rows as select_prompts (best_actor.selection_prompts), before the template
+        self._load_prompts()
         # Data parallel: every rank draws the same global batch from the same sampler order and
         # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
         # blocks concatenated in rank order are exactly the world-size-1 batch.
@@ -102,26 +85,34 @@ class RemaxTrainer:
                 "not supported: use deepspeed=zero2 or export_policy=last"
             )
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
-        placement = dict(train=cfg.train, dtype=cfg.model.dtype)
-        self.reference = frozen(reference, cfg.deepspeed, **placement)
-        if self.reward_model is not None:
-            self.reward_model = frozen(self.reward_model, cfg.deepspeed, **placement)
-            self.scorer.model = self.reward_model
+        conventions.place_frozen(self, reference, cfg.train)
         self.sampling = algo.sampling(cfg.data.max_response_len)
-        # hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once.
-        self.engine = build_rollout_engine(
-            cfg.rollout,
-            self.actor,
-            self.tokenizer,
-            max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
-            seed=cfg.seed,
-        )
-        # Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax that
-        # raw_softmax scores, which makes the update slightly off-policy. Say so once, and log it.
-        self.off_policy_sampling = (
-            algo.logprob_dist == LogprobDist.raw_softmax and self.sampling.filtered
-        )
-        if self.off_policy_sampling:
+        self.engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
+        self.off_policy_sampling = self._off_policy_sampling()
+        self.space_id = conventions.space_id(self.tokenizer)
+        conventions.seed_ranks(cfg.seed, self.world_size)
+        self.step = 0
+        self.best_eval_reward: float | None = None
+        self.best_step: int | None = None
+        self.last_eval_kl: float | None = None
+
+    def _load_prompts(self) -> None:
+        cfg, sets = self.cfg, conventions.prompt_sets(self.cfg, self.tokenizer)
+        self.train_prompts, self.train_raw_prompts = sets.train, sets.train_raw
+        self.eval_prompts, self.eval_raw_prompts = sets.eval, sets.eval_raw
+        self.keep_best = cfg.export_policy == ExportPolicy.best_eval_reward
+        # Periodic evals (best actor, KL early stop) on prompts the final report does not use.
+        self.select_prompts = self.select_raw_prompts = None
+        if self.keep_best:
+            self.select_prompts = best_actor.selection_prompts(sets.held, cfg.eval_prompts)
+            self.select_raw_prompts = best_actor.selection_prompts(sets.held_raw, cfg.eval_prompts)
+
+    def _off_policy_sampling(self) -> bool:
+        """Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax
+        that raw_softmax scores, which makes the update slightly off-policy. Said once, logged."""
+        algo = self.cfg.algo
+        off = algo.logprob_dist == LogprobDist.raw_softmax and self.sampling.filtered
+        if off:
             log.warning(
                 "algo.logprob_dist=raw_softmax with top_p=%s temperature=%s top_k=%s scores the raw "
                 "softmax, not the sampled distribution (slightly off-policy, as the release); "
@@ -130,15 +121,7 @@ class RemaxTrainer:
                 algo.temperature,
                 algo.top_k,
             )
-        self.space_id = self.tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
-        if self.world_size > 1:
-            # Same weights, different samples: each rank its own (reproducible) stream. Not done at
-            # world size 1, which keeps single-process runs bit-identical to earlier releases.
-            torch.manual_seed(distributed.rank_seed(cfg.seed))
-        self.step = 0
-        self.best_eval_reward: float | None = None
-        self.best_step: int | None = None
-        self.last_eval_kl: float | None = None
+        return off
 
     # ----------------------------------------------------------------- experience
     def _postprocess(self, rollout: Rollout) -> Rollout:
@@ -241,49 +224,21 @@ class RemaxTrainer:
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
         n_micro = -(-mask.shape[0] // micro)
-        per_rank = algo.aggregation == Aggregation.rank_token_mean
         loss_sum, kls, advs, gaps = 0.0, [], [], []
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
-            part = sampled.select(rows)
-            logprobs, logits = self._logprobs(self.actor.forward_module, part)  # (b, T), with grad
-            if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
-                gaps.append(offpolicy_gap(part, logprobs))
-            with torch.no_grad():
-                ref_logprobs, ref_logits = self._logprobs(self.reference, part)
-                kl = lookup(KL_ESTIMATORS, algo.kl_estimator)(
-                    logprobs=logprobs.detach(),
-                    ref_logprobs=ref_logprobs,
-                    logits=None if logits is None else logits.detach(),
-                    ref_logits=ref_logits,
+            if algo.aggregation == Aggregation.rank_token_mean:
+                denominator = conventions.rank_token_denominator(
+                    mask[rows], n_micro, self.world_size
                 )
-                advantages = remax_advantages(  # 4: returns per token, (b, T)
-                    rewards[rows],
-                    baseline[rows],
-                    mask[rows],
-                    kl=kl,
-                    kl_coef=algo.kl_coef,
-                    gamma=algo.gamma,
-                    reward_clip=algo.reward_clip,
-                    kl_mode=algo.kl_mode,
-                    discount_convention=algo.discount_convention,
-                    clip_target=algo.clip_target,
-                )
-            loss = policy_gradient_loss(
-                logprobs,
-                advantages,
-                mask[rows],
-                aggregation=algo.aggregation,
-                denominator=(
-                    conventions.rank_token_denominator(mask[rows], n_micro, self.world_size)
-                    if per_rank
-                    else denominator
-                ),
+            loss, kl, advantages, gap = self._micro_loss(
+                sampled.select(rows), rewards[rows], baseline[rows], mask[rows], denominator
             )
             self.actor.backward(loss)
             loss_sum += float(loss.detach())
             kls.append(kl)
             advs.append(advantages)
+            gaps.append(gap)
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
         self.engine.weights_updated()
         stats = remax_stats(
@@ -295,13 +250,52 @@ class RemaxTrainer:
             reward_clip=algo.reward_clip,
             clip_target=algo.clip_target,
         )
-        # Equal shards: each rank logs its mean / world size, and the ranks' sum is the global
-        # mean; the loss already is each rank's share of the global loss.
+        metrics = self._metrics(stats, rewards - baseline, sampled, greedy, loss_sum)
+        if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
+            metrics["rollout/offpolicy_gap_max"] = max(gaps)
+        return {**metrics, "optim/grad_norm": grad_norm, "optim/lr": self.actor.lr}
+
+    def _micro_loss(self, part: Rollout, rewards, baseline, mask, denominator):
+        """One micro-batch: (loss with grad, per-token KL, per-token returns, engine log-prob gap
+        or None). Step 4: the KL-shaped returns; the loss of Algorithm 1 line 7."""
+        algo = self.cfg.algo
+        logprobs, logits = self._logprobs(self.actor.forward_module, part)  # (b, T), with grad
+        gap = None
+        if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
+            gap = offpolicy_gap(part, logprobs)
+        with torch.no_grad():
+            ref_logprobs, ref_logits = self._logprobs(self.reference, part)
+            kl = lookup(KL_ESTIMATORS, algo.kl_estimator)(
+                logprobs=logprobs.detach(),
+                ref_logprobs=ref_logprobs,
+                logits=None if logits is None else logits.detach(),
+                ref_logits=ref_logits,
+            )
+            advantages = remax_advantages(  # 4: returns per token, (b, T)
+                rewards,
+                baseline,
+                mask,
+                kl=kl,
+                kl_coef=algo.kl_coef,
+                gamma=algo.gamma,
+                reward_clip=algo.reward_clip,
+                kl_mode=algo.kl_mode,
+                discount_convention=algo.discount_convention,
+                clip_target=algo.clip_target,
+            )
+        loss = policy_gradient_loss(
+            logprobs, advantages, mask, aggregation=algo.aggregation, denominator=denominator
+        )
+        return loss, kl, advantages, gap
+
+    def _metrics(self, stats, margin, sampled: Rollout, greedy: Rollout, loss_sum: float) -> dict:
+        """The step's metrics, reduced over ranks. Equal shards: each rank logs its mean / world
+        size, and the ranks' sum is the global mean; the loss already is each rank's share."""
         share = {
             "reward/mean": stats.reward_mean,
             "reward/baseline_mean": stats.baseline_mean,
             "reward/advantage_mean": stats.advantage_mean,
-            "reward/advantage_abs_mean": (rewards - baseline).abs().mean(),
+            "reward/advantage_abs_mean": margin.abs().mean(),
             "reward/win_frac": stats.win_frac,
             "reward/tie_frac": stats.tie_frac,
             "reward/clip_frac": stats.clip_frac,
@@ -313,14 +307,7 @@ class RemaxTrainer:
         }
         share = {k: float(v) / self.world_size for k, v in share.items()}
         metrics = distributed.sum_over_ranks({**share, "loss/policy": loss_sum})
-        if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
-            metrics["rollout/offpolicy_gap_max"] = max(gaps)
-        return {
-            **metrics,
-            "rollout/offpolicy_sampling": float(self.off_policy_sampling),
-            "optim/grad_norm": grad_norm,
-            "optim/lr": self.actor.lr,
-        }
+        return {**metrics, "rollout/offpolicy_sampling": float(self.off_policy_sampling)}
 
     def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
         g = greedy.select(
