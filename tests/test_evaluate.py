@@ -16,14 +16,9 @@ from jobs._config import compose_stage
 from jobs._stage import run_stage
 from remax.data.judge_formats import validate_alpaca_eval, validate_mt_bench_answers
 from remax.data.templates import format_conversation
-from remax.evaluation import (
-    Prompt,
-    answer_turns,
-    load_prompt_set,
-    wilson_interval,
-    win_rate,
-)
+from remax.evaluation import Prompt, answer_turns, load_prompt_set
 from remax.rollout import SamplingConfig
+from remax.stats import wilson_interval, win_rate
 
 DATA = Path(__file__).resolve().parent / "data"
 MT_SAMPLE = DATA / "mt_bench_question.jsonl"

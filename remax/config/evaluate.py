@@ -120,6 +120,10 @@ class EvaluateJobConfig(SamplingFields):
             "use >= 1, or null for data.max_response_len",
         )
         self.check_sampling("")
+        self._check_formats()
+
+    def _check_formats(self) -> None:
+        """Judge answer files need questions of their format; prompts need a named source."""
         _require(
             self.answer_format != AnswerFormat.mt_bench
             or self.prompt_format == PromptFormat.mt_bench,
