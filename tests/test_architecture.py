@@ -199,11 +199,57 @@ def test_importing_remax_and_algo_does_not_import_transformers():
     assert out.stdout.strip() == "False"
 
 
+# ---------------------------------------------------------------- size budgets
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
+SIZED = ("remax", "jobs", "benchmarks")
+# Over budget on purpose; the README's layout section says why for each (checked below).
+SIZE_EXEMPT = ("remax/plan.py",)
+
+
+def _function_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """``def`` to the last line, the docstring not counted (a long why is welcome)."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        if isinstance(first.value.value, str):
+            lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def size_violations(root: Path) -> list[str]:
+    found = []
+    for top in SIZED:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel in SIZE_EXEMPT:
+                continue
+            text = path.read_text()
+            if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+                found.append(f"{rel}: {n} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    if (n := _function_lines(node)) > MAX_FUNCTION_LINES:
+                        found.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
+    return found
+
+
+def test_modules_and_functions_keep_their_size_budgets():
+    assert size_violations(REPO) == []
+
+
+def test_every_size_exemption_is_explained_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    budget = layout[layout.index("Size budgets") :].split("\n\n")[0]
+    assert all(f"`{path}`" in budget for path in SIZE_EXEMPT), budget
+
+
 # ---------------------------------------------------------------- the checks catch what they claim
 
 
 def _scratch(tmp_path: Path) -> Path:
-    for top in ("remax", "jobs"):
+    for top in SIZED:
         shutil.copytree(REPO / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
@@ -229,3 +275,17 @@ def test_a_circle_planted_in_a_copy_is_found(tmp_path):
     _append(root / "remax" / "stats.py", "from remax.fileio import write_json")
     _append(root / "remax" / "fileio.py", "from remax.stats import mean_stderr")
     assert [c for c in import_circles(root) if c not in before] == [["remax.fileio", "remax.stats"]]
+
+
+def test_an_oversized_function_and_module_planted_in_a_copy_are_found(tmp_path):
+    root = _scratch(tmp_path)
+    assert size_violations(root) == []
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    fileio = root / "remax" / "fileio.py"
+    fileio.write_text(fileio.read_text() + f'\n\ndef _planted():\n    """Why."""\n{long_body}\n')
+    (root / "jobs" / "_planted.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    found = size_violations(root)
+    assert found[0] == "jobs/_planted.py: 501 lines"
+    assert (
+        len(found) == 2 and found[1].startswith("remax/fileio.py:") and "_planted: 61" in found[1]
+    )
