@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.remax_vs_ppo import SIZES, llama_config
+from benchmarks._models import SIZES, llama_config
 
 
 def _decoders(size: str, args):
     from transformers import LlamaForCausalLM
 
-    from benchmarks.remax_vs_ppo import _tokenizer
+    from benchmarks._models import _tokenizer
     from remax.config import RolloutConfig, RolloutEngine
     from remax.rollout_engines import as_actor, build_rollout_engine
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.remax_vs_ppo import llama_config, write_models
+from benchmarks._models import llama_config, write_models
 
 VARIANTS = {
     "plain": None,
@@ -42,8 +42,8 @@ VARIANTS = {
 }
 
 
-def run_variant(args) -> dict:
-    """One variant in this process; returns its measurements."""
+def _job_config(args):
+    """The ReMax job of one variant: the same models, batch and lengths for every variant."""
     from remax.config import (
         ClusterConfig,
         DataConfig,
@@ -58,10 +58,9 @@ def run_variant(args) -> dict:
         TrainConfig,
         WandbMode,
     )
-    from remax.trainers.remax import RemaxTrainer
 
     ds = VARIANTS[args.variant]
-    cfg = RemaxJobConfig(
+    return RemaxJobConfig(
         seed=0,
         model=ModelConfig(
             name="bench", path=args.policy, dtype=DType.bfloat16, grad_checkpointing=True
@@ -80,6 +79,13 @@ def run_variant(args) -> dict:
         deepspeed=DeepSpeedConfig(enabled=ds is not None, **(ds or {})),
         eval_prompts=64,
     )
+
+
+def run_variant(args) -> dict:
+    """One variant in this process; returns its measurements."""
+    from remax.trainers.remax import RemaxTrainer
+
+    cfg = _job_config(args)
     torch.manual_seed(0)
     trainer = RemaxTrainer(cfg)
     rng = random.Random(0)  # the same long prompts for every variant

@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -55,24 +52,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._models import SIZES, build_trainers, count_params, llama_config, write_models
+from benchmarks._report import _write
+
 REPO = Path(__file__).resolve().parents[1]
 
-# name: hidden, layers, heads, kv heads, MLP width, vocab. Llama-architecture shapes; the large
-# ones follow published models (TinyLlama-1.1B, OpenLLaMA-3B, Llama-2-7B).
-SIZES = {
-    "tiny": (64, 2, 4, 2, 176, 1024),
-    # The demo's pair (hydra_conf/model/tiny.yaml policy, tiny_rm.yaml reward model): the RM, and so
-    # PPO's critic, is wider and deeper than the policy, as a 7B RM next to a 7B policy is not smaller.
-    "demo": (64, 2, 4, 2, 128, 36),
-    "demo_rm": (128, 3, 4, 2, 256, 36),
-    "small": (256, 4, 4, 4, 688, 32000),
-    "125m": (768, 12, 12, 12, 2048, 32000),
-    "350m": (1024, 24, 16, 16, 2816, 32000),
-    "1.1b": (2048, 22, 32, 4, 5632, 32000),
-    "1.8b": (2560, 24, 20, 4, 6912, 32000),
-    "3b": (3200, 26, 32, 32, 8640, 32000),
-    "7b": (4096, 32, 32, 32, 11008, 32000),
-}
 DEFAULTS = {  # device -> sizes, batch, prompt/response length, timed steps, decode repeats
     "cpu": dict(
         sizes="demo,tiny,small",
@@ -97,153 +81,6 @@ DEFAULTS = {  # device -> sizes, batch, prompt/response length, timed steps, dec
 
 def progress(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- models on disk
-def _tokenizer(vocab_size: int):
-    """The tiny character tokenizer, padded with filler tokens to ``vocab_size`` entries."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from remax.models import tiny
-
-    vocab = {tiny.EOS: 0, tiny.UNK: 1} | {c: i + 2 for i, c in enumerate(tiny.CHARS)}
-    vocab |= {f"<f{i}>": i for i in range(len(vocab), vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=tiny.UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=tiny.EOS,
-        pad_token=tiny.EOS,
-        unk_token=tiny.UNK,
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
-
-
-def llama_config(size: str, max_len: int):
-    from transformers import LlamaConfig
-
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        max_position_embeddings=max(2048, max_len),
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        num_labels=1,
-        tie_word_embeddings=False,
-    )
-
-
-def count_params(config, rm_config) -> dict[str, int]:
-    """Exact parameter counts of the policy and the reward model, built on the meta device."""
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
-
-    with torch.device("meta"):
-        policy, rm = LlamaForCausalLM(config), LlamaForSequenceClassification(rm_config)
-    return {
-        "policy": sum(p.numel() for p in policy.parameters()),
-        "reward_model": sum(p.numel() for p in rm.parameters()),
-    }
-
-
-def write_models(config, rm_config, root: Path, dtype: torch.dtype, device) -> tuple[str, str]:
-    """Random-init policy (``config``) and reward model (``rm_config``) saved as HF dirs."""
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
-
-    tok = _tokenizer(config.vocab_size)
-    paths = []
-    for name, cls, cfg in (
-        ("policy", LlamaForCausalLM, config),
-        ("reward_model", LlamaForSequenceClassification, rm_config),
-    ):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = cls(cfg).to(dtype)
-        path = root / name
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        paths.append(str(path))
-        del model
-    return paths[0], paths[1]
-
-
-# ----------------------------------------------------------------------------- trainers
-def _algo(stage: str, name: str):
-    """The ``algo`` of ``hydra_conf/algo/<name>.yaml``, composed like every entry point composes
-    (:func:`jobs._config.compose_stage`): Enums, defaults and validation come from the schema."""
-    from jobs._config import compose_stage
-
-    return compose_stage(stage, [f"algo={name}"]).algo
-
-
-def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device: str):
-    from remax.config import (
-        ClusterConfig,
-        DataConfig,
-        DType,
-        LogConfig,
-        ModelConfig,
-        OptimConfig,
-        PPOJobConfig,
-        RemaxJobConfig,
-        RewardSourceConfig,
-        RolloutConfig,
-        RolloutEngine,
-        Scheduler,
-        TrainConfig,
-        WandbMode,
-    )
-    from remax.trainers.ppo import PPOTrainer
-    from remax.trainers.remax import RemaxTrainer
-
-    common = dict(
-        seed=0,
-        model=ModelConfig(
-            name="bench",
-            path=policy_path,
-            dtype=DType(dtype_name),
-            grad_checkpointing=device == "cuda",
-        ),
-        data=DataConfig(
-            max_prompt_len=args.prompt_len,
-            max_response_len=args.response_len,
-            num_train=max(64, 4 * args.batch),
-            num_eval=64,
-        ),
-        optim=OptimConfig(lr=1e-6, scheduler=Scheduler.constant),
-        train=TrainConfig(batch_size=args.batch, micro_batch_size=args.batch, max_steps=10_000),
-        log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
-        cluster=ClusterConfig(device=device),
-        reward_model=RewardSourceConfig(path=rm_path),
-        rollout=RolloutConfig(engine=RolloutEngine(args.engine)),
-        eval_prompts=64,
-    )
-    remax = RemaxTrainer(RemaxJobConfig(algo=_algo("remax", "remax_official"), **common))
-    ppo = PPOTrainer(
-        PPOJobConfig(
-            algo=_algo("ppo", "ppo_matched"),
-            critic_optim=OptimConfig(lr=1e-6, scheduler=Scheduler.constant),
-            **common,
-        )
-    )
-    rng = random.Random(0)  # the same long prompts for both arms
-    prompts = [
-        "".join(rng.choice("abcdefghijklmnop") for _ in range(args.prompt_len))
-        for _ in remax.train_prompts
-    ]
-    for trainer in (remax, ppo):
-        trainer.train_prompts = list(prompts)
-        # Both trainers load the RM in fp32: hold it in the model dtype, as the paper's runs do.
-        trainer.reward_model.to(next(trainer.model.parameters()).dtype)
-    return remax, ppo
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -320,6 +157,69 @@ def summarize(times: list[float], tokens: list[float], batch: int) -> dict:
     }
 
 
+def _too_large(n: int, r: int, dtype: torch.dtype) -> str | None:
+    """Why a size with ``n`` policy and ``r`` RM parameters cannot fit the GPU, else None."""
+    # Resident state of both arms together (2 × actor with Adam's two moments, 2 × reference,
+    # 2 × RM, the critic with Adam): a lower bound of what the run needs. Past the device,
+    # the size cannot fit: skip it unbuilt.
+    need = (2 * (3 * n + n + r) + 3 * r) * dtype.itemsize
+    total = torch.cuda.get_device_properties(0).total_memory
+    if need > total:
+        return f"resident model state {need / 2**30:.1f} GiB > device {total / 2**30:.1f} GiB"
+    return None
+
+
+def _alternate_steps(args, size: str, device: str, arms: dict) -> dict[str, dict]:
+    """Per arm: timed step times, sampled tokens, last metrics and CUDA peaks (raw and own)."""
+    rec = {k: {"times": [], "tokens": [], "last": {}, "peak": 0, "peak_own": 0} for k in arms}
+    for i in range(args.steps + 1):  # step 0 of each arm is the warm-up
+        for name, trainer in arms.items():
+            other, arm = arms["ppo" if name == "remax" else "remax"], rec[name]
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            dt, metrics = timed_step(trainer, device)
+            if device == "cuda" and i > 0:
+                raw = torch.cuda.max_memory_allocated()
+                arm["peak"] = max(arm["peak"], raw)
+                arm["peak_own"] = max(arm["peak_own"], raw - resident_bytes(other))
+            arm["last"] = metrics
+            if i > 0:
+                arm["times"].append(dt)
+                arm["tokens"].append(metrics["response/length_mean"] * args.batch)
+            progress(f"{size}: step {i}{' (warm-up)' if i == 0 else ''} {name} {dt:.3f}s")
+    return rec
+
+
+def _arm_result(args, trainer, rec: dict, device: str) -> dict:
+    """One arm's entry of the report, from its :func:`_alternate_steps` record."""
+    out = {
+        **summarize(rec["times"], rec["tokens"], args.batch),
+        "model_state": arm_state(trainer),
+        "last_metrics": rec["last"],  # e.g. PPO's ppo/ratio_mean_first, exactly 1 on CPU
+    }
+    if device == "cuda":
+        out["cuda_peak_allocated_bytes"] = rec["peak"]
+        out["cuda_peak_own_bytes"] = rec["peak_own"]
+    return out
+
+
+def _ratios(remax: dict, ppo: dict, n: int, r: int, device: str) -> dict:
+    ratios = {
+        "model_state_remax_over_ppo": remax["model_state"]["total"] / ppo["model_state"]["total"],
+        "step_time_remax_over_ppo": remax["step_s_median"] / ppo["step_s_median"],
+        "samples_per_s_remax_over_ppo": remax["samples_per_s"] / ppo["samples_per_s"],
+        # Not measured: the same models under DeepSpeed bf16 (trained: bf16 weight + grad, fp32
+        # master + Adam moments = 16 B/parameter; frozen: 2 B), the paper's accounting.
+        "model_state_remax_over_ppo_mixed_precision_analytic": (16 * n + 2 * n + 2 * r)
+        / (16 * n + 2 * n + 2 * r + 16 * r),
+    }
+    if device == "cuda":
+        ratios["cuda_peak_own_remax_over_ppo"] = (
+            remax["cuda_peak_own_bytes"] / ppo["cuda_peak_own_bytes"]
+        )
+    return ratios
+
+
 def run_size(
     args, size: str, device: str, dtype_name: str, workdir: Path, rm_size: str = ""
 ) -> dict:
@@ -336,71 +236,25 @@ def run_size(
     }
     out["num_params"] = count_params(config, rm_config)
     n, r = out["num_params"]["policy"], out["num_params"]["reward_model"]
-    if device == "cuda":
-        # Resident state of both arms together (2 × actor with Adam's two moments, 2 × reference,
-        # 2 × RM, the critic with Adam): a lower bound of what the run needs. Past the device,
-        # the size cannot fit: skip it unbuilt.
-        need = (2 * (3 * n + n + r) + 3 * r) * dtype.itemsize
-        total = torch.cuda.get_device_properties(0).total_memory
-        if need > total:
-            out.update(
-                status="skipped",
-                reason=f"resident model state {need / 2**30:.1f} GiB "
-                f"> device {total / 2**30:.1f} GiB",
-            )
-            return out
+    reason = _too_large(n, r, dtype) if device == "cuda" else None
+    if reason:
+        out.update(status="skipped", reason=reason)
+        return out
     progress(f"{size}: writing random-init models ({out['num_params']['policy'] / 1e6:.1f}M)")
     policy_path, rm_path = write_models(config, rm_config, workdir / size, dtype, device)
     progress(f"{size}: building both trainers")
     remax, ppo = build_trainers(args, policy_path, rm_path, dtype_name, device)
     arms = {"remax": remax, "ppo": ppo}
-    times = {k: [] for k in arms}
-    last = {k: {} for k in arms}
-    tokens = {k: [] for k in arms}
-    peak = {k: 0 for k in arms}
-    peak_own = {k: 0 for k in arms}
-    for i in range(args.steps + 1):  # step 0 of each arm is the warm-up
-        for name, trainer in arms.items():
-            other = ppo if name == "remax" else remax
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            dt, metrics = timed_step(trainer, device)
-            if device == "cuda" and i > 0:
-                raw = torch.cuda.max_memory_allocated()
-                peak[name] = max(peak[name], raw)
-                peak_own[name] = max(peak_own[name], raw - resident_bytes(other))
-            last[name] = metrics
-            if i > 0:
-                times[name].append(dt)
-                tokens[name].append(metrics["response/length_mean"] * args.batch)
-            progress(f"{size}: step {i}{' (warm-up)' if i == 0 else ''} {name} {dt:.3f}s")
+    steps = _alternate_steps(args, size, device, arms)
     for name, trainer in arms.items():
-        out[name] = {
-            **summarize(times[name], tokens[name], args.batch),
-            "model_state": arm_state(trainer),
-            "last_metrics": last[name],  # e.g. PPO's ppo/ratio_mean_first, exactly 1 on CPU
-        }
-        if device == "cuda":
-            out[name]["cuda_peak_allocated_bytes"] = peak[name]
-            out[name]["cuda_peak_own_bytes"] = peak_own[name]
-    out["ratios"] = {
-        "model_state_remax_over_ppo": out["remax"]["model_state"]["total"]
-        / out["ppo"]["model_state"]["total"],
-        "step_time_remax_over_ppo": out["remax"]["step_s_median"] / out["ppo"]["step_s_median"],
-        "samples_per_s_remax_over_ppo": out["remax"]["samples_per_s"] / out["ppo"]["samples_per_s"],
-        # Not measured: the same models under DeepSpeed bf16 (trained: bf16 weight + grad, fp32
-        # master + Adam moments = 16 B/parameter; frozen: 2 B), the paper's accounting.
-        "model_state_remax_over_ppo_mixed_precision_analytic": (16 * n + 2 * n + 2 * r)
-        / (16 * n + 2 * n + 2 * r + 16 * r),
-    }
-    if device == "cuda":
-        out["ratios"]["cuda_peak_own_remax_over_ppo"] = peak_own["remax"] / peak_own["ppo"]
+        out[name] = _arm_result(args, trainer, steps[name], device)
+    out["ratios"] = _ratios(out["remax"], out["ppo"], n, r, device)
     progress(f"{size}: decode benchmark")
     out["decode"] = decode_benchmark(remax, args, device)
     out["status"] = "ok"
     for trainer in (remax, ppo):
         trainer.engine.close()  # vllm: stop the engine process
-    del remax, ppo, arms, trainer, other
+    del remax, ppo, arms, trainer
     return out
 
 
@@ -456,82 +310,6 @@ def decode_benchmark(trainer, args, device: str) -> dict:
     if "vllm_decode" in med:
         out["vllm_over_hf_batched"] = med["one_batched_decode"] / med["vllm_decode"]
     return out
-
-
-# ----------------------------------------------------------------------------- report
-def _mib(b: float) -> str:
-    return f"{b / 2**20:,.1f}"
-
-
-def _row(label: str, x, y, fmt: str) -> str:
-    cell = lambda v: "—" if v is None else fmt.format(v)  # noqa: E731
-    rel = f"{x / y:.3f}" if x is not None and y else "—"
-    return f"| {label} | {cell(x)} | {cell(y)} | {rel} |"
-
-
-def markdown(report: dict) -> str:
-    m = report["meta"]
-    lines = [
-        f"# ReMax vs PPO ({m['device_name']})",
-        "",
-        f"batch {m['batch']} prompts, prompt {m['prompt_len']} + response {m['response_len']} "
-        f"tokens, {m['dtype']}, {m['steps']} timed steps per arm (+1 warm-up), alternated; "
-        f"ReMax {m['remax_algo']}, PPO {m['ppo_algo']}; rollout.engine={m.get('engine', 'hf')}.",
-        "",
-    ]
-    for r in report["results"]:
-        if r["status"] != "ok":
-            lines += [f"## {r['size']}: {r['status']} ({r.get('reason', '')})", ""]
-            continue
-        a, b, params = r["remax"], r["ppo"], r["num_params"]
-        lines += [
-            f"## {r['size']} (policy {params['policy'] / 1e6:,.2f}M, RM/critic "
-            f"{r.get('rm_size', r['size'])} {params['reward_model'] / 1e6:,.2f}M parameters)",
-            "",
-            "| metric | ReMax | PPO | ReMax/PPO |",
-            "|---|---:|---:|---:|",
-            _row("step time median (s)", a["step_s_median"], b["step_s_median"], "{:.4f}"),
-            _row("step time IQR (s)", a["step_s_iqr"], b["step_s_iqr"], "{:.4f}"),
-            _row("samples/s", a["samples_per_s"], b["samples_per_s"], "{:.2f}"),
-            _row("tokens/s (sampled)", a["tokens_per_s"], b["tokens_per_s"], "{:.1f}"),
-        ]
-        for part in ("actor", "reference", "reward_model", "critic", None):
-            x, y = (
-                (arm["model_state"]["models"].get(part) or {}).get("total")
-                if part
-                else arm["model_state"]["total"]
-                for arm in (a, b)
-            )
-            label = f"model state {part or 'total'} (MiB)"
-            lines.append(_row(label, x and x / 2**20, y and y / 2**20, "{:,.1f}"))
-        if "cuda_peak_own_bytes" in a:
-            for key, label in (
-                ("cuda_peak_own_bytes", "CUDA peak, own (GiB)"),
-                ("cuda_peak_allocated_bytes", "CUDA peak, both arms resident (GiB)"),
-            ):
-                lines.append(_row(label, a[key] / 2**30, b[key] / 2**30, "{:.2f}"))
-        d, ratio = r["decode"], r["ratios"]
-        lines += [
-            "",
-            f"Decode of {d['rows']} prompts: one batched decode of {2 * d['rows']} rows "
-            f"(sampled + greedy flags) {d['median_s']['one_batched_decode']:.4f} s vs two "
-            f"generate calls of {d['rows']} {d['median_s']['two_generate_calls']:.4f} s: "
-            f"speed-up {d['speedup']:.2f}x."
-            + (
-                f" vLLM engine, the same {2 * d['rows']} rows: {d['median_s']['vllm_decode']:.4f} s "
-                f"({d['vllm_over_hf_batched']:.2f}x the batched hf decode's speed)."
-                if "vllm_decode" in d["median_s"]
-                else ""
-            ),
-            f"Model-state ratio ReMax/PPO {ratio['model_state_remax_over_ppo']:.3f} measured; "
-            f"{ratio['model_state_remax_over_ppo_mixed_precision_analytic']:.3f} analytic for "
-            "DeepSpeed-style mixed precision (16 B per trained, 2 B per frozen parameter).",
-            "",
-        ]
-    lines.append(f"Process peak RSS: {report['process_peak_rss_bytes'] / 2**20:,.1f} MiB.")
-    if report.get("largest_fitting_size"):
-        lines.append(f"Largest size that fits (both arms): {report['largest_fitting_size']}.")
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- main
@@ -641,19 +419,6 @@ def main(argv=None) -> dict:
     print(table)
     progress(f"wrote {out} (remax_vs_ppo*.json, .md)")
     return report
-
-
-def _write(report: dict, out: Path) -> str:
-    ok = [r for r in report["results"] if r["status"] == "ok"]
-    report["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report["largest_fitting_size"] = ok[-1]["size"] if ok else None
-    if ok:  # the headline: the largest size that ran
-        report.update({k: ok[-1][k] for k in ("remax", "ppo", "ratios", "decode")})
-    stem = "remax_vs_ppo" + ("_vllm" if report["meta"]["engine"] == "vllm" else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    table = markdown(report)
-    (out / f"{stem}.md").write_text(table)
-    return table
 
 
 if __name__ == "__main__":
