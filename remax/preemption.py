@@ -175,17 +175,25 @@ def _on_sigterm(stop: StopRequest, state: str | None = None) -> None:
 
 def job_state() -> str | None:
     """This job's state per ``squeue`` (RUNNING, COMPLETING, ...), None when Slurm does not say."""
+    states = (_squeue("%T", timeout=10) or "").split()
+    return states[0] if states else None
+
+
+def _squeue(field: str, timeout: float) -> str | None:
+    """One ``squeue -o`` field of this job, None outside Slurm or when squeue fails."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=10
+            ["squeue", "-h", "-j", job, "-o", field],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired):  # no squeue, a hung slurmctld
         return None
-    states = out.stdout.split()
-    return states[0] if out.returncode == 0 and states else None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _guard(stop: StopRequest) -> None:
@@ -211,15 +219,9 @@ def job_end_time() -> float | None:
     """The job's projected end (Unix time): SLURM_JOB_END_TIME (Slurm >= 23.02) or squeue."""
     if os.environ.get("SLURM_JOB_END_TIME"):
         return float(os.environ["SLURM_JOB_END_TIME"])
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return None
     try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30
-        )
-        return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
-    except (ValueError, OSError, subprocess.TimeoutExpired):  # "N/A", "Unknown", no squeue
+        return time.mktime(time.strptime(_squeue("%e", timeout=30) or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:  # "N/A", "Unknown", no answer
         return None
 
 
