@@ -139,6 +139,8 @@ def _guarded(stage: str, config, run_dir, stop, trainer) -> dict | None:
         if main:
             cls = _policy.on_exception(run_dir, exc, stage)
             ledger.finish("failed", cls.value)
+        if isinstance(exc, ConfigError):  # e.g. a reward function failing on a row: one line
+            fail(str(exc))  # exit 2, never requeued; failure.json and the checkpoints stay
         raise
     finally:
         watchdog.activate(None)
@@ -176,11 +178,7 @@ def _run(stage: str, config, run_dir, stop, trainer) -> dict | None:
             return evaluate(config, run_dir)
         except preemption.Stopped:  # between two answer batches: the done ones are on disk
             return None
-        except ConfigError as exc:  # a reward model or function that cannot serve: one line
-            fail(str(exc))
     try:
         return loop.run(trainer, config, run_dir, stage, stop=stop)
-    except ConfigError as exc:  # e.g. a reward function failing on a row; checkpoints stay
-        fail(str(exc))
     finally:
         close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_job
+from conftest import REPO, run_job
 from test_slurm import JOB, _assert_same_export, _status, _submit, _wait_done, _wait_for
 
 pytestmark = pytest.mark.slurm
@@ -61,6 +61,33 @@ def test_exception_fails_once_with_failure_json_and_no_requeue(tmp_path):
     # touched, so no failure.json either (an exception in training: no Slurm test yet).
     assert not (Path(rec["run_dir"]) / "failure.json").exists()
     assert not (Path(rec["run_dir"]) / "checkpoints").exists()
+
+
+def test_exception_in_training_fails_once_with_failure_json_and_no_requeue(tmp_path):
+    """A reward function that raises on a row while ReMax trains (user code failing mid-run): the
+    job ends FAILED in one segment, never requeued, with failure.json class `exception` naming the
+    row, and one `error:` line at the end of its log."""
+    out = run_job(
+        "jobs.remax",
+        "--json",
+        f"run.root={tmp_path}",
+        *JOB,
+        "log.wandb_mode=disabled",
+        "reward_model.kind=function",
+        "reward_model.function=tests.reward_functions:fails_on_z",
+        "data.max_response_len=16",  # 34 symbols × 16 tokens × 8 rows: some answer has a z
+        env={"PYTHONPATH": str(REPO)},  # the function's module, as a user's own package
+    )
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    states = _wait_done(rec["job_id"])
+    assert [s for s, _ in states] == ["FAILED"], states  # one segment: never requeued
+    run_dir = Path(rec["run_dir"])
+    info = json.loads((run_dir / "failure.json").read_text())
+    assert info["class"] == "exception" and "fails_on_z failed on row" in info["reason"], info
+    [segment] = _segments(run_dir)
+    assert segment["stop_reason"] == "failed" and segment["failure_class"] == "exception"
+    err = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_log.err"))
+    assert err.strip().splitlines()[-1].startswith("error: reward function"), err[-2000:]
 
 
 def _tiny_export(root: Path) -> str:
