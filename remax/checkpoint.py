@@ -100,16 +100,26 @@ def save_weights(model_state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """Every file and directory under ``root`` (an engine's shards sit in subdirectories)."""
+    """Every file and directory under ``root`` (an engine's shards sit in subdirectories).
+
+    Every rank walks the whole tree while the others may still be writing theirs: a temporary
+    file that vanishes under the walk was renamed into place by its writer, which flushes it
+    itself, so it is skipped here."""
     for directory, _, files in os.walk(root):
         for name in files:
-            with open(Path(directory) / name, "rb") as fh:
-                os.fsync(fh.fileno())
+            try:
+                with open(Path(directory) / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except FileNotFoundError:
+                continue
         _fsync_dir(Path(directory))
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another rank's temporary directory, renamed meanwhile
+        return
     try:
         os.fsync(fd)
     finally:

@@ -98,6 +98,7 @@ def load_reward_adapter(
     """
     if cfg.kind == RewardKind.export:
         model, tok = load_reward_model(model_cfg, path=cfg.path, seed=seed, device=device)
+        _check_vocabulary(cfg, model, tok)
         return model.eval().requires_grad_(False), tok
     dtype = torch_dtype(model_cfg.dtype)
     tok = load_reward_tokenizer(cfg)
@@ -118,7 +119,20 @@ def load_reward_adapter(
         raise ValueError(f"reward_model.kind={cfg.kind.value} has no model to load")
     model.to(device=device, dtype=dtype)
     disable_dropout(model)
+    _check_vocabulary(cfg, model, tok)
     return model.eval().requires_grad_(False), tok
+
+
+def _check_vocabulary(cfg: RewardSourceConfig, model, tokenizer) -> None:
+    """Refuse an export whose tokenizer has ids its model cannot embed: re-tokenized answers
+    would index past the embedding table mid-run (an IndexError at some step, not at load)."""
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:
+        raise RewardLoadError(
+            f"reward_model.path={cfg.path}: its tokenizer has {len(tokenizer)} tokens but the "
+            f"model embeds {embedded}: save the tokenizer the reward model was trained with, or "
+            "resize its embeddings (model.resize_token_embeddings) before saving"
+        )
 
 
 def score_tokens(
