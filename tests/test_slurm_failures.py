@@ -87,7 +87,8 @@ def test_exception_in_training_fails_once_with_failure_json_and_no_requeue(tmp_p
     [segment] = _segments(run_dir)
     assert segment["stop_reason"] == "failed" and segment["failure_class"] == "exception"
     err = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_log.err"))
-    assert err.strip().splitlines()[-1].startswith("error: reward function"), err[-2000:]
+    ours = [line for line in err.splitlines() if not line.startswith("srun: ")]  # srun's own after
+    assert ours[-1].startswith("error: reward function") and "Traceback" not in err, err[-2000:]
 
 
 def _tiny_export(root: Path) -> str:
