@@ -9,7 +9,7 @@ VENV=${1:-$(mktemp -d /tmp/remax-install.XXXX)/venv}
 TORCH=$(nvidia-smi -L >/dev/null 2>&1 && echo torch || echo "torch==2.13.0")
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 SRC=$(mktemp -d)  # build from a copy: pip's build/ must not land in the checkout
-tar -C "$REPO" --exclude=.git --exclude=build --exclude=.venv --exclude=runs -cf - . | tar -C "$SRC" -xf -
+tar -C "$REPO" --exclude=.git --exclude=build --exclude=.venv --exclude=".venv-*" --exclude=runs -cf - . | tar -C "$SRC" -xf -
 "$VENV/bin/pip" install --quiet "$TORCH" "$SRC"
 WORK=$(mktemp -d)
 cd "$WORK"  # outside the checkout: nothing may come from the working tree
