@@ -46,7 +46,7 @@ KINDS = ("usr2", "requeue", "time_limit")
 
 def _submit(root: Path) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.remax", f"run.root={root}", *JOB],
+        [sys.executable, "-m", "jobs.remax", "--json", f"run.root={root}", *JOB],
         cwd=REPO,
         env=ENV,
         capture_output=True,
