@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -168,6 +169,24 @@ def claim(run_dir: Path, stage: str) -> str | None:
     return owner
 
 
+def live_owner(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of a live Slurm job that owns ``run_dir`` (its lease or its last
+    submission), for a process that is not that job; None on a machine without Slurm. Raises
+    :class:`QueueError` when squeue does not answer."""
+    run_dir = Path(run_dir)
+    if shutil.which("squeue") is None:  # a laptop: no job can own anything here
+        return None
+    mine = current_job_id()
+    for name in ("lease.json", "submission.json"):
+        try:
+            job = json.loads((run_dir / name).read_text()).get("job_id")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if job and str(job) != mine and (state := live_state(str(job))):
+            return str(job), state
+    return None
+
+
 def _record_hand_started(run_dir: Path, stage: str, job_id: str) -> None:
     with submit_lock([run_dir]):
         history = run_dir / "submissions.jsonl"
@@ -194,10 +213,15 @@ def clear_stop(run_dir: Path) -> None:
     (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
 
 
+def stop_requested(run_dir: Path) -> bool:
+    """Whether ``jobs.cancel --graceful`` asked this run to stop for good (a stat: signal-safe)."""
+    return (Path(run_dir) / STOP_FILE).exists()
+
+
 def stop_for_good(run_dir: Path) -> bool:
     """In the job, after a checkpoint: True (and the job cancelled) when a graceful cancel asked
     for it; the caller then returns without requeueing. The state ends CANCELLED; resumable."""
-    if not (Path(run_dir) / STOP_FILE).exists():
+    if not stop_requested(run_dir):
         return False
     job_id = current_job_id()
     if os.environ.get("SLURM_PROCID", "0") == "0":

@@ -11,8 +11,8 @@ import torch
 
 from jobs import _policy
 from jobs._config import fail
-from jobs._lease import claim, stop_for_good
-from remax import distributed, ledger, preemption, watchdog
+from jobs._lease import QueueError, claim, live_owner, stop_for_good, stop_requested
+from remax import distributed, failure, ledger, preemption, watchdog
 from remax.config import ConfigError
 from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
@@ -47,22 +47,24 @@ def _trainer(stage: str, config):
 def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | None:
     """Train ``stage`` with ``config`` (a dataclass) to completion or resume it; return the summary.
 
-    Returns None when ``stop`` asked for a checkpoint-and-exit (a Slurm requeue). Inside a
-    hand-submitted sbatch script (``slurm_templates/``) the stage watches USR2 and SIGTERM itself
-    and requeues its own job after the checkpoint.
+    Returns None when ``stop`` asked for a checkpoint-and-exit. Inside a Slurm job step (a
+    submitit job or a hand-rendered ``slurm_templates/`` script, both run under srun) the stage
+    watches USR2 and SIGTERM itself and ends a stopped segment with :class:`SegmentEnd`: the
+    process then exits (requeued) or returns None (cancelled by ``jobs.cancel --graceful``).
     """
-    requeue_self = (
-        stop is None and os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID")
-    )
-    if requeue_self:
-        stop = preemption.install(stop_request(config.cluster))
+    run_dir = run_dir_for(config, stage)
+    in_job = bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"))
+    if stop is None and in_job:
+        stop = preemption.install(stop_request(config.cluster, run_dir))
     init_logging()
+    if not in_job:
+        _refuse_live_owner(run_dir)  # a local run must not resume into a live job's files
     if config.cluster.num_threads:
         torch.set_num_threads(config.cluster.num_threads)
     # Watched from the first moment: a rendezvous, an input read or a model load that never
     # returns (a stuck NFS mount) must not keep the node billed until the time limit. The
     # watchdog writes into the run dir only when it fires.
-    _watch(config, run_dir_for(config, stage))
+    _watch(config, run_dir)
     # One process per GPU (torchrun or Slurm tasks); a no-op in a plain single process.
     env = distributed.init_distributed()
     # Before any model is built or loaded: a run is a function of its config whatever the model
@@ -82,28 +84,28 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
         trainer = None if stage == "evaluate" else _trainer(stage, config)
     except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
         fail(str(exc))
-    owner = claim(run_dir_for(config, stage), stage)
+    owner = claim(run_dir, stage)
     if owner:
         # Another live job owns this run dir: touching it would delete that job's in-progress
         # saves. Return a result (not None) so neither submitit nor the template requeues us.
         log.warning("%s: run dir owned by live job %s; this job exits untouched", stage, owner)
         watchdog.activate(None)
         close_all()
-        return {"stage": stage, "run_dir": str(run_dir_for(config, stage)), "not_owner": owner}
+        return {"stage": stage, "run_dir": str(run_dir), "not_owner": owner}
     try:
-        run_dir = prepare(config, stage) if distributed.is_main() else None
+        if distributed.is_main():
+            prepare(config, stage)
     except RunDirError as exc:
         fail(str(exc))
     distributed.barrier()  # rank 0 created (or checked) the run dir
-    run_dir = run_dir or run_dir_for(config, stage)
     log.info("%s run dir: %s", stage, run_dir)
-    summary = _guarded(stage, config, run_dir, stop, trainer)
+    end = SegmentEnd(run_dir, stop) if in_job else None
+    summary = _guarded(stage, config, run_dir, stop, trainer, end)
     if summary is None:
-        log.info("%s stopped at a checkpoint for a requeue: %s", stage, run_dir)
-        if requeue_self and stop_for_good(run_dir):
-            sys.exit(0)  # jobs.cancel --graceful: checkpoint written, job cancelled, no requeue
-        if requeue_self:
-            requeue_or_fail(run_dir)
+        log.info("%s stopped at a checkpoint: %s", stage, run_dir)
+        if end is not None:
+            end()  # evaluate's stop, or a stop the loop ended without its hook
+            end.exit()
         return None
     if not distributed.is_main():
         return summary
@@ -111,22 +113,83 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     return summary
 
 
-def stop_request(cluster) -> StopRequest:
-    """The segment's stop request: end time from Slurm, the teardown margin, the signal window."""
-    return StopRequest(preemption.job_end_time(), cluster.deadline_margin_s, cluster.signal_delay_s)
-
-
-def requeue_or_fail(run_dir) -> None:
-    """Requeue this job (retried) and exit; a requeue that never succeeds fails the job loudly."""
-    if not preemption.requeue():
-        raise RuntimeError(
-            "stopped for a requeue but `scontrol requeue` failed 5 times: resume with "
-            f"`python -m jobs.resume {run_dir}`"
+def _refuse_live_owner(run_dir) -> None:
+    """Outside Slurm: exit 2, touching nothing, when a live Slurm job owns ``run_dir``."""
+    try:
+        owner = live_owner(run_dir)
+    except QueueError as exc:
+        fail(f"{exc}: cannot tell whether a Slurm job still owns {run_dir}; nothing was touched")
+    if owner:
+        job, state = owner
+        fail(
+            f"run dir {run_dir} belongs to live Slurm job {job} ({state}): running here would "
+            f"resume from its checkpoints and overwrite its files; wait for it, `python -m "
+            f"jobs.cancel {run_dir}` first, or use run.attempt=<n> for a separate run"
         )
-    sys.exit(preemption.EXIT_REQUEUED)
 
 
-def _guarded(stage: str, config, run_dir, stop, trainer) -> dict | None:
+def stop_request(cluster, run_dir) -> StopRequest:
+    """The segment's stop request: the end time from Slurm, the partition's GraceTime, the
+    teardown margin, the --signal delay, and whether a signal is a graceful cancel."""
+    grace = preemption.partition_grace_s()
+    return StopRequest(
+        preemption.job_end_time(),
+        cluster.deadline_margin_s,
+        cluster.signal_delay_s,
+        grace_time_s=cluster.signal_delay_s if grace is None else grace,
+        graceful=lambda: stop_requested(run_dir),
+    )
+
+
+class SegmentEnd:
+    """The end of a stopped job segment, its checkpoint written: a graceful cancel ends the job
+    (``scancel``), anything else requeues it. The one owner of that question for submitit jobs
+    and hand-rendered sbatch scripts alike.
+
+    Called on every rank. Rank 0 writes the segment's ledger line and acts; the others wait for
+    its outcome, so ``srun --kill-on-bad-exit`` never cuts rank 0 short of its requeue. The loop
+    calls it before W&B closes (``loop.run(end_segment=...)``).
+    """
+
+    OUTCOMES = ("", "requeued", "cancelled", "failed")
+
+    def __init__(self, run_dir, stop: StopRequest | None) -> None:
+        self.run_dir, self.stop, self.outcome = run_dir, stop, None
+
+    def __call__(self) -> None:
+        if self.outcome is not None:
+            return
+        outcome = ""
+        if distributed.is_main():
+            ledger.finish(_stop_reason(self.stop))
+            if stop_for_good(self.run_dir):
+                outcome = "cancelled"
+            else:
+                outcome = "requeued" if preemption.requeue() else "failed"
+        self.outcome = _outcome_of_rank0(outcome, self.OUTCOMES)
+
+    def exit(self) -> None:
+        """Leave the job step as the outcome says (called after W&B closed)."""
+        if self.outcome == "failed":
+            raise RuntimeError(
+                "stopped for a requeue but `scontrol requeue` failed 5 times: resume with "
+                f"`python -m jobs.resume {self.run_dir}`"
+            )
+        if self.outcome == "requeued":
+            sys.exit(preemption.EXIT_REQUEUED)
+
+
+def _outcome_of_rank0(outcome: str, outcomes: tuple[str, ...]) -> str:
+    """Rank 0's ``outcome`` on every rank. The requeue it follows kills the job's tasks, so a
+    collective cut short means rank 0 requeued."""
+    try:
+        code = distributed.sum_over_ranks({"outcome": outcomes.index(outcome)})["outcome"]
+    except Exception:  # noqa: BLE001 - a peer killed by the requeue's SIGTERM
+        return outcome or "requeued"
+    return outcomes[int(code)]
+
+
+def _guarded(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
     """The stage under the failure policy: segment ledger, watchdog, failure classes."""
     main = distributed.is_main()
     ledger.begin()
@@ -134,11 +197,15 @@ def _guarded(stage: str, config, run_dir, stop, trainer) -> dict | None:
         ledger.attach(run_dir)
         _policy.check_start(config.cluster, run_dir, ledger.current().restart)
     try:
-        summary = _run(stage, config, run_dir, stop, trainer)
+        summary = _run(stage, config, run_dir, stop, trainer, end)
     except Exception as exc:
-        if main:
+        # The rank that raised claims the event first; its peers' "connection closed" is the
+        # same event, not a second failure (failure.json then names the rank that failed).
+        if failure.claim_event(run_dir):
             cls = _policy.on_exception(run_dir, exc, stage)
             ledger.finish("failed", cls.value)
+        else:
+            ledger.finish("failed")
         if isinstance(exc, ConfigError):  # e.g. a reward function failing on a row: one line
             fail(str(exc))  # exit 2, never requeued; failure.json and the checkpoints stay
         raise
@@ -167,7 +234,7 @@ def _stop_reason(stop) -> str:
     return reason.value if reason is not None else "stopped"
 
 
-def _run(stage: str, config, run_dir, stop, trainer) -> dict | None:
+def _run(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
     from remax.trainers import loop
 
     if stage == "evaluate":
@@ -179,6 +246,6 @@ def _run(stage: str, config, run_dir, stop, trainer) -> dict | None:
         except preemption.Stopped:  # between two answer batches: the done ones are on disk
             return None
     try:
-        return loop.run(trainer, config, run_dir, stage, stop=stop)
+        return loop.run(trainer, config, run_dir, stage, stop=stop, end_segment=end)
     finally:
         close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)

@@ -30,13 +30,11 @@ from jobs._lease import (
     current_job_id,
     live_state,
     live_states,
-    stop_for_good,
     submit_lock,
 )
 from jobs._output import emit
 from jobs._snapshot import REPO, check_running_code, code_hash, package_versions, setup_lines
 from jobs._snapshot import snapshot as code_snapshot
-from remax import preemption
 from remax.fileio import write_json
 from remax.run_dir import prepare, run_dir_for, to_plain, wandb_id
 
@@ -351,7 +349,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self.code_hash, self.packages = code_hash(), package_versions()
 
     def __call__(self):
-        from jobs._stage import requeue_or_fail, run_stage, stop_request
+        from jobs._stage import run_stage
 
         reason = check_running_code(self.code_hash, self.packages)
         if reason:
@@ -362,16 +360,10 @@ class StageJob(submitit.helpers.Checkpointable):
         reason = over_budget(run_dir, self.config.cluster, segment, job_id=current_job_id())
         if reason:  # an exception fails the job: no requeue past the cap
             raise RuntimeError(reason)
-        cluster = self.config.cluster  # cluster.max_restarts: jobs._policy.check_start
-        # Replaces submitit's USR2 handler (checkpoint + one unretried requeue) and its SIGTERM
-        # bypass: both signals now take the one stop path of remax.preemption.
-        stop = preemption.install(stop_request(cluster))
-        summary = run_stage(self.stage, self.config, stop=stop)
-        if summary is None and stop_for_good(run_dir):
-            return None  # jobs.cancel --graceful: checkpoint written, job cancelled, no requeue
-        if summary is None:  # stopped (after a checkpoint when it fit): requeue ourselves
-            requeue_or_fail(run_dir)
-        return summary
+        # run_stage replaces submitit's USR2 handler (checkpoint + one unretried requeue) and its
+        # SIGTERM bypass: both signals take the one stop path of remax.preemption, and a stopped
+        # segment ends in jobs._stage.SegmentEnd (requeued: the process exits there).
+        return run_stage(self.stage, self.config)
 
 
 # ------------------------------------------------------------------ templates

@@ -212,6 +212,16 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def agree(main_says: bool, any_says: bool) -> tuple[bool, bool]:
+    """Two decisions every rank takes alike, in one collective: ``main_says`` as rank 0 decided
+    it (its clock, its files), ``any_says`` true where any rank said so (a signal one rank saw)."""
+    if not _active():
+        return main_says, any_says
+    t = torch.tensor([int(main_says and rank() == 0), int(any_says)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0].item()), bool(t[1].item())
+
+
 def all_reduce_grads(params) -> None:
     """Sum the gradients of ``params`` over ranks in one flat buffer (one collective per step).
 

@@ -67,7 +67,7 @@ def record(
         "host": socket.gethostname(),
         "job": os.environ.get("SLURM_JOB_ID"),
         "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-        "rank": int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0),
+        "rank": _rank(),
         "time": time.time(),
         **extra,
     }
@@ -77,6 +77,41 @@ def record(
     with open(folder / "failures.jsonl", "a") as f:
         f.write(json.dumps(info, sort_keys=True) + "\n")
     return info
+
+
+def claim_event(folder: Path) -> bool:
+    """Whether this rank is the first to report this segment's failure (and so records it and
+    acts on it). Every rank of an N-rank job sees one failure: a hung rank blocks the others in
+    the next collective, where their watchdogs fire too; a rank that raises closes its peers'
+    connections. Counted N times, one event would use up ``cluster.max_failure_requeues`` and
+    requeue twice; the first claim in the shared run dir wins, the others stay silent."""
+    key = _segment_key()
+    if key is None:  # one process: nobody to race
+        return True
+    folder = Path(folder) / "failure"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / f"event-{key}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"rank": _rank(), "host": socket.gethostname(), "time": time.time()}))
+    return True
+
+
+def _segment_key() -> str | None:
+    """This segment's name, the same on every rank: job and restart, or the local launch."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        return f"{env['SLURM_JOB_ID']}-r{int(env.get('SLURM_RESTART_COUNT') or 0)}"
+    if int(env.get("WORLD_SIZE") or 1) <= 1:
+        return None
+    # torchrun (or a test's spawn): the ranks share a launcher process and a rendezvous port.
+    return f"local-{os.getppid()}-{env.get('MASTER_PORT', '')}"
+
+
+def _rank() -> int:
+    return int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0)
 
 
 def history(run_dir: Path) -> list[dict]:

@@ -23,10 +23,12 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from remax import ledger
 
@@ -35,11 +37,14 @@ log = logging.getLogger("remax.preemption")
 EXIT_REQUEUED = 3
 """Exit status of a segment that requeued itself from the guard thread (no checkpoint)."""
 
+_SIGNAL_TICK_S = 60  # slurmctld sends --signal at a 30 s tick: up to ~30 s (plus load) early
+
 
 class StopReason(str, enum.Enum):
     usr2 = "usr2"  # Slurm's --signal warning: time limit near, or a preemption (preempt_send_user_signal)
     sigterm = "sigterm"  # preemption (GraceTime) or the time limit itself
     deadline = "deadline"  # no signal, but one more step + save + teardown would not fit
+    graceful = "graceful"  # `jobs.cancel --graceful`: checkpoint, then cancel; no kill is coming
     manual = "manual"  # set in-process (tests, a trainer's own reason)
 
 
@@ -50,15 +55,30 @@ class Stopped(Exception):
 class StopRequest:
     """Stop request of one job segment; the loop checks :attr:`requested` at each step boundary.
 
-    ``end_time``: the job's projected end (Unix time) or None. ``margin_s``: time kept for the
-    teardown and the requeue itself (``cluster.deadline_margin_s``). ``grace_s``: how long after a
-    signal the kill is expected when the end time does not say (``cluster.signal_delay_s``).
+    When the kill comes, which bounds the stop's save (:meth:`kill_time`):
+
+    - ``end_time``: the job's projected end (Unix time) or None; it bounds every stop.
+    - ``grace_time_s``: the partition's ``GraceTime``, the time between a preemption's signal
+      and its kill (:func:`partition_grace_s`); 0 where the partition preempts nothing.
+    - ``signal_delay_s``: ``--signal=USR2@<delay>``, the fallback for a USR2 when the end time is
+      unknown (a failing squeue) and the partition says nothing.
+    - ``graceful``: tells, at the signal, whether ``jobs.cancel --graceful`` sent it; such a
+      stop has no kill deadline but the end time (nobody kills a job that is stopping itself).
+    - ``margin_s``: time kept for the teardown and the requeue itself (``cluster.deadline_margin_s``).
     """
 
     def __init__(
-        self, end_time: float | None = None, margin_s: float = 0.0, grace_s: float = 0.0
+        self,
+        end_time: float | None = None,
+        margin_s: float = 0.0,
+        signal_delay_s: float = 0.0,
+        *,
+        grace_time_s: float = 0.0,
+        graceful: Callable[[], bool] | None = None,
     ) -> None:
-        self.end_time, self.margin_s, self.grace_s = end_time, margin_s, grace_s
+        self.end_time, self.margin_s = end_time, margin_s
+        self.signal_delay_s, self.grace_time_s = signal_delay_s, grace_time_s
+        self.graceful = graceful
         self.reason: StopReason | None = None
         self.signalled_at: float | None = None
         self.step_s = 0.0  # slowly decaying maximum of the step time
@@ -70,7 +90,12 @@ class StopRequest:
     def on_signal(self, signum: int = 0, _frame=None) -> None:
         """Signal handler: only flags (the save happens at the next step boundary)."""
         if self.reason in (None, StopReason.deadline):
-            self.reason = StopReason.sigterm if signum == signal.SIGTERM else StopReason.usr2
+            if self.graceful is not None and self.graceful():
+                self.reason = StopReason.graceful
+            elif signum == signal.SIGTERM:
+                self.reason = StopReason.sigterm
+            else:
+                self.reason = StopReason.usr2
         if self.signalled_at is None:  # the guard thread counts from the first signal
             self.signalled_at = time.time()
 
@@ -103,12 +128,29 @@ class StopRequest:
         return False
 
     def kill_time(self) -> float | None:
-        """When the kill is expected: the end time, or ``grace_s`` after a preemption signal."""
-        # grace_s = 0: no window known (an in-process flag), only the end time bounds the save.
-        signalled = self.signalled_at is not None and self.grace_s > 0
-        after_signal = self.signalled_at + self.grace_s if signalled else None
-        times = [t for t in (self.end_time, after_signal) if t is not None]
-        return min(times) if times else None
+        """When the kill is expected, None when nothing is known to come."""
+        return min(
+            (t for t in (self.end_time, self._kill_after_signal()) if t is not None), default=None
+        )
+
+    def _kill_after_signal(self) -> float | None:
+        if self.signalled_at is None or self.reason in (StopReason.graceful, StopReason.manual):
+            return None
+        if self.reason == StopReason.sigterm:  # a preemption confirmed: GraceTime, whatever it is
+            return self.signalled_at + self.grace_time_s
+        if self.reason == StopReason.usr2:
+            # A time-limit warning (Slurm sends it signal_delay_s before the end, up to one
+            # 30 s tick early: the end time says when) or a preemption's user signal (GraceTime
+            # after it). The end time tells the two apart; unknown, the earlier kill is assumed.
+            if self.end_time is not None and self.end_time - self.signalled_at <= (
+                self.signal_delay_s + _SIGNAL_TICK_S
+            ):
+                return None
+            if self.grace_time_s > 0:
+                return self.signalled_at + self.grace_time_s
+            if self.end_time is None and self.signal_delay_s > 0:
+                return self.signalled_at + self.signal_delay_s
+        return None
 
     def can_save(self) -> bool:
         """Whether the measured save still fits before the kill (else requeue without saving)."""
@@ -202,8 +244,8 @@ def _guard(stop: StopRequest) -> None:
         time.sleep(0.5)
     ledger.note_signal(stop.reason.value)
     kill = stop.kill_time()
-    if kill is None:
-        return
+    if kill is None or stop.reason == StopReason.graceful:
+        return  # a graceful stop is never requeued: at the end time Slurm ends it
     time.sleep(max(0.0, kill - stop.margin_s - time.time()))
     log.warning(
         "stop (%s) not reached %.0f s before the kill: requeueing without a checkpoint",
@@ -213,6 +255,25 @@ def _guard(stop: StopRequest) -> None:
     requeue()
     ledger.finish(f"{stop.reason.value}: requeued without a checkpoint")
     os._exit(EXIT_REQUEUED)  # the main thread is stuck (a save, an eval batch, wandb.finish)
+
+
+def partition_grace_s() -> float | None:
+    """This job's partition's ``GraceTime`` in seconds (a preemption's signal-to-kill window),
+    None outside Slurm or when scontrol does not answer."""
+    partition = os.environ.get("SLURM_JOB_PARTITION")
+    if not partition:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "partition", partition, "-o"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"\bGraceTime=(\d+)", out.stdout) if out.returncode == 0 else None
+    return float(match.group(1)) if match else None
 
 
 def job_end_time() -> float | None:
@@ -244,7 +305,12 @@ def requeue(
     for attempt in range(1, attempts + 1):
         try:
             out = subprocess.run(
-                ["scontrol", "requeue", job], capture_output=True, text=True, timeout=30
+                # Incomplete: only a RUNNING (or configuring, stopped, suspended) job comes back;
+                # a plain requeue also revives one that a user's scancel just ended.
+                ["scontrol", "requeue", "Incomplete", job],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             if out.returncode == 0:
                 log.info("requeued job %s", job)

@@ -56,7 +56,9 @@ class Saver:
         return math.sqrt(2 * self.save_s * 86400 / c.failures_per_day)
 
     def due(self, step: int, total: int) -> bool:
-        """A periodic save after ``step`` (the final one is the loop's, not periodic)."""
+        """A periodic save after ``step`` (the final one is the loop's, not periodic), by this
+        process's clock. Ranks' clocks differ (rank 0's starts after ``wandb.init``): the loop
+        takes rank 0's answer for every rank (``distributed.agree``), never each rank's own."""
         if step >= total:
             return False
         every = self.cfg.every_steps
@@ -79,5 +81,6 @@ class Saver:
 
     def _measured(self, seconds: float) -> None:
         self.save_s = seconds
-        if self.stop is not None and hasattr(self.stop, "observe_save"):
+        watchdog.expect("save", seconds)  # a resumed segment's first save has a budget too
+        if self.stop is not None:
             self.stop.observe_save(seconds)

@@ -51,6 +51,11 @@ class Watchdog:
             if step is not None:
                 self.step = step
 
+    def expect(self, phase: str, seconds: float) -> None:
+        """``phase`` is known to take ``seconds`` (measured in an earlier segment)."""
+        with self._lock:
+            self.longest[phase] = max(self.longest.get(phase, 0.0), seconds)
+
     def budget(self, phase: str) -> float:
         floor = 2 * self.floor_s if phase == "startup" else self.floor_s
         return max(floor, self.factor * self.longest.get(phase, 0.0))
@@ -77,6 +82,15 @@ class Watchdog:
             os._exit(failure.EXIT_HANG)
 
     def _report(self, phase: str, step: int | None, elapsed: float) -> None:
+        if not failure.claim_event(self.run_dir):
+            # Another rank reported this segment's failure (most likely the hung one, while
+            # this rank waited for it in a collective): its record and requeue stand for both.
+            log.error(
+                "watchdog: no progress in phase %r; stacks in %s (reported by another rank)",
+                phase,
+                self._dump_stacks(),
+            )
+            return
         info = failure.record(
             self.run_dir,
             failure.FailureClass.hang,
@@ -114,6 +128,12 @@ def activate(dog: Watchdog | None) -> None:
     if _ACTIVE is not None and dog is not _ACTIVE:
         _ACTIVE.stop()
     _ACTIVE = dog
+
+
+def expect(phase: str, seconds: float) -> None:
+    """Module-level :meth:`Watchdog.expect`; a no-op without a watchdog."""
+    if _ACTIVE is not None:
+        _ACTIVE.expect(phase, seconds)
 
 
 def beat(phase: str, step: int | None = None) -> None:

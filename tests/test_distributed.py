@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from remax import distributed
+from remax.preemption import StopRequest
 from remax.config import (
     Aggregation,
     DataConfig,
@@ -211,19 +212,17 @@ def test_launcher_environment():
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
 
 
-class StopAfter:
+class StopAfter(StopRequest):
     """A stop request that turns true at the ``k``-th step boundary (what USR2 does at scale)."""
 
     def __init__(self, k: int) -> None:
+        super().__init__()
         self.k, self.seen = k, 0
 
     @property
     def requested(self) -> bool:
         self.seen += 1
         return self.seen >= self.k
-
-    def observe(self, step_s: float) -> None:
-        pass
 
 
 class CrashAfter(StopAfter):
@@ -283,6 +282,10 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path):
         spawn(_run_stage, 2, crash_cfg, 3, True)
     crash_dir = run_dir_for(crash_cfg, "remax")
     assert CheckpointManager(crash_dir / "checkpoints").complete_steps() == [2]
+    # One event, one record, naming the rank that raised (not rank 0's "connection closed").
+    records = [json.loads(x) for x in (crash_dir / "failures.jsonl").read_text().splitlines()]
+    assert [(r["class"], r["rank"]) for r in records] == [("exception", 1)]
+    assert "simulated crash" in records[0]["reason"]
     spawn(_run_stage, 2, crash_cfg, 0)
 
     for other in (run_dir, crash_dir):

@@ -97,6 +97,7 @@ def test_critic_starts_as_a_trainable_copy_of_the_reward_model(tmp_path):
 
 
 def test_resume_is_bit_identical_for_actor_and_critic(tmp_path):
+    from remax.preemption import StopRequest
     from remax.trainers import loop
     from remax.trainers.ppo import PPOTrainer
 
@@ -106,7 +107,7 @@ def test_resume_is_bit_identical_for_actor_and_critic(tmp_path):
     assert loop.run(straight, cfg, tmp_path / "a", "ppo") is not None
 
     first = PPOTrainer(cfg)
-    stop, train_step = loop.StopFlag(), first.train_step
+    stop, train_step = StopRequest(), first.train_step
 
     def step_then_stop_after_two():
         metrics = train_step()

@@ -7,6 +7,7 @@ the real local Slurm are in ``test_slurm_failures.py``.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -23,13 +24,14 @@ from remax.run_dir import prepare
 from remax.trainers import loop
 
 
-def _stop_after(trainer, stop: StopRequest, k: int) -> None:
-    """Set ``stop`` once the trainer has done ``k`` steps (as USR2 would, mid-step k)."""
+def _stop_after(trainer, stop: StopRequest, k: int, signum: int | None = None) -> None:
+    """Set ``stop`` once the trainer has done ``k`` steps (as USR2 would, mid-step k); with
+    ``signum``, as that signal's handler does."""
     train_step = trainer.train_step
 
     def step():
         if trainer.step + 1 == k:
-            stop.set()
+            stop.on_signal(signum) if signum else stop.set()
         return train_step()
 
     trainer.train_step = step
@@ -59,8 +61,8 @@ def test_deadline_budgets_step_save_due_eval_and_teardown():
 
 
 def test_save_that_cannot_finish_before_the_kill_is_skipped():
-    stop = StopRequest(end_time=None, margin_s=5, grace_s=60)
-    stop.on_signal(15)  # SIGTERM: the kill is expected 60 s later
+    stop = StopRequest(end_time=None, margin_s=5, grace_time_s=60)
+    stop.on_signal(15)  # SIGTERM of a preemption: the kill is expected GraceTime (60 s) later
     assert stop.reason == preemption.StopReason.sigterm and stop.kill_time() is not None
     stop.observe_save(10.0)
     assert stop.can_save()  # 10 + 5 < 60
@@ -83,7 +85,7 @@ def test_sigterm_of_a_cancel_ends_the_segment_without_a_stop(state, monkeypatch)
 def test_sigterm_of_a_preemption_takes_the_stop_path(monkeypatch):
     # A preemption's GraceTime SIGTERM finds the job still RUNNING: checkpoint, then requeue.
     monkeypatch.setattr(preemption.os, "_exit", lambda code: pytest.fail(f"exited {code}"))
-    stop = StopRequest(grace_s=60)
+    stop = StopRequest(grace_time_s=60)
     preemption._on_sigterm(stop, "RUNNING")
     assert stop.requested and stop.reason == preemption.StopReason.sigterm
     assert stop.kill_time() is not None
@@ -115,9 +117,9 @@ def test_no_time_to_save_requeues_without_a_checkpoint(tmp_path, monkeypatch):
     cfg = _config("sft", tmp_path)
     run_dir = prepare(cfg, "sft")
     trainer = _trainer("sft", cfg)
-    stop = StopRequest(end_time=None, margin_s=5, grace_s=30)
+    stop = StopRequest(end_time=None, margin_s=5, signal_delay_s=30)
     stop.observe_save(1000.0)  # as measured by an earlier segment
-    _stop_after(trainer, stop, 1)  # before the first periodic save (every_steps=2)
+    _stop_after(trainer, stop, 1, signal.SIGUSR2)  # before the first periodic save (every_steps=2)
     assert loop.run(trainer, cfg, run_dir, "sft", stop=stop) is None
     assert saves == [] and trainer.step == 1  # returned for the requeue, nothing written
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,16 +65,22 @@ class Trainer(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-# The loop's one stop request is ``remax.preemption.StopRequest`` (signals, deadline, save fit);
-# the old name stays for callers that only set a flag.
-StopFlag = StopRequest
-
-
-def run(trainer: Trainer, cfg, run_dir: Path, stage: str, *, stop: StopRequest | None = None):
+def run(
+    trainer: Trainer,
+    cfg,
+    run_dir: Path,
+    stage: str,
+    *,
+    stop: StopRequest | None = None,
+    end_segment: Callable[[], None] | None = None,
+):
     """Train to ``trainer.total_steps`` from the latest checkpoint; export and summarise.
 
-    Returns the summary, or None when stopped early by ``stop`` (after checkpointing).
+    Returns the summary, or None when stopped early by ``stop`` (after checkpointing). Then
+    ``end_segment`` (the job's requeue or cancel) runs before W&B closes: a requeue must not
+    wait on a slow close, and the kill that follows it may cut the close short.
     """
+    stop = stop if stop is not None else StopRequest()  # a plain run: never requested
     summary_file = run_dir / "summary.json"
     if summary_file.exists():
         log.info("%s already complete: %s", stage, summary_file)
@@ -98,7 +105,7 @@ def run(trainer: Trainer, cfg, run_dir: Path, stage: str, *, stop: StopRequest |
         saver.save(trainer.step)
         summary = trainer.evaluate_final(run_dir)  # every rank evaluates its share
         watchdog.beat("export", trainer.step)
-        if distributed.any_rank(stop is not None and stop.requested):
+        if distributed.any_rank(stop.requested):
             stopped = True  # the export may not fit before the kill: the next segment redoes it
             return None
         return _finish(trainer, cfg, run_dir, stage, writer, summary)
@@ -107,8 +114,12 @@ def run(trainer: Trainer, cfg, run_dir: Path, stage: str, *, stop: StopRequest |
         _save_if_it_fits(saver, trainer.step, stop)
         return None
     finally:
-        # Before a requeue W&B gets a short bound: the kill is coming, the offline files suffice.
-        writer.close(timeout_s=10 if stopped else None)
+        try:
+            if stopped and end_segment is not None:
+                end_segment()
+        finally:
+            # Before a requeue W&B gets a short bound: the kill is coming, the offline files suffice.
+            writer.close(timeout_s=10 if stopped else None)
 
 
 def resume(trainer: Trainer, ckpt: CheckpointManager, stage: str) -> dict:
@@ -151,7 +162,7 @@ def save(trainer: Trainer, ckpt: CheckpointManager, timing: dict | None = None) 
     ckpt.save(trainer.step, None, {**state, "world_size": distributed.world_size()}, write=write)
 
 
-def _train(trainer: Trainer, cfg, stage: str, writer, saver: Saver, stop) -> bool:
+def _train(trainer: Trainer, cfg, stage: str, writer, saver: Saver, stop: StopRequest) -> bool:
     """Steps to the end (True) or to a stop request (False, after a save that fits)."""
     bar = tqdm(
         total=trainer.total_steps,
@@ -168,15 +179,20 @@ def _train(trainer: Trainer, cfg, stage: str, writer, saver: Saver, stop) -> boo
             ledger.note_step(trainer.step)
             watchdog.beat("step", trainer.step)
             metrics["time/step_s"] = time.perf_counter() - t0
-            if stop is not None and hasattr(stop, "observe"):
-                stop.observe(metrics["time/step_s"])  # the deadline stop leaves room for one step
+            stop.observe(metrics["time/step_s"])  # the deadline stop leaves room for one step
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(_scalars(metrics).items())[:3]})
             if trainer.step % cfg.train.log_every == 0 or trainer.step == trainer.total_steps:
                 writer.log(trainer.step, metrics)
-            if saver.due(trainer.step, trainer.total_steps):
+            # One decision for every rank: rank 0's clock says whether a save is due, any rank's
+            # signal stops all. Per-rank answers would pair one rank's save barrier with
+            # another's gradient all-reduce.
+            save_due, stop_now = distributed.agree(
+                saver.due(trainer.step, trainer.total_steps), stop.requested
+            )
+            if save_due:
                 saver.save(trainer.step)
-            if distributed.any_rank(stop is not None and stop.requested):
+            if stop_now:
                 _save_if_it_fits(saver, trainer.step, stop)
                 return False
         return True
@@ -184,25 +200,23 @@ def _train(trainer: Trainer, cfg, stage: str, writer, saver: Saver, stop) -> boo
         bar.close()
 
 
-def _eval_boundary(trainer: Trainer, cfg, stop) -> bool:
+def _eval_boundary(trainer: Trainer, cfg, stop: StopRequest) -> bool:
     """``trainer.should_stop_early()`` (where the periodic eval runs), timed for the deadline."""
     every = cfg.train.eval_every
     due = bool(every) and trainer.step > 0 and trainer.step % every == 0
     t0 = time.perf_counter()
     early = trainer.should_stop_early()
     watchdog.beat("step", trainer.step)
-    if due and stop is not None and hasattr(stop, "observe_eval"):
+    if due:
         stop.observe_eval(time.perf_counter() - t0)
-    if stop is not None and hasattr(stop, "eval_due"):
-        stop.eval_due = bool(every) and (trainer.step + 1) % every == 0
+    stop.eval_due = bool(every) and (trainer.step + 1) % every == 0
     return early
 
 
-def _save_if_it_fits(saver: Saver, step: int, stop) -> None:
+def _save_if_it_fits(saver: Saver, step: int, stop: StopRequest) -> None:
     """On a stop: save, unless the measured save would not finish before the kill (then the
     requeue alone keeps the chain alive; the steps since the last checkpoint are redone)."""
-    fits = stop is None or not hasattr(stop, "can_save") or stop.can_save()
-    if distributed.any_rank(not fits):
+    if distributed.any_rank(not stop.can_save()):
         log.warning("stop at step %d: no time to save (%.0f s measured)", step, saver.save_s)
         return
     saver.save(step)
