@@ -17,7 +17,6 @@ import torch
 import torch.multiprocessing as mp
 
 from remax import distributed
-from remax.preemption import StopRequest
 from remax.config import (
     Aggregation,
     DataConfig,
@@ -29,6 +28,7 @@ from remax.config import (
     TrainConfig,
     WandbMode,
 )
+from remax.preemption import StopRequest
 
 B = 8
 

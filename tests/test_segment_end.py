@@ -15,8 +15,8 @@ import time
 
 import pytest
 from test_distributed import spawn
-from test_stop_path import _stop_after
 from test_resume import _config, _trainer
+from test_stop_path import _stop_after
 
 from remax import failure, preemption, watchdog
 from remax.checkpoint import CheckpointManager
