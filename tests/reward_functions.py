@@ -27,3 +27,20 @@ def wrong_length(prompts: list[str], responses: list[str]) -> list[float]:
 
 def not_finite(prompts: list[str], responses: list[str]) -> list[float]:
     return [float("nan") if i == 1 else 0.0 for i in range(len(prompts))]
+
+
+def slow_topic_margin(prompts: list[str], responses: list[str]) -> list[float]:
+    """:func:`topic_margin`, 3 s late: steps longer than a signal's guard window."""
+    import time
+
+    time.sleep(3)
+    return topic_margin(prompts, responses)
+
+
+def fails_on_rank_3(prompts: list[str], responses: list[str]) -> list[float]:
+    """Raises on the fourth rank only: the failure record must name that rank."""
+    import os
+
+    if os.environ.get("SLURM_PROCID") == "3":
+        raise RuntimeError("reward server unreachable from rank 3")
+    return topic_margin(prompts, responses)

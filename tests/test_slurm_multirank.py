@@ -1,0 +1,174 @@
+"""Endings of a multi-rank job on the two-node local Slurm (issue #18): 2 nodes × 2 tasks, four
+gloo ranks of the tiny model, every state sequence read from ``sacct -D``.
+
+Needs ``LOCAL_SLURM_NODES=2 scripts/local_slurm.sh up`` (``.ci/run`` does it); same skip rule as
+``test_slurm.py``, whose helpers these use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_job
+from test_slurm import JOB, _assert_same_export, _sacct, _submit, _wait_done, _wait_for
+
+pytestmark = pytest.mark.slurm
+
+# Four ranks on the 2-core machine: ~2 s a step. A checkpoint every 8 steps.
+TWO_BY_TWO = (
+    "cluster.nodes=2",
+    "cluster.tasks_per_node=2",
+    "cluster.gpus_per_node=2",
+    "train.max_steps=24",
+    "checkpoint.every_steps=8",
+    "log.wandb_mode=disabled",
+)
+
+
+def _nodes(job: str) -> set[str]:
+    out = subprocess.run(
+        ["sacct", "-j", job, "-n", "--parsable2", "-o", "NodeList", "-X"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {n for line in out.stdout.split() for n in _hostnames(line)}
+
+
+def _hostnames(nodelist: str) -> list[str]:
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
+    )
+    return out.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2×2 run: the export every interrupted one must equal bit for bit."""
+    rec = _submit(tmp_path_factory.mktemp("ref"), *TWO_BY_TWO)
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["COMPLETED"], states
+    summary = json.loads((Path(rec["run_dir"]) / "summary.json").read_text())
+    assert summary["world_size"] == 4
+    assert len(_nodes(rec["job_id"])) == 2, "the job must span both nodes"
+    return rec
+
+
+def test_usr2_requeues_and_a_local_run_on_the_live_run_dir_is_refused(tmp_path, reference):
+    rec = _submit(tmp_path, *TWO_BY_TWO)
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
+    # The same command without cluster= maps to the same run dir (cluster keys are not part of
+    # the signature): it must exit 2 naming the job, touching nothing.
+    local = [a for a in (*JOB, *TWO_BY_TWO) if not a.startswith("cluster")]
+    before = sorted(p.name for p in run_dir.iterdir())
+    out = run_job("jobs.remax", f"run.root={tmp_path}", *local, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"live Slurm job {rec['job_id']}" in out.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    _assert_same_export(reference["run_dir"], rec["run_dir"])
+    segments = [json.loads(x) for x in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert [s["stop_reason"] for s in segments] == ["usr2", "completed"], segments
+
+
+def test_time_based_saves_every_12_s_agree_across_ranks(tmp_path, reference):
+    rec = _submit(tmp_path, *TWO_BY_TWO, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.2")
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["COMPLETED"], states
+    run_dir = Path(rec["run_dir"])
+    segments = [json.loads(x) for x in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert len(segments[0]["checkpoints"]) >= 3, segments  # ~50 s of steps, a save every 12 s
+    assert not (run_dir / "failure.json").exists()
+    _assert_same_export(reference["run_dir"], rec["run_dir"])
+
+
+def test_graceful_cancel_with_steps_longer_than_the_signal_window(tmp_path):
+    """``jobs.cancel --graceful`` while a step takes longer than ``signal_delay_s``: the job
+    finishes its step, writes exactly one checkpoint and ends CANCELLED; ``jobs.resume`` then
+    finishes the run."""
+    slow = (
+        *TWO_BY_TWO,
+        "train.max_steps=6",
+        "checkpoint.every_steps=100",  # no periodic save: the cancel's is the only one
+        "cluster.signal_delay_s=5",  # the old guard would requeue 5 s after the signal
+        "reward_model.kind=function",
+        "reward_model.function=tests.reward_functions:slow_topic_margin",
+    )
+    out = run_job("jobs.remax", "--json", f"run.root={tmp_path}", *JOB, *slow, env=_repo_path())
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "metrics.jsonl", timeout=600)  # a first step is done
+    run_job("jobs.cancel", str(run_dir), "--graceful")
+    states = _wait_done(rec["job_id"], timeout=600)
+    assert [s for s, _ in states] == ["CANCELLED"], states
+    [step] = [p.name for p in (run_dir / "checkpoints").glob("step_*")]
+    assert (run_dir / "checkpoints" / step / "COMPLETE").exists()
+    out = run_job("jobs.resume", str(run_dir), "--json", env=_repo_path())
+    again = json.loads(out.stdout.strip().splitlines()[-1])
+    states = _wait_done(again["job_id"], timeout=600)
+    assert [s for s, _ in states] == ["COMPLETED"], states
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 6
+
+
+def test_one_rank_raises_fails_once_and_names_that_rank(tmp_path):
+    args = (
+        *TWO_BY_TWO,
+        "reward_model.kind=function",
+        "reward_model.function=tests.reward_functions:fails_on_rank_3",
+    )
+    out = run_job("jobs.remax", "--json", f"run.root={tmp_path}", *JOB, *args, env=_repo_path())
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    states = _wait_done(rec["job_id"], timeout=600)
+    assert [s for s, _ in states] == ["FAILED"], states
+    run_dir = Path(rec["run_dir"])
+    records = [json.loads(x) for x in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [(r["class"], r["rank"]) for r in records] == [("exception", 3)], records
+    assert "rank 3" in records[0]["reason"]
+
+
+def test_a_requeue_racing_a_cancel_leaves_the_job_cancelled(tmp_path):
+    """``scancel`` during the stop path: the job's own requeue comes after the cancel and must
+    not bring it back (``scontrol requeue Incomplete``)."""
+    from remax import preemption
+
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--requeue", "-o", str(tmp_path / "log"), "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = out.stdout.strip().split(";")[0]
+    _wait_running(job)
+    subprocess.run(["scancel", job], check=True)
+    os.environ["SLURM_JOB_ID"] = job  # as inside the job, whose stop path requeues itself
+    try:
+        assert preemption.requeue(attempts=1, wait_s=0) is False
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+    time.sleep(8)  # a requeued job would be PENDING (BeginTime) by now, then RUNNING
+    assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout
+    assert [s for s, _ in _sacct(job)][-1].startswith("CANCELLED")
+
+
+def _wait_running(job: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
+        )
+        if out.stdout.strip() == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} never ran")
+
+
+def _repo_path() -> dict:
+    return {"PYTHONPATH": str(REPO)}  # tests.reward_functions, as a user's own package
