@@ -242,7 +242,7 @@ def _run(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
         from remax.evaluation import run as evaluate
 
         try:
-            return evaluate(config, run_dir)
+            return evaluate(config, run_dir, stop)
         except preemption.Stopped:  # between two answer batches: the done ones are on disk
             return None
     try:

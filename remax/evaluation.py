@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from remax import preemption, watchdog
+from remax import watchdog
 from remax.config import (
     AnswerFormat,
     EvalDecoding,
@@ -54,6 +54,7 @@ from remax.distributed import select_device
 from remax.fileio import atomic_write_text, write_json
 from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
+from remax.preemption import StopRequest
 from remax.rewards import RewardScorer
 from remax.rollout import Rollout, SamplingConfig
 from remax.rollout_engines import HFEngine, as_actor, build_rollout_engine
@@ -281,7 +282,7 @@ def _done_batches(path: Path, sizes: list[int]) -> dict[int, list[dict]]:
     return {b: rows for b, rows in batches.items() if b < len(sizes) and len(rows) == sizes[b]}
 
 
-def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> list[dict]:
+def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path, stop) -> list[dict]:
     chunks = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     done = _done_batches(partial, [len(c) for c in chunks])
     if len(done) < len(chunks):
@@ -308,7 +309,7 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
         devices = [device] if device.type == "cuda" else []
         todo = [b for b in range(len(chunks)) if b not in done]
         for b in tqdm(todo, desc=f"evaluate {name}", disable=not cfg.log.progress):
-            preemption.check()  # a stop unwinds to the job, which requeues; done batches stay
+            stop.check()  # a stop unwinds to the job, which requeues; done batches stay
             watchdog.beat("eval")
             chunk = chunks[b]
             with torch.random.fork_rng(devices=devices):
@@ -409,8 +410,10 @@ def _summary(cfg: EvaluateJobConfig, rows: dict[str, list[dict]], reward_source,
     return ev
 
 
-def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
-    """Answer, score and compare; write ``answers.jsonl``, answer files and ``summary.json``."""
+def run(cfg: EvaluateJobConfig, run_dir: Path, stop: StopRequest | None = None) -> dict:
+    """Answer, score and compare; write ``answers.jsonl``, answer files and ``summary.json``.
+    ``stop`` interrupts it between answer batches (:class:`remax.preemption.Stopped`)."""
+    stop = stop if stop is not None else StopRequest()
     summary_file = run_dir / "summary.json"
     if summary_file.exists():
         log.info("evaluate already complete: %s", summary_file)
@@ -422,7 +425,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
     (run_dir / "partial").mkdir(exist_ok=True)
     rows = {
         name: _policy_rows(
-            cfg, path, name, prompts, scorer, device, run_dir / "partial" / f"{name}.jsonl"
+            cfg, path, name, prompts, scorer, device, run_dir / "partial" / f"{name}.jsonl", stop
         )
         for path, name in zip(cfg.policies, cfg.labels)
     }
@@ -444,7 +447,7 @@ def run(cfg: EvaluateJobConfig, run_dir: Path) -> dict:
     )
     writer.summary({"eval": ev})
     writer.close()
-    preemption.check()  # before the summary: a requeued segment redoes only the cheap summary
+    stop.check()  # before the summary: a requeued segment redoes only the cheap summary
     write_json(summary_file, summary)
     shutil.rmtree(run_dir / "partial", ignore_errors=True)
     return summary

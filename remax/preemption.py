@@ -10,9 +10,10 @@ layer (``jobs/``) all import from here and nothing here imports them back.
 Timeline of a stop (t = the signal):
 
 - the handler only sets the request (a signal handler must not write checkpoints);
-- the loop sees it at the next step boundary, or between two evaluation batches
-  (:func:`check` raises :class:`Stopped`), saves if the measured save time still fits before the
-  kill, and returns; the job layer calls :func:`requeue`;
+- the loop sees it at the next step boundary, or between two evaluation batches (which get the
+  same request: :meth:`StopRequest.check` raises :class:`Stopped`), saves if the measured save
+  time still fits before the kill, and returns; the job layer's segment end
+  (``jobs._stage.SegmentEnd``) cancels (a graceful stop) or calls :func:`requeue`;
 - a guard thread requeues *without saving* and exits if the segment has not ended by
   ``kill time - margin``: a save longer than the signal window, a hung ``wandb.finish()`` or a
   stuck evaluation batch then cost the steps since the last checkpoint, never the whole chain.
@@ -127,6 +128,11 @@ class StopRequest:
             return True
         return False
 
+    def check(self) -> None:
+        """Between evaluation batches: raise :class:`Stopped` when a stop was requested."""
+        if self.requested:
+            raise Stopped(self.reason.value)
+
     def kill_time(self) -> float | None:
         """When the kill is expected, None when nothing is known to come."""
         return min(
@@ -158,34 +164,10 @@ class StopRequest:
         return kill is None or time.time() + self.save_s + self.margin_s < kill
 
 
-_ACTIVE: StopRequest | None = None
-
-
-def activate(stop: StopRequest | None) -> None:
-    """Make ``stop`` the request :func:`check` consults (evaluation loops take no argument)."""
-    global _ACTIVE
-    _ACTIVE = stop
-
-
-def active() -> StopRequest | None:
-    return _ACTIVE
-
-
-def requested() -> bool:
-    return _ACTIVE is not None and _ACTIVE.requested
-
-
-def check() -> None:
-    """Between evaluation batches: raise :class:`Stopped` when a stop was requested."""
-    if requested():
-        raise Stopped(str(_ACTIVE.reason.value))
-
-
 def install(stop: StopRequest) -> StopRequest:
-    """USR2 sets ``stop``; it becomes the active request; a guard thread watches it."""
+    """USR2 and SIGTERM set ``stop``; a guard thread watches it."""
     signal.signal(signal.SIGUSR2, stop.on_signal)
     signal.signal(signal.SIGTERM, lambda *_: _triage_sigterm(stop))
-    activate(stop)
     threading.Thread(target=_guard, args=(stop,), name="remax-stop-guard", daemon=True).start()
     return stop
 

@@ -53,7 +53,9 @@ def test_early_stop_compares_the_per_token_kl_as_the_release(tmp_path, limit, st
 
     per_answer = float(rl_eval.evaluate_policy(trainer)["kl"].mean())
     assert per_answer > 1.0, "answers of several tokens: the per-answer sum is above both limits"
-    assert trainer.should_stop_early() is stops
+    from remax.preemption import StopRequest
+
+    assert trainer.should_stop_early(StopRequest()) is stops
     assert trainer.last_eval_kl == pytest.approx(0.25, abs=1e-6)
 
 
@@ -261,8 +263,8 @@ def test_best_eval_reward_export_is_what_the_summary_describes(
     trainer.train_step = train_step
     real = rl_eval.evaluate_policy
 
-    def evaluate_policy(t, prompts=None, raw=None):
-        out = real(t, prompts, raw)
+    def evaluate_policy(t, prompts=None, raw=None, stop=None):
+        out = real(t, prompts, raw, stop)
         out["reward"] = torch.full_like(out["reward"], table[fingerprint()])
         return out
 

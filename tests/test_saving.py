@@ -14,8 +14,8 @@ from remax.checkpoint import CheckpointManager
 from remax.config import CheckpointConfig
 from remax.preemption import StopRequest
 from remax.run_dir import prepare
-from remax.saving import Saver
 from remax.trainers import loop
+from remax.trainers.checkpointer import Checkpointer
 
 
 class Clock:
@@ -31,13 +31,13 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr("remax.saving.time.monotonic", clock)
+    monkeypatch.setattr("remax.trainers.checkpointer.time.monotonic", clock)
     return clock
 
 
 def test_every_minutes_saves_when_the_time_is_up_and_not_before(clock):
     written = []
-    saver = Saver(CheckpointConfig(every_steps=0, every_minutes=2.0), written.append)
+    saver = Checkpointer(CheckpointConfig(every_steps=0, every_minutes=2.0), write=written.append)
     clock.now += 119
     assert not saver.due(5, total=100)
     clock.now += 1  # 120 s = 2 min since the start of the segment
@@ -50,26 +50,26 @@ def test_every_minutes_saves_when_the_time_is_up_and_not_before(clock):
 
 def test_default_interval_is_youngs_from_the_measured_save_time(clock):
     cfg = CheckpointConfig(every_steps=0, failures_per_day=4.0)
-    saver = Saver(cfg, lambda step: None)
+    saver = Checkpointer(cfg, write=lambda step: None)
     assert saver.interval_s() == 30 * 60  # nothing measured yet
     saver.restore_timing({"save_s": 180.0})
     # sqrt(2 · 180 s · 86400 s / 4) = sqrt(7_776_000) = 2788.5 s ≈ 46 min
     assert saver.interval_s() == pytest.approx(math.sqrt(2 * 180 * 86400 / 4), rel=1e-12)
-    assert Saver(replace(cfg, every_minutes=0), lambda s: None).interval_s() == math.inf
+    assert Checkpointer(replace(cfg, every_minutes=0)).interval_s() == math.inf
 
 
 def test_a_save_is_timed_and_fed_to_the_deadline_stop(clock, monkeypatch):
     ticks = iter([0.0, 2.5])  # perf_counter before and after the write
-    monkeypatch.setattr("remax.saving.time.perf_counter", lambda: next(ticks))
+    monkeypatch.setattr("remax.trainers.checkpointer.time.perf_counter", lambda: next(ticks))
     stop = StopRequest()
-    saver = Saver(CheckpointConfig(), lambda step: None, stop)
+    saver = Checkpointer(CheckpointConfig(), stop=stop, write=lambda step: None)
     saver.save(3)
     assert saver.timing() == {"save_s": 2.5} and stop.save_s == 2.5
     assert not saver.save(3), "the same step is never written twice"
 
 
 def test_signal_delay_shorter_than_the_measured_save_is_warned_about(caplog):
-    saver = Saver(CheckpointConfig(), lambda step: None)
+    saver = Checkpointer(CheckpointConfig())
     with caplog.at_level(logging.WARNING, logger="remax.loop"):
         saver.restore_timing({"save_s": 40.0}, signal_delay_s=30)
     assert "raise cluster.signal_delay_s above 60" in caplog.text
@@ -89,5 +89,6 @@ def test_time_based_saves_in_a_real_run_and_the_save_time_survives_a_restart(tmp
     assert saved == list(range(1, STEPS + 1)) and len(measured) == STEPS
     # A restarted segment starts with a measured save time: the one known when the newest
     # checkpoint was written (the save before it; a save cannot contain its own duration).
-    timing = loop.resume(_trainer("sft", cfg), CheckpointManager(run_dir / "checkpoints"), "sft")
-    assert timing["save_s"] == measured[-2] > 0
+    resumed = Checkpointer(cfg.checkpoint, _trainer("sft", cfg), run_dir / "checkpoints")
+    resumed.resume("sft")
+    assert resumed.save_s == measured[-2] > 0 and resumed.saved_step == STEPS

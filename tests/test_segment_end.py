@@ -22,8 +22,8 @@ from remax import failure, preemption, watchdog
 from remax.checkpoint import CheckpointManager
 from remax.preemption import StopReason, StopRequest
 from remax.run_dir import prepare
-from remax.saving import Saver
 from remax.trainers import loop
+from remax.trainers.checkpointer import Checkpointer
 
 
 # ------------------------------------------------------------------ when the kill comes
@@ -100,8 +100,8 @@ def test_the_first_saves_budget_after_a_restart_is_the_measured_save(tmp_path):
     dog = watchdog.Watchdog(tmp_path, floor_s=60, factor=4.0)
     watchdog.activate(dog)
     try:
-        saver = Saver(_config("sft", tmp_path).checkpoint, lambda step: None)
-        saver.restore_timing({"save_s": 200.0})  # the previous segment's 7B save
+        ckpt = Checkpointer(_config("sft", tmp_path).checkpoint)
+        ckpt.restore_timing({"save_s": 200.0})  # the previous segment's 7B save
         assert dog.budget("save") == 800.0  # not the 60 s floor: the first save is not a hang
     finally:
         watchdog.activate(None)
@@ -133,7 +133,7 @@ def _skewed_clocks(rank, world, cfg):
     from jobs._stage import run_stage
     from remax import distributed
 
-    Saver.due = lambda self, step, total: {1: 2, 0: 3}[distributed.rank()] == step
+    Checkpointer.due = lambda self, step, total: {1: 2, 0: 3}[distributed.rank()] == step
     run_stage("remax", cfg)
 
 

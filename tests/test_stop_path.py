@@ -131,16 +131,12 @@ def test_stop_during_final_evaluation_requeues_and_the_rerun_is_identical(tmp_pa
     trainer, stop = _trainer("remax", cfg), StopRequest()
     evaluate_final = trainer.evaluate_final
 
-    def usr2_then_evaluate(run_dir):
+    def usr2_then_evaluate(run_dir, stop):
         stop.set()  # arrives while the final evaluation runs
-        return evaluate_final(run_dir)
+        return evaluate_final(run_dir, stop)
 
     trainer.evaluate_final = usr2_then_evaluate
-    preemption.activate(stop)
-    try:
-        assert loop.run(trainer, cfg, run_dir, "remax", stop=stop) is None
-    finally:
-        preemption.activate(None)
+    assert loop.run(trainer, cfg, run_dir, "remax", stop=stop) is None
     assert not (run_dir / "export").exists() and not (run_dir / "summary.json").exists()
     assert CheckpointManager(run_dir / "checkpoints").complete_steps()[-1] == STEPS
     resumed = _trainer("remax", cfg)

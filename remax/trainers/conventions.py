@@ -191,13 +191,13 @@ def rank_token_denominator(mask: torch.Tensor, n_micro: int, world_size: int) ->
     return mask.sum().clamp(min=1) * n_micro * world_size
 
 
-def final_summary(trainer, run_dir) -> dict:
+def final_summary(trainer, run_dir, stop=None) -> dict:
     """``evaluate_final`` of an RL trainer: before/after reward, KL and length (collective).
 
     Rank 0 writes ``eval_after.json``; every rank returns the same summary.
     """
     before = json.loads((run_dir / "eval_before.json").read_text())
-    after = rl_eval.eval_summary(trainer)
+    after = rl_eval.eval_summary(trainer, stop=stop)
     if distributed.is_main():
         write_json(run_dir / "eval_after.json", after)
     ev = {

@@ -2,8 +2,8 @@
 
 The loop names two typed interfaces and nothing else of a trainer: :class:`Trainer` (below) and
 ``remax.engines.Engine``, the trained models (plain PyTorch or DeepSpeed) that write and read their
-own files inside each ``checkpoints/step_<N>/``. The loop owns the run directory:
-``checkpoints/step_<N>/``, ``metrics.jsonl``, ``export/``, ``summary.json``.
+own files inside each ``checkpoints/step_<N>/``. The loop owns ``metrics.jsonl``, ``export/`` and
+``summary.json``; what is saved into ``checkpoints/`` and when is :class:`Checkpointer`'s.
 
 At world size N > 1 every rank runs this loop in lockstep; rank 0 alone writes metrics, the
 export and the summary, every rank writes its part of each checkpoint, evaluates its share in
@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from remax import distributed, ledger, preemption, watchdog
-from remax.checkpoint import CheckpointManager, export_hf, rng_state, set_rng_state
+from remax.checkpoint import export_hf
 from remax.engines import Engine
 from remax.fileio import write_json
 from remax.log import MetricWriter
 from remax.preemption import StopRequest
 from remax.run_dir import to_plain, wandb_id
-from remax.saving import Saver
+from remax.trainers.checkpointer import Checkpointer
 
 log = logging.getLogger("remax.loop")
 
@@ -51,10 +51,12 @@ class Trainer(Protocol):
     def train_step(self) -> dict[str, float]:
         """One optimizer step; its metrics."""
 
-    def should_stop_early(self) -> bool: ...
+    def should_stop_early(self, stop: StopRequest) -> bool:
+        """The periodic evaluation and its stop rules; ``stop`` interrupts it (Stopped)."""
 
-    def evaluate_final(self, run_dir: Path) -> dict:
-        """Collective: every rank evaluates its share; returns the summary's stage part."""
+    def evaluate_final(self, run_dir: Path, stop: StopRequest) -> dict:
+        """Collective: every rank evaluates its share; returns the summary's stage part.
+        ``stop`` interrupts it between batches (:class:`remax.preemption.Stopped`)."""
 
     def export_model(self, run_dir: Path) -> tuple[torch.nn.Module, dict | None]:
         """The module to export and its weights (None: its own). Collective under ZeRO-3."""
@@ -85,25 +87,18 @@ def run(
     if summary_file.exists():
         log.info("%s already complete: %s", stage, summary_file)
         return json.loads(summary_file.read_text())
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    timing = resume(trainer, ckpt, stage)
+    ckpt = Checkpointer(cfg.checkpoint, trainer, run_dir / "checkpoints", stop)
+    ckpt.resume(stage, getattr(getattr(cfg, "cluster", None), "signal_delay_s", None))
     ledger.note_resume(trainer.step)
     writer = _writer(cfg, run_dir, stage, trainer.step)
-    saver = Saver(
-        cfg.checkpoint,
-        lambda step: save(trainer, ckpt, saver.timing()),
-        stop,
-        resumed_step=trainer.step,
-    )
-    saver.restore_timing(timing, getattr(getattr(cfg, "cluster", None), "signal_delay_s", None))
     stopped = False
     try:
         trainer.before_training(run_dir)
-        stopped = not _train(trainer, cfg, stage, writer, saver, stop)
+        stopped = not _train(trainer, cfg, stage, writer, ckpt, stop)
         if stopped:
             return None
-        saver.save(trainer.step)
-        summary = trainer.evaluate_final(run_dir)  # every rank evaluates its share
+        ckpt.save(trainer.step)
+        summary = trainer.evaluate_final(run_dir, stop)  # every rank evaluates its share
         watchdog.beat("export", trainer.step)
         if distributed.any_rank(stop.requested):
             stopped = True  # the export may not fit before the kill: the next segment redoes it
@@ -111,7 +106,7 @@ def run(
         return _finish(trainer, cfg, run_dir, stage, writer, summary)
     except preemption.Stopped:  # raised between evaluation batches (periodic or final eval)
         stopped = True
-        _save_if_it_fits(saver, trainer.step, stop)
+        ckpt.save_if_it_fits(trainer.step)
         return None
     finally:
         try:
@@ -122,47 +117,9 @@ def run(
             writer.close(timeout_s=10 if stopped else None)
 
 
-def resume(trainer: Trainer, ckpt: CheckpointManager, stage: str) -> dict:
-    """Load the newest intact checkpoint, if any: engines, counters, sampler, RNG; returns its
-    save timing. Rank 0 verifies the files against the marker (quarantining torn ones) and every
-    rank resumes from its choice."""
-    rank, world = distributed.rank(), distributed.world_size()
-    latest = ckpt.latest_intact() if rank == 0 else None
-    if world > 1:
-        step = -1 if latest is None else int(latest.name.split("_")[1])
-        chosen = distributed.sum_over_ranks({"step": step + 1 if rank == 0 else 0})["step"] - 1
-        latest = ckpt.root / f"step_{int(chosen)}" if chosen >= 0 else None
-    if latest is None:
-        return {}
-    state = CheckpointManager.load_state(latest, rank)
-    if state.get("world_size", 1) != world:
-        raise ValueError(
-            f"{latest} was written by {state.get('world_size', 1)} ranks, this run has {world}: "
-            "resume with the same number of ranks (each rank's RNG stream is in the checkpoint)"
-        )
-    for engine in trainer.engines():  # weights, optimizer and scheduler (each rank its shards)
-        engine.load(latest)
-    trainer.load_state_dict(state["trainer"])
-    set_rng_state(state["rng"])
-    log.info("resumed %s from %s (step %d)", stage, latest, trainer.step)
-    return state.get("timing", {})
-
-
-def save(trainer: Trainer, ckpt: CheckpointManager, timing: dict | None = None) -> None:
-    """``step_<N>/``: every engine's files, the trainer's state, this rank's RNG (collective)."""
-
-    def write(directory: Path) -> None:
-        for engine in trainer.engines():
-            engine.save(directory)
-
-    if distributed.rank():  # counters and sampler are identical across ranks: rank 0 writes them
-        ckpt.save(trainer.step, None, {"rng": rng_state()}, write=write)
-        return
-    state = {"trainer": trainer.state_dict(), "rng": rng_state(), "timing": timing or {}}
-    ckpt.save(trainer.step, None, {**state, "world_size": distributed.world_size()}, write=write)
-
-
-def _train(trainer: Trainer, cfg, stage: str, writer, saver: Saver, stop: StopRequest) -> bool:
+def _train(
+    trainer: Trainer, cfg, stage: str, writer, ckpt: Checkpointer, stop: StopRequest
+) -> bool:
     """Steps to the end (True) or to a stop request (False, after a save that fits)."""
     bar = tqdm(
         total=trainer.total_steps,
@@ -188,12 +145,12 @@ def _train(trainer: Trainer, cfg, stage: str, writer, saver: Saver, stop: StopRe
             # signal stops all. Per-rank answers would pair one rank's save barrier with
             # another's gradient all-reduce.
             save_due, stop_now = distributed.agree(
-                saver.due(trainer.step, trainer.total_steps), stop.requested
+                ckpt.due(trainer.step, trainer.total_steps), stop.requested
             )
             if save_due:
-                saver.save(trainer.step)
+                ckpt.save(trainer.step)
             if stop_now:
-                _save_if_it_fits(saver, trainer.step, stop)
+                ckpt.save_if_it_fits(trainer.step)
                 return False
         return True
     finally:
@@ -205,21 +162,12 @@ def _eval_boundary(trainer: Trainer, cfg, stop: StopRequest) -> bool:
     every = cfg.train.eval_every
     due = bool(every) and trainer.step > 0 and trainer.step % every == 0
     t0 = time.perf_counter()
-    early = trainer.should_stop_early()
+    early = trainer.should_stop_early(stop)
     watchdog.beat("step", trainer.step)
     if due:
         stop.observe_eval(time.perf_counter() - t0)
     stop.eval_due = bool(every) and (trainer.step + 1) % every == 0
     return early
-
-
-def _save_if_it_fits(saver: Saver, step: int, stop: StopRequest) -> None:
-    """On a stop: save, unless the measured save would not finish before the kill (then the
-    requeue alone keeps the chain alive; the steps since the last checkpoint are redone)."""
-    if distributed.any_rank(not stop.can_save()):
-        log.warning("stop at step %d: no time to save (%.0f s measured)", step, saver.save_s)
-        return
-    saver.save(step)
 
 
 def _finish(trainer: Trainer, cfg, run_dir: Path, stage: str, writer, summary: dict) -> dict:

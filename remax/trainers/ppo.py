@@ -413,14 +413,14 @@ class PPOTrainer:
         self.run_dir = run_dir
         rl_eval.write_eval_before(self, run_dir)
 
-    def should_stop_early(self) -> bool:
+    def should_stop_early(self, stop) -> bool:
         """Never: DS-Chat's PPO has neither a KL early stop nor a best-actor export (ReMax's
         ``early_stop_kl`` and ``export_policy`` are release features, not PPO's)."""
         return False
 
-    def evaluate_final(self, run_dir) -> dict:
+    def evaluate_final(self, run_dir, stop) -> dict:
         """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
-        return conventions.final_summary(self, run_dir)
+        return conventions.final_summary(self, run_dir, stop)
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The actor and its weights (consolidated from ZeRO-3 shards: collective)."""

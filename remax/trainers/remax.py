@@ -336,12 +336,12 @@ class RemaxTrainer:
         self.run_dir = run_dir
         rl_eval.write_eval_before(self, run_dir)
 
-    def should_stop_early(self) -> bool:
+    def should_stop_early(self, stop) -> bool:
         """Periodic eval (``train.eval_every``): track the best actor and the KL early stop."""
         every = self.cfg.train.eval_every
         if not every or self.step == 0 or self.step % every:
             return False
-        ev = rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts)
+        ev = rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts, stop)
         # Per-token units: the release's --target_kl 1.0 is a mean over tokens, not over answers
         # (an answer's Σ_t grows with its length: 256 tokens would stop at ~0.004 nats/token).
         self.last_eval_kl = ev["kl_token"]["mean"]
@@ -364,20 +364,20 @@ class RemaxTrainer:
             return True
         return False
 
-    def evaluate_final(self, run_dir) -> dict:
+    def evaluate_final(self, run_dir, stop) -> dict:
         """Collective (every rank calls it); rank 0 writes ``eval_after.json``. With
         ``best_eval_reward`` the final actor competes, then the exported actor is evaluated."""
         export = {"policy": self.cfg.export_policy.value, "step": self.step}
         if self.keep_best:
             best_actor.consider(
                 self,
-                rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts)["reward"][
-                    "mean"
-                ],
+                rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts, stop)[
+                    "reward"
+                ]["mean"],
             )
             best_actor.load_best(self)
             export.update(step=self.best_step, selection_reward=self.best_eval_reward)
-        return {**conventions.final_summary(self, run_dir), "export": export}
+        return {**conventions.final_summary(self, run_dir, stop), "export": export}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The module to save and its weights (None: its own). Collective under ZeRO-3."""

@@ -108,10 +108,10 @@ class RewardModelTrainer:
     def before_training(self, run_dir) -> None:
         pass
 
-    def should_stop_early(self) -> bool:
+    def should_stop_early(self, stop) -> bool:
         return False
 
-    def evaluate_final(self, run_dir) -> dict:
+    def evaluate_final(self, run_dir, stop) -> dict:
         return {"eval": self.evaluate()}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:

@@ -22,12 +22,16 @@ from remax import distributed, preemption, watchdog
 from remax.config import EvalDecoding
 from remax.data.batching import collate_prompts
 from remax.fileio import write_json
+from remax.preemption import StopRequest
 from remax.stats import mean_stderr
 
 
 @torch.no_grad()
 def evaluate_policy(
-    trainer, prompts: list[str] | None = None, raw: list[str] | None = None
+    trainer,
+    prompts: list[str] | None = None,
+    raw: list[str] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, torch.Tensor]:
     """(n,) tensors per held-out prompt: ``reward``, ``gold`` (synthetic task), ``kl`` (Σ_t of the
     answer), ``kl_token`` (the answer's per-token mean, the release's early-stop units), ``length``.
@@ -51,7 +55,7 @@ def evaluate_policy(
         torch.manual_seed(cfg.seed + 7919 + trainer.rank)
         for i in range(0, len(prompts), bs):
             # Padded shards: every rank runs the same batches, so they agree on a stop here.
-            if distributed.any_rank(preemption.requested()):
+            if distributed.any_rank(stop is not None and stop.requested):
                 raise preemption.Stopped("stop requested during evaluation")
             watchdog.beat("eval")
             batch = collate_prompts(
@@ -75,10 +79,15 @@ def evaluate_policy(
     return {k: distributed.all_gather_cat(torch.cat(v))[:n] for k, v in out.items() if v}
 
 
-def eval_summary(trainer, prompts: list[str] | None = None, raw: list[str] | None = None) -> dict:
+def eval_summary(
+    trainer,
+    prompts: list[str] | None = None,
+    raw: list[str] | None = None,
+    stop: StopRequest | None = None,
+) -> dict:
     """``{metric: {"mean", "stderr", "n"}}`` of :func:`evaluate_policy` (collective); ``prompts``
     and ``raw`` default to the trainer's held-out ``eval_prompts``."""
-    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer, prompts, raw).items()}
+    return {k: mean_stderr(v) for k, v in evaluate_policy(trainer, prompts, raw, stop).items()}
 
 
 def write_eval_before(trainer, run_dir: Path) -> None:

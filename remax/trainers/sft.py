@@ -96,10 +96,10 @@ class SFTTrainer:
         if self.loss_before is None:
             self.loss_before = self.eval_loss()
 
-    def should_stop_early(self) -> bool:
+    def should_stop_early(self, stop) -> bool:
         return False
 
-    def evaluate_final(self, run_dir) -> dict:
+    def evaluate_final(self, run_dir, stop) -> dict:
         return {"eval": {"loss_before": self.loss_before, "loss_after": self.eval_loss()}}
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
