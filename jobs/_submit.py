@@ -78,11 +78,29 @@ def sbatch_params(stage: str, cluster) -> dict:
     for key in ("partition", "account", "qos"):
         if getattr(cluster, key):
             params[key] = getattr(cluster, key)
-    if cluster.mem_gb is not None:
-        params["mem"] = f"{cluster.mem_gb}GB"
+    mem = _memory(stage, cluster, gpus_per_node)
+    if mem is not None:
+        params["mem"] = mem
     if cluster.setup:
         params["setup"] = list(cluster.setup)
     return params
+
+
+def _memory(stage: str, cluster, gpus: int) -> str | None:
+    """``--mem`` of a stage's job: ``cluster.mem_gb``, except that a stage on fewer GPUs than the
+    node has gets its per-GPU share of the node (``cluster.node_mem_gb``) where ``mem_gb=0``
+    would take the whole node's memory, leaving the node's other GPUs unusable by anyone."""
+    if cluster.mem_gb is None:
+        return None
+    if cluster.mem_gb or gpus >= cluster.gpus_per_node:
+        return f"{cluster.mem_gb}GB"
+    if cluster.node_mem_gb is None:
+        fail(
+            f"cluster.mem_gb=0 asks for a whole node's memory, but {stage} runs on {gpus} of its "
+            f"{cluster.gpus_per_node} GPUs: set cluster.node_mem_gb=<GB per node> ({stage} then "
+            f"asks for {gpus}/{cluster.gpus_per_node} of it) or cluster.mem_gb=<GB>"
+        )
+    return f"{cluster.node_mem_gb * gpus // cluster.gpus_per_node}GB"
 
 
 def _site_parameters(cluster) -> dict:
