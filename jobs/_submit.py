@@ -22,8 +22,9 @@ from pathlib import Path
 
 import submitit
 
+from jobs._budget import check_segment
 from jobs._config import fail
-from jobs._costs import over_budget
+from jobs._costs import over_budget, read_scope, scope_refusal, write_scope
 from jobs._lease import (
     QueueError,
     clear_stop,
@@ -76,11 +77,29 @@ def sbatch_params(stage: str, cluster) -> dict:
     for key in ("partition", "account", "qos"):
         if getattr(cluster, key):
             params[key] = getattr(cluster, key)
-    if cluster.mem_gb is not None:
-        params["mem"] = f"{cluster.mem_gb}GB"
+    mem = _memory(stage, cluster, gpus_per_node)
+    if mem is not None:
+        params["mem"] = mem
     if cluster.setup:
         params["setup"] = list(cluster.setup)
     return params
+
+
+def _memory(stage: str, cluster, gpus: int) -> str | None:
+    """``--mem`` of a stage's job: ``cluster.mem_gb``, except that a stage on fewer GPUs than the
+    node has gets its per-GPU share of the node (``cluster.node_mem_gb``) where ``mem_gb=0``
+    would take the whole node's memory, leaving the node's other GPUs unusable by anyone."""
+    if cluster.mem_gb is None:
+        return None
+    if cluster.mem_gb or gpus >= cluster.gpus_per_node:
+        return f"{cluster.mem_gb}GB"
+    if cluster.node_mem_gb is None:
+        fail(
+            f"cluster.mem_gb=0 asks for a whole node's memory, but {stage} runs on {gpus} of its "
+            f"{cluster.gpus_per_node} GPUs: set cluster.node_mem_gb=<GB per node> ({stage} then "
+            f"asks for {gpus}/{cluster.gpus_per_node} of it) or cluster.mem_gb=<GB>"
+        )
+    return f"{cluster.node_mem_gb * gpus // cluster.gpus_per_node}GB"
 
 
 def _site_parameters(cluster) -> dict:
@@ -211,8 +230,17 @@ def _with_snapshot(params: dict, snapshot_dir: Path) -> dict:
     return {**params, "setup": [*params.get("setup", []), *setup_lines(snapshot_dir)]}
 
 
-def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = False) -> dict:
-    """Submit one stage; returns the submission record (``job_id``, ``run_dir``, …)."""
+def submit(
+    stage: str,
+    config,
+    *,
+    dependency: str | None = None,
+    quiet: bool = False,
+    budget_scope: Path | None = None,
+) -> dict:
+    """Submit one stage; returns the submission record (``job_id``, ``run_dir``, …).
+    ``budget_scope``: the scope file (:func:`jobs._costs.write_scope`) of the pipeline whose
+    cap this run shares with the other stages."""
     cluster = config.cluster
     run_dir = run_dir_for(config, stage)
     _check_memory(stage, config)
@@ -239,6 +267,7 @@ def submit(stage: str, config, *, dependency: str | None = None, quiet: bool = F
         job = executor.submit(StageJob(stage, config))
         record = _record(stage, config, run_dir, job.job_id, cost, dependency=dependency)
         record["code_dir"] = str(snap)
+        record["budget_scope"] = str(budget_scope) if budget_scope else None
         _write_record(run_dir, record)
     if not quiet:
         emit(record)
@@ -292,6 +321,7 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
     folder = Path(configs[0].run.root) / "sweeps" / sweep_id
     with submit_lock(run_dirs):
         todo, live, complete = _split_sweep(stage, configs, run_dirs)
+        scope = _sweep_scope(stage, configs[0], sweep_id, run_dirs, len(todo))
         params = _with_snapshot(sbatch_params(stage, cluster), snap)
         executor = _executor(folder, cluster, params)
         jobs = executor.submit_array([StageJob(stage, c) for c, _ in todo]) if todo else []
@@ -299,6 +329,7 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
         for (c, d), job in zip(todo, jobs):
             record = _record(stage, c, d, job.job_id, estimate(stage, cluster), sweep=sweep_id)
             record["code_dir"] = str(snap)
+            record["budget_scope"] = str(scope)
             _write_record(d, record)
             records.append(record)
     summary = {
@@ -314,6 +345,18 @@ def submit_array(stage: str, configs: list, *, sweep_id: str) -> list[dict]:
     }
     emit(summary)
     return records
+
+
+def _sweep_scope(stage: str, config, sweep_id: str, run_dirs: list[Path], n_todo: int) -> Path:
+    """Write the sweep's budget scope (every element, complete ones included: the cap is
+    cumulative) and refuse a resubmission whose elements would exceed it on their first segment."""
+    cluster = config.cluster
+    scope = write_scope(Path(config.run.root), sweep_id, cluster.budget, run_dirs)
+    next_cost = n_todo * estimate(stage, cluster)["cost"]
+    reason = scope_refusal(read_scope(scope), next_cost, cluster.currency) if n_todo else None
+    if reason:
+        fail(f"{reason}; nothing was submitted")
+    return scope
 
 
 def _record(stage, config, run_dir, job_id, cost, *, dependency=None, sweep=None) -> dict:
@@ -357,9 +400,7 @@ class StageJob(submitit.helpers.Checkpointable):
         print(f"remax: running code {self.code_hash} from {REPO}", file=sys.stderr, flush=True)
         segment = estimate(self.stage, self.config.cluster)["cost"]
         run_dir = run_dir_for(self.config, self.stage)
-        reason = over_budget(run_dir, self.config.cluster, segment, job_id=current_job_id())
-        if reason:  # an exception fails the job: no requeue past the cap
-            raise RuntimeError(reason)
+        check_segment(run_dir, self.config.cluster, segment, job_id=current_job_id())
         # run_stage replaces submitit's USR2 handler (checkpoint + one unretried requeue) and its
         # SIGTERM bypass: both signals take the one stop path of remax.preemption, and a stopped
         # segment ends in jobs._stage.SegmentEnd (requeued: the process exits there).

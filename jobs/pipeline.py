@@ -150,13 +150,21 @@ def submit_pipeline(overrides: dict[str, list[str]], evaluate: bool, sft_cfg, rm
             _evaluate_overrides(remax_export, sft_export, rm_export, remax_cfg.algo)
             + overrides["evaluate"],
         )
-    _check_total_budget(
-        [("sft", sft_cfg), ("reward_model", rm_cfg), ("remax", remax_cfg), ("evaluate", eval_cfg)]
-    )
-    records = [submit("sft", sft_cfg, quiet=True), submit("reward_model", rm_cfg, quiet=True)]
-    records.append(submit("remax", remax_cfg, dependency=_after(records), quiet=True))
+    stages = [("sft", sft_cfg), ("reward_model", rm_cfg), ("remax", remax_cfg)]
+    stages += [("evaluate", eval_cfg)] if eval_cfg is not None else []
+    _check_total_budget(stages)
+    scope = _budget_scope(stages)
+    records = [
+        submit("sft", sft_cfg, quiet=True, budget_scope=scope),
+        submit("reward_model", rm_cfg, quiet=True, budget_scope=scope),
+    ]
+    after = _after(records)
+    records.append(submit("remax", remax_cfg, dependency=after, quiet=True, budget_scope=scope))
     if eval_cfg is not None:
-        records.append(submit("evaluate", eval_cfg, dependency=_after(records[2:]), quiet=True))
+        after = _after(records[2:])
+        records.append(
+            submit("evaluate", eval_cfg, dependency=after, quiet=True, budget_scope=scope)
+        )
     for stage, record in zip(STAGES, records):
         record.setdefault("stage", stage)
     summary = {"jobs": records, "record": str(_write_pipeline_record(sft_cfg.run.root, records))}
@@ -174,7 +182,6 @@ def _check_total_budget(stages: list) -> None:
     (each stage alone might fit while the whole does not)."""
     from jobs._submit import estimate
 
-    stages = [(s, c) for s, c in stages if c is not None]
     budget = stages[0][1].cluster.budget
     parts = {s: estimate(s, c.cluster)["cost"] for s, c in stages}
     if budget is not None and sum(parts.values()) > budget:
@@ -185,10 +192,36 @@ def _check_total_budget(stages: list) -> None:
         )
 
 
+def _budget_scope(stages: list) -> Path | None:
+    """The scope file through which every stage's segments share the pipeline's one cap
+    (``cluster.budget`` of the first stage, as in :func:`_check_total_budget`); None on a dry
+    run. A resubmission is refused when what the stages cost so far plus the estimates of those
+    not yet complete would exceed it."""
+    from jobs._costs import read_scope, scope_refusal, write_scope
+    from jobs._submit import estimate
+
+    first = stages[0][1]
+    if first.cluster.dry_run:
+        return None
+    run_dirs = [run_dir_for(c, s) for s, c in stages]
+    members = [str(d) for d in run_dirs]
+    scope = write_scope(Path(first.run.root), _pipeline_id(members), first.cluster.budget, members)
+    todo = [(s, c) for (s, c), d in zip(stages, run_dirs) if not (d / "summary.json").exists()]
+    next_cost = sum(estimate(s, c.cluster)["cost"] for s, c in todo)
+    reason = scope_refusal(read_scope(scope), next_cost, first.cluster.currency)
+    if reason:
+        fail(f"{reason}; nothing was submitted")
+    return scope
+
+
+def _pipeline_id(run_dirs: list[str]) -> str:
+    key = ",".join(sorted(run_dirs))
+    return f"pipeline-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
 def _write_pipeline_record(root: str, records: list[dict]) -> Path:
     """``<run.root>/pipelines/<id>.json``: what ``jobs.cancel`` and ``jobs.status`` read back."""
-    key = ",".join(sorted(r["run_dir"] for r in records))
-    path = Path(root) / "pipelines" / f"pipeline-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json"
+    path = Path(root) / "pipelines" / f"{_pipeline_id([r['run_dir'] for r in records])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"jobs": records}, indent=2))
     return path

@@ -207,7 +207,7 @@ def test_costs_come_from_alloc_tres_with_billing_granularity():
 
     assert allocated_gpus("billing=4,cpu=32,gres/gpu=4,node=1") == 4
     assert allocated_gpus("cpu=8,gres/gpu:a800=2,node=1") == 2
-    assert allocated_gpus("cpu=1,node=1") == 0
+    assert allocated_gpus("cpu=1,node=1") is None  # GPUs not accounted: unknown, not 0
     # 2 segments: 100 s on 4 GPUs, then 3000 s on 2 GPUs (a requeue landed on a smaller
     # allocation). Per started hour: 1 h × 4 + 1 h × 2 = 6 GPU-h; per second: (400 + 6000)/3600.
     segs = [{"elapsed_s": 100, "gpus": 4}, {"elapsed_s": 3000, "gpus": 2}]

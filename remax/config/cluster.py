@@ -43,6 +43,10 @@ class ClusterConfig:
     """CPU cores per task."""
     mem_gb: int | None = None
     """Memory per node in GB; 0 = the whole node; None = the site default."""
+    node_mem_gb: int | None = None
+    """Memory of one node in GB (what ``mem_gb=0`` stands for). A stage that runs on one of the
+    node's GPUs (evaluate) asks for its per-GPU share of it instead of the whole node; needed
+    when ``mem_gb=0`` and ``gpus_per_node > 1`` (``sinfo -o %m`` prints it in MB)."""
     time_min: int = 60
     """Time limit of one job segment, minutes."""
     signal_delay_s: int = 120
@@ -90,8 +94,10 @@ class ClusterConfig:
     currency: str = "CNY"
     """Currency of ``gpu_hour_rate``."""
     budget: float | None = None
-    """Cap per run across all its requeues and resubmissions (checked at submission and when each
-    segment starts), and on a sweep's or pipeline's summed estimate at submission; None: no cap."""
+    """Cost cap, None: no cap. Bounds one run across all its requeues and resubmissions, and a
+    pipeline's stages (the first stage's value) or a sweep's elements all together: checked at
+    submission (estimates, and what was spent) and again when each segment starts, which ends
+    the job instead of running a segment that could cross it (``jobs._budget``)."""
     dry_run: bool = False
     """Print the sbatch script and the estimate; submit nothing."""
     check_memory: bool = True
@@ -145,17 +151,14 @@ class ClusterConfig:
             "set cluster.mail_type (e.g. END,FAIL) with cluster.mail_user, or drop mail_user",
         )
         _require(self.gpu_hour_rate >= 0, "cluster.gpu_hour_rate", self.gpu_hour_rate, "use >= 0")
+        for key in ("budget", "mem_gb"):
+            value = getattr(self, key)
+            _require(value is None or value >= 0, f"cluster.{key}", value, "use >= 0 or null")
         _require(
-            self.budget is None or self.budget >= 0,
-            "cluster.budget",
-            self.budget,
-            "use >= 0 or null",
-        )
-        _require(
-            self.mem_gb is None or self.mem_gb >= 0,
-            "cluster.mem_gb",
-            self.mem_gb,
-            "use >= 0 or null",
+            self.node_mem_gb is None or self.node_mem_gb > 0,
+            "cluster.node_mem_gb",
+            self.node_mem_gb,
+            "use a positive number of GB or null",
         )
 
     @property
