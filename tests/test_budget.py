@@ -260,7 +260,7 @@ def test_stage_job_requeues_itself_when_sacct_is_down(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         StageJob("sft", config)()
     assert exit_.value.code == EXIT_REQUEUED
-    assert log.read_text().splitlines() == ["requeue 7"]
+    assert log.read_text().splitlines() == ["requeue Incomplete 7"]
 
 
 # ------------------------------------------------------------------ evaluation memory
