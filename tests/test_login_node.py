@@ -150,7 +150,8 @@ def test_node_list_parsing_keeps_suffixes():
         "SLURM_STEP_ID": "0",
         "SLURM_JOB_NODELIST": "n[1-2]",
     }
-    assert distributed.env_from_environ({**env, "MASTER_ADDR": "head-ib"}).master_addr == "head-ib"
+    # An exported MASTER_ADDR is the submitting shell's (sbatch exports it): ignored.
+    assert distributed.env_from_environ({**env, "MASTER_ADDR": "head-ib"}).master_addr == "n1"
 
 
 @pytest.mark.parametrize(
