@@ -7,6 +7,7 @@ the real local Slurm are in ``test_slurm_failures.py``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -252,6 +253,58 @@ def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatc
     writer.log(1, {"loss": 1.0})
     assert writer.close(timeout_s=60)
     assert list((tmp_path / "wandb").glob("offline-run-*-remax-test"))
+
+
+HANGING_WANDB = """
+import atexit, time
+class Settings:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+class Run:
+    summary = {}
+    def log(self, row, step=None):
+        pass
+    def finish(self):
+        time.sleep(3600)  # an upload that never ends
+def init(**kw):
+    atexit.register(time.sleep, 3600)  # wandb's teardown waits for the same upload, unbounded
+    return Run()
+def teardown():
+    pass
+"""
+
+CLOSE_THEN_END = """
+import sys
+from pathlib import Path
+from remax.log import MetricWriter
+writer = MetricWriter(Path(sys.argv[1]), run_id="r", stage="sft", config={}, wandb_mode="offline")
+writer.log(1, {"loss": 1.0})
+assert writer.close(timeout_s=0.5) is False
+{end}
+"""
+
+
+@pytest.mark.parametrize(
+    "end, status", [("pass", 0), ("sys.exit(3)", 3), ("raise RuntimeError('boom')", 1)]
+)
+def test_an_abandoned_wandb_finish_does_not_keep_the_process_alive(tmp_path, end, status):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(HANGING_WANDB)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{REPO}"}
+    out = subprocess.run(
+        [sys.executable, "-c", CLOSE_THEN_END.replace("{end}", end), str(run_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # before the fix: blocked in the fake teardown's hour-long sleep
+    )
+    assert out.returncode == status, out.stderr[-2000:]
+    assert "without waiting for W&B's teardown" in out.stderr
+    assert json.loads((run_dir / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.0}
 
 
 def test_waste_splits_billed_time_by_the_segment_ledger(tmp_path):
