@@ -199,6 +199,73 @@ def test_save_refused_when_the_disk_cannot_hold_it(tmp_path, monkeypatch):
     assert ckpt.complete_steps() == [1] and not list(tmp_path.glob(".tmp_step_*"))
 
 
+def test_a_prune_killed_midway_leaves_nothing_behind_after_the_next_start(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    class Killed(Exception):
+        pass
+
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, ignore_errors=False):
+        path = Path(path)
+        if path.name.endswith("step_1") and path.exists():  # one file gone, then the kill
+            next(f for f in path.iterdir() if f.name != MARKER).unlink()
+            raise Killed
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    ckpt = CheckpointManager(tmp_path, keep_last=1)
+    ckpt.save(1, {"w": torch.ones(3)}, {"x": 1})
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(Killed):
+        ckpt.save(2, {"w": torch.ones(3)}, {"x": 2})  # killed while pruning step_1
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert ckpt.complete_steps() == [2]  # the half-deleted step_1 is never complete
+    (tmp_path / "step_7").mkdir()  # an unmarked step dir an earlier version's prune left
+    restarted = CheckpointManager(tmp_path, keep_last=1)
+    assert restarted.latest_intact() == tmp_path / "step_2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+
+
+def test_a_resave_killed_between_its_renames_keeps_the_old_copy(tmp_path):
+    import torch
+
+    ckpt = CheckpointManager(tmp_path)
+    ckpt.save(1, {"w": torch.ones(3)}, {"x": 1})
+    # replace_dir renamed the complete step_1 aside; the kill came before the new one moved in.
+    os.replace(tmp_path / "step_1", tmp_path / ".step_1.old.123")
+    (tmp_path / ".tmp_step_1_456").mkdir()
+    assert CheckpointManager(tmp_path).latest_intact() == tmp_path / "step_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    assert CheckpointManager.load_state(tmp_path / "step_1") == {"x": 1}
+
+
+def test_quarantine_keeps_the_newest_only_and_gives_way_to_a_save(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    ckpt = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": torch.full((1000,), float(step))}, {"x": step})
+    for torn, fallback in ((3, 2), (2, 1)):
+        weights = tmp_path / f"step_{torn}" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        assert ckpt.latest_intact() == tmp_path / f"step_{fallback}"
+    quarantined = [p.name.split("-")[0] for p in (tmp_path / "quarantine").iterdir()]
+    assert quarantined == ["step_2"], "only the newest torn checkpoint is kept"
+    usage = shutil.disk_usage(tmp_path)
+    quarantine = tmp_path / "quarantine"
+    # The disk is full until the quarantined checkpoint is deleted.
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda _: usage._replace(free=100 if quarantine.exists() else 10**12)
+    )
+    ckpt.save(4, {"w": torch.ones(1000)}, {"x": 4})
+    assert not quarantine.exists() and ckpt.complete_steps() == [1, 4]
+
+
 HANG = """
 import sys, time
 from remax import watchdog
