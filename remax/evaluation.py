@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from remax import preemption, watchdog
+from remax import ledger, preemption, watchdog
 from remax.config import (
     AnswerFormat,
     EvalDecoding,
@@ -328,6 +328,7 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path) -> lis
             with open(partial, "a") as f:  # one write per batch: a kill tears at most this one
                 f.write("".join(json.dumps({"batch": b, **r}) + "\n" for r in rows))
             done[b] = rows
+            ledger.note_answered()  # the no-progress stop counts batches, not checkpoints
         engine.close()
         del model
     return [r for b in range(len(chunks)) for r in done[b]]

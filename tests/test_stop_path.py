@@ -307,6 +307,23 @@ def test_no_progress_guard_stops_after_k_segments_without_a_checkpoint(tmp_path,
     _policy.check_start(cluster, tmp_path, restarts=4)  # progress in the last 3: runs on
 
 
+def test_no_progress_counts_an_evaluate_segments_answered_batches(tmp_path, monkeypatch):
+    from jobs import _policy
+    from remax.config import ClusterConfig
+
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    cluster = ClusterConfig(no_progress_segments=2)
+    # An evaluation publishes no checkpoints: each segment answered (and kept) batches instead.
+    for restart, answered in enumerate((5, 0, 3, 0)):
+        ledger.append(
+            tmp_path, {"job": "78", "restart": restart, "checkpoints": [], "answered": answered}
+        )
+    _policy.check_start(cluster, tmp_path, restarts=4)  # 3 batches in the last 2 segments: runs on
+    ledger.append(tmp_path, {"job": "78", "restart": 4, "checkpoints": [], "answered": 0})
+    with pytest.raises(_policy.StopJob, match="answered an evaluation batch"):
+        _policy.check_start(cluster, tmp_path, restarts=5)
+
+
 def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatch):
     import remax.log
 
