@@ -9,6 +9,7 @@
 | oom          | stop, with the memory planner's suggestion                             |
 | exception    | stop, never requeue: a rerun fails the same way, billed again          |
 | no_progress  | stop: ``cluster.no_progress_segments`` segments without a checkpoint   |
+|              | (for evaluate: without an answered batch)                              |
 | disk_full    | stop                                                                   |
 """
 
@@ -60,14 +61,20 @@ def check_start(cluster, run_dir: Path, restarts: int) -> None:
         )
     k = cluster.no_progress_segments
     last = segments[-k:] if k else []
-    if k and len(last) == k and not any(s.get("checkpoints") for s in last):
+    if k and len(last) == k and not any(_progressed(s) for s in last):
         _stop(
             run_dir,
             FailureClass.no_progress,
-            f"the last {k} segments published no checkpoint (cluster.no_progress_segments={k}): "
-            "a step or a save does not fit into one segment; raise cluster.time_min or "
-            "lower checkpoint.every_minutes",
+            f"the last {k} segments published no checkpoint nor answered an evaluation batch "
+            f"(cluster.no_progress_segments={k}): a step, a save or an evaluation batch does not "
+            "fit into one segment; raise cluster.time_min or lower checkpoint.every_minutes",
         )
+
+
+def _progressed(segment: dict) -> bool:
+    """A checkpoint survives the segment; so does an evaluation batch written to ``partial/``
+    (the evaluate stage publishes no checkpoints)."""
+    return bool(segment.get("checkpoints") or segment.get("answered"))
 
 
 def _account_for_killed(run_dir: Path, job: str | None, restart: int) -> None:

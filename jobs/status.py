@@ -1,10 +1,12 @@
 """``python -m jobs.status [run.root] [--stage S] [--state S] [--sweep ID] [--metric KEY] [--json]``.
 
 One row per run dir: stage, job id, Slurm state (PENDING for array elements that have not started,
-a ``stalled`` flag for a running job whose metrics stopped moving), step/total, restarts, latest
+a ``stalled`` flag for a running job whose metrics stopped moving for longer than its own pace
+explains), step/total, restarts, latest
 reward, billed GPU-hours and cost, and why a failed job failed. GPU-hours come from ``sacct``:
 every requeue segment (``-D``), the GPUs Slurm allocated to it (``AllocTRES``), rounded up to the
-billing granularity. When ``sacct`` fails the costs show as unknown and the command says so.
+billing granularity. When ``sacct`` fails the costs show as unknown, when ``squeue`` fails the
+states of jobs not yet in accounting do; either way the command says so in one line and exits 1.
 Then, per sweep, its totals and the best element by ``--metric`` (default ``reward/mean``; a
 leading ``-`` picks the smallest). One ``sacct`` and one ``squeue`` call for all jobs.
 """
@@ -22,11 +24,21 @@ import yaml
 
 from jobs._costs import SacctError, history, run_cost, sacct_segments
 
-STALL_S = 900  # a RUNNING job whose metrics.jsonl has not grown for this long is flagged
+STALL_S = 900
+"""A RUNNING job whose metrics.jsonl has not grown for this long (at least) is flagged stalled."""
+STALL_ROWS = 3
+"""... or for this many of its own intervals between two metrics rows, when that is longer (a 7B
+step of 10 minutes logged every step is not stalled after 15)."""
+
+
+class SqueueError(RuntimeError):
+    """``squeue`` did not answer: queue states are unknown."""
 
 
 def _queue_states(job_ids: list[str]) -> dict[str, str]:
-    """``{job_id: state}`` from one ``squeue -r`` (array elements one per line, pending too)."""
+    """``{job_id: state}`` from one ``squeue -r`` (array elements one per line, pending too).
+
+    Raises :class:`SqueueError` when squeue fails; jobs that left the queue are no failure."""
     bases = sorted({j.split("_")[0] for j in job_ids})
     if not bases:
         return {}
@@ -37,21 +49,41 @@ def _queue_states(job_ids: list[str]) -> dict[str, str]:
             text=True,
             timeout=60,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SqueueError(f"squeue failed ({exc})") from None
+    # Every listed job already purged from the controller: squeue says so and exits 1.
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        raise SqueueError(f"squeue failed (rc {out.returncode}: {out.stderr.strip()[:200]})")
     return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
 
 
-def _last_metrics(run_dir: Path) -> dict:
+def _recent_metrics(run_dir: Path, n: int = 8) -> list[dict]:
+    """The last ``n`` readable rows of metrics.jsonl, oldest first (a torn last row is skipped)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return {}
+        return []
+    rows = []
     for line in reversed(path.read_text().splitlines()):
         try:
-            return json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return {}
+        if len(rows) == n:
+            break
+    return rows[::-1]
+
+
+def stall_after_s(rows: list[dict]) -> float:
+    """Seconds without a new metrics row after which a RUNNING job counts as stalled: STALL_S,
+    or STALL_ROWS of the run's own row intervals (median ``time/step_s`` × the steps between its
+    last two rows, i.e. ``train.log_every``) when that is longer."""
+    times = sorted(r["time/step_s"] for r in rows if isinstance(r.get("time/step_s"), int | float))
+    if not times:
+        return STALL_S
+    step_s = times[len(times) // 2]
+    steps = [r.get("step", 0) for r in rows]
+    per_row = max(1, steps[-1] - steps[-2]) if len(steps) >= 2 else 1
+    return max(STALL_S, STALL_ROWS * step_s * per_row)
 
 
 def _failure_reason(run_dir: Path, record: dict) -> str | None:
@@ -70,7 +102,8 @@ def _failure_reason(run_dir: Path, record: dict) -> str | None:
 
 def _row(run_dir: Path, recs: list[dict], segments: dict, queue: dict, cost_known: bool) -> dict:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    last = _last_metrics(run_dir)
+    recent = _recent_metrics(run_dir)
+    last = recent[-1] if recent else {}
     done = (run_dir / "summary.json").exists()
     job = recs[-1]["job_id"] if recs else None
     segs = segments.get(job, []) if job else []
@@ -83,7 +116,9 @@ def _row(run_dir: Path, recs: list[dict], segments: dict, queue: dict, cost_know
     gpu_hours, cost = run_cost(recs, segments)
     metrics = run_dir / "metrics.jsonl"
     stalled = (
-        state == "RUNNING" and metrics.exists() and time.time() - metrics.stat().st_mtime > STALL_S
+        state == "RUNNING"
+        and metrics.exists()
+        and time.time() - metrics.stat().st_mtime > stall_after_s(recent)
     )
     failed = state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL")
     return {
@@ -110,18 +145,23 @@ def _row(run_dir: Path, recs: list[dict], segments: dict, queue: dict, cost_know
 
 
 def collect(root: Path) -> tuple[list[dict], str | None]:
-    """(rows, sacct error or None)."""
+    """(rows, None or what Slurm did not answer: one line per failed command)."""
     run_dirs = sorted(p.parent for p in Path(root).glob("*/*/config.yaml"))
     records = {d: [r for r in history(d) if r.get("job_id")] for d in run_dirs}
     all_ids = sorted({r["job_id"] for recs in records.values() for r in recs})
-    error = None
+    errors, cost_known = [], True
     try:
         segments = sacct_segments(all_ids)
     except SacctError as exc:
-        segments, error = {}, str(exc)
-    queue = _queue_states(all_ids)
-    rows = [_row(d, records[d], segments, queue, error is None) for d in run_dirs]
-    return rows, error
+        segments, cost_known = {}, False
+        errors.append(f"{exc}: GPU-hours and costs are unknown (shown as ?)")
+    try:
+        queue = _queue_states(all_ids)
+    except SqueueError as exc:
+        queue = {}
+        errors.append(f"{exc}: queued jobs not yet in accounting show as UNKNOWN")
+    rows = [_row(d, records[d], segments, queue, cost_known) for d in run_dirs]
+    return rows, "\n".join(errors) or None
 
 
 def select(rows: list[dict], stage=None, states=None, sweep=None) -> list[dict]:
@@ -259,8 +299,8 @@ def main(argv: list[str]) -> int:
         )
         return 2
     rows, error = _view(args)
-    if error:
-        print(f"error: {error}: GPU-hours and costs are unknown (shown as ?)", file=sys.stderr)
+    for line in (error or "").splitlines():
+        print(f"error: {line}", file=sys.stderr)
     if args.json:  # rows as a list (the contract scripts rely on); --totals: the sweeps instead
         print(json.dumps(sweeps(rows, args.metric) if args.totals else rows, indent=2))
         return 1 if error else 0

@@ -10,9 +10,14 @@ considers directories with the marker; leftovers of an interrupted save are dele
 The marker lists every file with its size and SHA-256, so a checkpoint that a disk, a copy or a
 kill tore after the fact is found on resume: ``latest_intact()`` moves it to ``quarantine/`` and
 falls back to the previous one. Publishing never deletes a complete checkpoint before its
-replacement is in place (the old directory is renamed aside first), pruning removes the marker
-before the files (a half-deleted directory is never "complete"), and a save first checks that the
-disk has room for one more checkpoint of the last one's size.
+replacement is in place (the old directory is renamed aside first), and a save first checks that
+the disk has room for one more checkpoint of the last one's size.
+
+Every leftover is recognisable by its name and removed at the next save and at the next start
+(``latest_intact``): each is a whole checkpoint, ~94 GB at 7B. Pruning renames ``step_<K>`` to
+``.trash_step_<K>`` before deleting it, so a kill mid-delete leaves a dotted name, never a
+``step_<K>`` that is neither complete nor ever removed. ``quarantine/`` keeps only the newest torn
+checkpoint (for a post-mortem) and is deleted when the disk is too full for the next save.
 
 At world size N > 1 the same directory also holds ``state_rank<r>.pt`` for r = 1 … N−1 (each rank's
 RNG state; everything else is identical across ranks and lives once in ``state.pt``). All ranks
@@ -187,17 +192,30 @@ class CheckpointManager:
 
     def latest_intact(self) -> Path | None:
         """The newest complete checkpoint whose files match its marker; torn ones are moved to
-        ``quarantine/`` (kept for a post-mortem, out of ``latest()``'s way)."""
+        ``quarantine/`` (the newest kept for a post-mortem, out of ``latest()``'s way).
+
+        Called once at the start of a run (rank 0, under the run dir's lease): it also removes
+        what an interrupted save or prune left behind."""
+        if self.root.is_dir():
+            self._clean_stale()
         for step in reversed(self.complete_steps()):
             path = self.root / f"step_{step}"
             problem = verify(path)
             if problem is None:
                 return path
-            dest = self.root / "quarantine" / f"step_{step}-{int(time.time())}"
-            dest.parent.mkdir(exist_ok=True)
-            os.replace(path, dest)
-            log.warning("checkpoint %s is corrupt (%s): moved to %s", path, problem, dest)
+            self._quarantine(path, problem)
         return None
+
+    def _quarantine(self, path: Path, problem: str) -> None:
+        """Move a torn checkpoint to ``quarantine/``; an older quarantined one is deleted."""
+        quarantine = self.root / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        older = list(quarantine.iterdir())
+        dest = quarantine / f"{path.name}-{int(time.time())}"
+        os.replace(path, dest)
+        for old in older:
+            shutil.rmtree(old, ignore_errors=True)
+        log.warning("checkpoint %s is corrupt (%s): moved to %s", path, problem, dest)
 
     def space_problem(self) -> str | None:
         """Why the disk cannot hold one more checkpoint of the last one's size (+ 10 %), or None."""
@@ -210,6 +228,12 @@ class CheckpointManager:
             return None
         need = int(1.1 * sum(f["size"] for f in files.values()))
         free = shutil.disk_usage(self.root).free
+        quarantine = self.root / "quarantine"
+        if free < need and quarantine.is_dir():
+            # A torn checkpoint kept for a post-mortem must not stop the run: it goes first.
+            log.warning("too little space for the next checkpoint: deleting %s", quarantine)
+            shutil.rmtree(quarantine, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free
         if free >= need:
             return None
         return (
@@ -250,9 +274,19 @@ class CheckpointManager:
         return self._publish(tmp, final, step)
 
     def _clean_stale(self) -> None:
-        """Leftovers of an interrupted save or publish (never a complete ``step_<N>``)."""
-        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".step_*.old.*")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        """Leftovers of an interrupted save, publish or prune (never a complete ``step_<N>``)."""
+        for aside in self.root.glob(".step_*.old.*"):
+            # A re-save killed between its two renames: the old copy is the only complete one.
+            final = self.root / aside.name[1:].split(".old.")[0]
+            if (aside / MARKER).is_file() and not final.exists():
+                os.replace(aside, final)
+        stale = [*self.root.glob(".tmp_step_*"), *self.root.glob(".step_*.old.*")]
+        stale += self.root.glob(".trash_step_*")
+        stale += [
+            d for d in self.root.iterdir() if _STEP_DIR.match(d.name) and not (d / MARKER).is_file()
+        ]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _publish(self, tmp: Path, final: Path, step: int) -> Path:
         """Mark ``tmp`` complete and rename it to ``final`` (one atomic step); prune old ones."""
@@ -269,10 +303,13 @@ class CheckpointManager:
         return final
 
     def _prune(self, path: Path) -> None:
-        """Marker first: a kill mid-delete leaves an incomplete directory, never a torn complete one."""
-        (path / MARKER).unlink(missing_ok=True)
-        _fsync_dir(path)
-        shutil.rmtree(path, ignore_errors=True)
+        """Rename first: a kill mid-delete leaves ``.trash_step_<K>``, which the next save or start
+        removes, never a torn ``step_<K>`` (nor one without its marker that nothing removes)."""
+        trash = path.with_name(f".trash_{path.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _save_ranks(self, step: int, model_state, state: dict, write=None) -> Path:
         rank = distributed.rank()

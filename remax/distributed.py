@@ -5,12 +5,16 @@ variables every helper is a no-op, so single-process runs never touch ``torch.di
 bit-identical to a run without this module.
 
 Launchers, first match wins:
-- torchrun (and ``deepspeed``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``.
+- torchrun (and ``deepspeed``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``,
+  trusted because ``TORCHELASTIC_RUN_ID`` (``CROSS_RANK``) says the launcher set them for this
+  process (also under srun).
 - Slurm job-step tasks (srun, submitit): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``;
-  the master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived from the job id,
+  the master is the first host of ``SLURM_STEP_NODELIST`` and the port is derived from the job id,
   so every task computes the same address without talking to the others (submitit's
-  ``TorchDistributedEnvironment`` does the same). The values are exported as torchrun's variables,
-  so DeepSpeed and ``LOCAL_RANK`` readers see one convention.
+  ``TorchDistributedEnvironment`` does the same). Torchrun-style variables inherited from the
+  submitting shell are ignored here. The values are exported as torchrun's variables, so
+  DeepSpeed and ``LOCAL_RANK`` readers see one convention.
+- Outside a Slurm job step, ``RANK``/``WORLD_SIZE`` set by hand.
 """
 
 from __future__ import annotations
@@ -60,14 +64,24 @@ def _first_host_fallback(nodelist: str) -> str:
             break
         first += ch
     if not first:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+        raise ValueError(f"cannot parse the Slurm node list {nodelist!r}")
     # Each bracket group becomes its first value, zero padding kept: "gpu[03-05]-ib" → "gpu03-ib".
     return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
+
+
+LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")
+"""Set in every worker by torchrun (any torchelastic agent) and by DeepSpeed's launcher: their RANK,
+WORLD_SIZE and MASTER_ADDR/PORT describe this very process, not a value inherited from a shell."""
 
 
 def env_from_environ(environ=None) -> DistEnv | None:
     """The launcher's view of this process, or None when no launcher set one up."""
     env = os.environ if environ is None else environ
+    torchrun = any(k in env for k in LAUNCHER_MARKERS)
+    # Only inside a job step (srun): the batch script itself sees the allocation's SLURM_NTASKS
+    # with SLURM_PROCID=0 and would wait forever for ranks that were never started.
+    if not torchrun and all(k in env for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
+        return _slurm_env(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
             rank=int(env["RANK"]),
@@ -76,22 +90,28 @@ def env_from_environ(environ=None) -> DistEnv | None:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
-    # Only inside a job step (srun): the batch script itself sees the allocation's SLURM_NTASKS
-    # with SLURM_PROCID=0 and would wait forever for ranks that were never started.
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        job = int(env.get("SLURM_JOB_ID", "0").split("_")[0] or 0)
-        return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            # An exported MASTER_ADDR wins (a site's high-speed interface name, a rendezvous
-            # host chosen by the batch script); else the first node of the allocation.
-            master_addr=env.get("MASTER_ADDR")
-            or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-            # Unprivileged, and different for two jobs sharing a node (same rule on every task).
-            master_port=int(env.get("MASTER_PORT", 20000 + job % 40000)),
-        )
     return None
+
+
+def _slurm_env(env) -> DistEnv:
+    """A Slurm task's rank and rendezvous, from Slurm's variables only.
+
+    MASTER_ADDR/PORT (and RANK/WORLD_SIZE) in the environment are ignored: sbatch exports the
+    submitting shell's environment, so a value left over from an earlier torchrun on the login
+    node would send every node to the wrong host (a rendezvous that hangs until the timeout) or
+    two jobs on one node to one port.
+    """
+    job = int(env.get("SLURM_JOB_ID", "0").split("_")[0] or 0)
+    # The step's node list: task 0 runs on its first node (a step may use part of the allocation).
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    return DistEnv(
+        rank=int(env["SLURM_PROCID"]),
+        world_size=int(env["SLURM_NTASKS"]),
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        master_addr=first_host(nodes),
+        # Unprivileged, and different for two jobs sharing a node (same rule on every task).
+        master_port=20000 + job % 40000,
+    )
 
 
 def init_distributed(timeout_s: float = 1800) -> DistEnv:

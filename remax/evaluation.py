@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from remax import watchdog
+from remax import ledger, watchdog
 from remax.config import (
     AnswerFormat,
     EvalDecoding,
@@ -329,6 +329,7 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path, stop) 
             with open(partial, "a") as f:  # one write per batch: a kill tears at most this one
                 f.write("".join(json.dumps({"batch": b, **r}) + "\n" for r in rows))
             done[b] = rows
+            ledger.note_answered()  # the no-progress stop counts batches, not checkpoints
         engine.close()
         del model
     return [r for b in range(len(chunks)) for r in done[b]]

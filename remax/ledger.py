@@ -43,6 +43,9 @@ class Segment:
     save_s: list[float] = field(default_factory=list)
     saved_at: list[float] = field(default_factory=list)
     """Unix time each checkpoint was published (the steps before it survive this segment)."""
+    answered: int = 0
+    """Evaluation batches answered and kept (``partial/``): the evaluate stage's progress, as it
+    publishes no checkpoints."""
     stop_reason: str | None = None
     failure_class: str | None = None
     end: float | None = None
@@ -116,6 +119,12 @@ def note_save(step: int, seconds: float) -> None:
         _CURRENT.checkpoints.append(step)
         _CURRENT.save_s.append(round(seconds, 3))
         _CURRENT.saved_at.append(time.time())
+
+
+def note_answered() -> None:
+    """One evaluation batch answered and written: it survives this segment like a checkpoint."""
+    if _CURRENT is not None:
+        _CURRENT.answered += 1
 
 
 def finish(stop_reason: str, failure_class: str | None = None) -> None:

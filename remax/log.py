@@ -9,11 +9,15 @@ step appears twice.
 W&B never fails or strands a job: an online ``init`` that fails (a compute node without network,
 a bad key) falls back to offline mode, a failing ``log`` is dropped with one warning, and
 ``finish`` runs in a daemon thread that is abandoned after a bound (a hung upload must not burn
-the rest of the allocation, nor the signal window before a requeue).
+the rest of the allocation, nor the signal window before a requeue). Abandoning the thread is not
+enough: wandb's own ``atexit`` teardown waits for the same upload without limit, so the interpreter
+would never exit and the finished job would stay billed. An abandoned finish therefore arms a hard
+exit that runs before that teardown (see :func:`_arm_hard_exit`).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -159,8 +163,56 @@ class MetricWriter:
             log.warning(
                 "wandb.finish still running after %.0f s: leaving it (offline files kept)", bound
             )
+            _arm_hard_exit()
             return False
         return True
+
+
+_HARD_EXIT: dict = {"armed": False, "code": None}
+
+
+def _arm_hard_exit() -> None:
+    """End the interpreter before wandb's atexit teardown (which waits for the abandoned upload).
+
+    atexit hooks run last-registered first, and wandb registered its teardown at ``init``, so this
+    hook runs before it. It cannot read the exit status Python is about to return, so ``sys.exit``
+    is wrapped to remember it (wandb's ``ExitHooks`` does the same); an uncaught exception is 1.
+    The cost: atexit hooks registered before this one (temporary-file cleanup) are skipped.
+    """
+    if _HARD_EXIT["armed"]:
+        return
+    _HARD_EXIT["armed"] = True
+    previous_exit = sys.exit
+
+    def remember_exit(code=None):
+        _HARD_EXIT["code"] = code
+        previous_exit(code)
+
+    sys.exit = remember_exit
+    atexit.register(_hard_exit)
+
+
+def _exit_status() -> int:
+    """What the interpreter would return: the uncaught exception's 1, else the ``sys.exit`` code."""
+    if getattr(sys, "last_value", None) is not None:
+        return 130 if isinstance(sys.last_value, KeyboardInterrupt) else 1
+    code = _HARD_EXIT["code"]
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1  # sys.exit("message"): Python printed it, exits 1
+
+
+def _hard_exit() -> None:
+    code = _exit_status()
+    log.warning("exiting (status %d) without waiting for W&B's teardown", code)
+    for handler in [*logging.getLogger("remax").handlers, *logging.getLogger().handlers]:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 def _finish_quietly(run) -> None:

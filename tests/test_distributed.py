@@ -190,6 +190,7 @@ def test_launcher_environment():
         "LOCAL_RANK": "1",
         "MASTER_ADDR": "n1",
         "MASTER_PORT": "1234",
+        "TORCHELASTIC_RUN_ID": "none",
     }
     assert distributed.env_from_environ(torchrun) == distributed.DistEnv(3, 4, 1, "n1", 1234)
     slurm = {
@@ -203,13 +204,35 @@ def test_launcher_environment():
     env = distributed.env_from_environ(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu03")
     assert env.master_port == 20000 + 4242
-    assert distributed.env_from_environ({**slurm, **torchrun}).rank == 3  # torchrun wins
+    assert distributed.env_from_environ({**slurm, **torchrun}).rank == 3  # torchrun (under srun)
     assert distributed.env_from_environ({}) is None
     batch_script = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}
     assert distributed.env_from_environ(batch_script) is None  # not a task of a job step
     assert distributed.first_host("node7") == "node7"
     # No launcher: world size 1, nothing initialised.
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+
+
+def test_slurm_ignores_a_rendezvous_inherited_from_the_login_shell():
+    # sbatch exports the submitting shell: a stale torchrun setup there must not steer the ranks.
+    stale = {"MASTER_ADDR": "login3", "MASTER_PORT": "29500", "RANK": "0", "WORLD_SIZE": "1"}
+    slurm = {
+        "SLURM_PROCID": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "61234",
+        "SLURM_JOB_NODELIST": "node[01-03,07],gpu5",
+        "SLURM_STEP_NODELIST": "node[02-03,07],gpu5",  # the step runs on part of the allocation
+    }
+    env = distributed.env_from_environ({**stale, **slurm})
+    assert (env.rank, env.world_size) == (2, 4)
+    assert env.master_addr == "node02"  # the step's first node, not login3 nor node01
+    assert env.master_port == 20000 + 61234 % 40000  # 41234: the job's own, not 29500
+    other = distributed.env_from_environ({**stale, **slurm, "SLURM_JOB_ID": "61235"})
+    assert other.master_port == env.master_port + 1  # two jobs on one node: two ports
+    no_step_list = {k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}
+    assert distributed.env_from_environ(no_step_list).master_addr == "node01"
 
 
 class StopAfter(StopRequest):

@@ -14,6 +14,7 @@ from conftest import run_job
 
 from jobs._config import compose_stage
 from jobs._stage import run_stage
+from remax import ledger
 from remax.data.judge_formats import validate_alpaca_eval, validate_mt_bench_answers
 from remax.data.templates import format_conversation
 from remax.evaluation import Prompt, answer_turns, load_prompt_set
@@ -209,6 +210,8 @@ def test_finished_evaluation_is_not_redone_and_a_killed_one_resumes(exports, tmp
     new_rows = _rows(run_dir)
     assert new_rows[0]["response"] == "kept"
     assert new_rows[1:] == rows[1:]
+    # The segment's progress for the no-progress stop: A's batches 2-3 and B's four, not the kept.
+    assert ledger.read(run_dir)[-1]["answered"] == 6
 
 
 def test_answer_turns_feed_the_models_own_first_answer_into_turn_two(policy, tokenizer):

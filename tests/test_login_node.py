@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,8 @@ def test_node_list_parsing_keeps_suffixes():
         "SLURM_STEP_ID": "0",
         "SLURM_JOB_NODELIST": "n[1-2]",
     }
-    assert distributed.env_from_environ({**env, "MASTER_ADDR": "head-ib"}).master_addr == "head-ib"
+    # An exported MASTER_ADDR is the submitting shell's (sbatch exports it): ignored.
+    assert distributed.env_from_environ({**env, "MASTER_ADDR": "head-ib"}).master_addr == "n1"
 
 
 @pytest.mark.parametrize(
@@ -285,6 +287,57 @@ def test_status_filters_pending_elements_sweep_totals_and_80_columns(tmp_path, m
     rows, error = status.collect(tmp_path)
     assert "accounting storage is disabled" in error and all(r["cost"] is None for r in rows)
     assert status.main([str(tmp_path), "--json"]) == 1
+
+
+def _status_run(root: Path, name: str, job: str, rows: list[dict], age_s: float) -> Path:
+    run_dir = root / "remax" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("train:\n  max_steps: 100\n")
+    (run_dir / "submissions.jsonl").write_text(json.dumps({"job_id": job}) + "\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old = time.time() - age_s
+    os.utime(run_dir / "metrics.jsonl", (old, old))
+    return run_dir
+
+
+def test_stalled_scales_with_the_runs_own_step_time(tmp_path, monkeypatch):
+    from jobs import status
+
+    slow = [{"step": s, "time/step_s": 600.0} for s in (1, 2, 3)]  # 10 min per step, every step
+    fast = [{"step": s, "time/step_s": 2.0} for s in (10, 20, 30)]  # 2 s steps, every 10th logged
+    sparse = [{"step": s, "time/step_s": 200.0} for s in (5, 10)]  # 5 steps of 200 s per row
+    _status_run(tmp_path, "slow-20min", "1", slow, age_s=20 * 60)  # under 3 × 10 min: working
+    _status_run(tmp_path, "slow-40min", "2", slow, age_s=40 * 60)  # over 3 × 10 min: stalled
+    _status_run(tmp_path, "fast-20min", "3", fast, age_s=20 * 60)  # the 15-min floor: stalled
+    _status_run(tmp_path, "sparse-45min", "4", sparse, age_s=45 * 60)  # under 3 × 5 × 200 s
+    _shim(tmp_path, monkeypatch, "sacct", 'for j in 1 2 3 4; do echo "$j|RUNNING|60|"; done')
+    _shim(tmp_path, monkeypatch, "squeue", 'for j in 1 2 3 4; do echo "$j|RUNNING"; done')
+    rows, error = status.collect(tmp_path)
+    assert error is None
+    assert {r["run"]: r["stalled"] for r in rows} == {
+        "slow-20min": False,
+        "slow-40min": True,
+        "fast-20min": True,
+        "sparse-45min": False,
+    }
+    assert status.stall_after_s([]) == status.STALL_S  # no step time yet: the floor
+
+
+def test_failing_squeue_is_one_line_not_a_silent_unknown(tmp_path, monkeypatch, capsys):
+    from jobs import status
+
+    _status_run(tmp_path, "pending", "9_1", [], age_s=0)  # an array element not yet started
+    _shim(tmp_path, monkeypatch, "sacct", "true")  # no accounting row before it starts
+    _shim(tmp_path, monkeypatch, "squeue", "echo 'Unable to contact slurm controller' >&2; exit 1")
+    rows, error = status.collect(tmp_path)
+    assert rows[0]["state"] == "UNKNOWN"
+    assert error.startswith("squeue failed (rc 1: Unable to contact slurm controller)")
+    assert status.main([str(tmp_path), "--json"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("error:")] == [f"error: {error}"]
+    # Every listed job already left the controller: squeue says so and exits 1; no failure.
+    _shim(tmp_path, monkeypatch, "squeue", "echo 'error: Invalid job id specified' >&2; exit 1")
+    assert status.collect(tmp_path)[1] is None
 
 
 def test_logs_and_cancel_find_a_runs_files_and_jobs(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ the real local Slurm are in ``test_slurm_failures.py``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -196,6 +197,73 @@ def test_save_refused_when_the_disk_cannot_hold_it(tmp_path, monkeypatch):
     assert ckpt.complete_steps() == [1] and not list(tmp_path.glob(".tmp_step_*"))
 
 
+def test_a_prune_killed_midway_leaves_nothing_behind_after_the_next_start(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    class Killed(Exception):
+        pass
+
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, ignore_errors=False):
+        path = Path(path)
+        if path.name.endswith("step_1") and path.exists():  # one file gone, then the kill
+            next(f for f in path.iterdir() if f.name != MARKER).unlink()
+            raise Killed
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    ckpt = CheckpointManager(tmp_path, keep_last=1)
+    ckpt.save(1, {"w": torch.ones(3)}, {"x": 1})
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(Killed):
+        ckpt.save(2, {"w": torch.ones(3)}, {"x": 2})  # killed while pruning step_1
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert ckpt.complete_steps() == [2]  # the half-deleted step_1 is never complete
+    (tmp_path / "step_7").mkdir()  # an unmarked step dir an earlier version's prune left
+    restarted = CheckpointManager(tmp_path, keep_last=1)
+    assert restarted.latest_intact() == tmp_path / "step_2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+
+
+def test_a_resave_killed_between_its_renames_keeps_the_old_copy(tmp_path):
+    import torch
+
+    ckpt = CheckpointManager(tmp_path)
+    ckpt.save(1, {"w": torch.ones(3)}, {"x": 1})
+    # replace_dir renamed the complete step_1 aside; the kill came before the new one moved in.
+    os.replace(tmp_path / "step_1", tmp_path / ".step_1.old.123")
+    (tmp_path / ".tmp_step_1_456").mkdir()
+    assert CheckpointManager(tmp_path).latest_intact() == tmp_path / "step_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    assert CheckpointManager.load_state(tmp_path / "step_1") == {"x": 1}
+
+
+def test_quarantine_keeps_the_newest_only_and_gives_way_to_a_save(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    ckpt = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": torch.full((1000,), float(step))}, {"x": step})
+    for torn, fallback in ((3, 2), (2, 1)):
+        weights = tmp_path / f"step_{torn}" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        assert ckpt.latest_intact() == tmp_path / f"step_{fallback}"
+    quarantined = [p.name.split("-")[0] for p in (tmp_path / "quarantine").iterdir()]
+    assert quarantined == ["step_2"], "only the newest torn checkpoint is kept"
+    usage = shutil.disk_usage(tmp_path)
+    quarantine = tmp_path / "quarantine"
+    # The disk is full until the quarantined checkpoint is deleted.
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda _: usage._replace(free=100 if quarantine.exists() else 10**12)
+    )
+    ckpt.save(4, {"w": torch.ones(1000)}, {"x": 4})
+    assert not quarantine.exists() and ckpt.complete_steps() == [1, 4]
+
+
 HANG = """
 import sys, time
 from remax import watchdog
@@ -237,6 +305,23 @@ def test_no_progress_guard_stops_after_k_segments_without_a_checkpoint(tmp_path,
     _policy.check_start(cluster, tmp_path, restarts=4)  # progress in the last 3: runs on
 
 
+def test_no_progress_counts_an_evaluate_segments_answered_batches(tmp_path, monkeypatch):
+    from jobs import _policy
+    from remax.config import ClusterConfig
+
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    cluster = ClusterConfig(no_progress_segments=2)
+    # An evaluation publishes no checkpoints: each segment answered (and kept) batches instead.
+    for restart, answered in enumerate((5, 0, 3, 0)):
+        ledger.append(
+            tmp_path, {"job": "78", "restart": restart, "checkpoints": [], "answered": answered}
+        )
+    _policy.check_start(cluster, tmp_path, restarts=4)  # 3 batches in the last 2 segments: runs on
+    ledger.append(tmp_path, {"job": "78", "restart": 4, "checkpoints": [], "answered": 0})
+    with pytest.raises(_policy.StopJob, match="answered an evaluation batch"):
+        _policy.check_start(cluster, tmp_path, restarts=5)
+
+
 def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatch):
     import remax.log
 
@@ -250,6 +335,58 @@ def test_wandb_online_without_network_falls_back_to_offline(tmp_path, monkeypatc
     writer.log(1, {"loss": 1.0})
     assert writer.close(timeout_s=60)
     assert list((tmp_path / "wandb").glob("offline-run-*-remax-test"))
+
+
+HANGING_WANDB = """
+import atexit, time
+class Settings:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+class Run:
+    summary = {}
+    def log(self, row, step=None):
+        pass
+    def finish(self):
+        time.sleep(3600)  # an upload that never ends
+def init(**kw):
+    atexit.register(time.sleep, 3600)  # wandb's teardown waits for the same upload, unbounded
+    return Run()
+def teardown():
+    pass
+"""
+
+CLOSE_THEN_END = """
+import sys
+from pathlib import Path
+from remax.log import MetricWriter
+writer = MetricWriter(Path(sys.argv[1]), run_id="r", stage="sft", config={}, wandb_mode="offline")
+writer.log(1, {"loss": 1.0})
+assert writer.close(timeout_s=0.5) is False
+{end}
+"""
+
+
+@pytest.mark.parametrize(
+    "end, status", [("pass", 0), ("sys.exit(3)", 3), ("raise RuntimeError('boom')", 1)]
+)
+def test_an_abandoned_wandb_finish_does_not_keep_the_process_alive(tmp_path, end, status):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(HANGING_WANDB)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{REPO}"}
+    out = subprocess.run(
+        [sys.executable, "-c", CLOSE_THEN_END.replace("{end}", end), str(run_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # before the fix: blocked in the fake teardown's hour-long sleep
+    )
+    assert out.returncode == status, out.stderr[-2000:]
+    assert "without waiting for W&B's teardown" in out.stderr
+    assert json.loads((run_dir / "metrics.jsonl").read_text()) == {"step": 1, "loss": 1.0}
 
 
 def test_waste_splits_billed_time_by_the_segment_ledger(tmp_path):
