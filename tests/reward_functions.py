@@ -44,3 +44,20 @@ def fails_on_rank_3(prompts: list[str], responses: list[str]) -> list[float]:
     if os.environ.get("SLURM_PROCID") == "3":
         raise RuntimeError("reward server unreachable from rank 3")
     return topic_margin(prompts, responses)
+
+
+def hangs_on_rank_3_once(prompts: list[str], responses: list[str]) -> list[float]:
+    """Never returns on the fourth rank at its fifth call of the job's first segment (a stuck
+    reward server); :func:`topic_margin` everywhere else."""
+    import os
+    import time
+
+    global _CALLS
+    _CALLS += 1
+    first_segment = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+    if os.environ.get("SLURM_PROCID") == "3" and first_segment and _CALLS == 5:
+        time.sleep(3600)
+    return topic_margin(prompts, responses)
+
+
+_CALLS = 0

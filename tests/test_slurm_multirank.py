@@ -172,3 +172,107 @@ def _wait_running(job: str, timeout: float = 60) -> None:
 
 def _repo_path() -> dict:
     return {"PYTHONPATH": str(REPO)}  # tests.reward_functions, as a user's own package
+
+
+def test_preemption_of_a_two_node_job_resumes_bit_identical(tmp_path, reference):
+    """A `low` job (PreemptMode=REQUEUE, GraceTime=20) on both nodes; a `high` job that needs
+    whole nodes preempts it. The signal's kill comes GraceTime later: the save fits, one requeue."""
+    rec = _submit(tmp_path, *TWO_BY_TWO, "cluster.partition=low")
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
+    high = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-N2", "--exclusive", "-o", "/dev/null"]
+        + ["--wrap", "sleep 2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    states = _wait_done(rec["job_id"], timeout=900)
+    kinds = [s for s, _ in states]
+    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) <= {"REQUEUED", "PREEMPTED"}, states
+    assert len(kinds) >= 2, f"never preempted: {states}"
+    assert _wait_done(high)[-1][0] == "COMPLETED"
+    segments = [json.loads(x) for x in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert segments[1]["resume_step"] == segments[0]["checkpoints"][-1] >= 8, segments
+    _assert_same_export(reference["run_dir"], rec["run_dir"])
+
+
+def test_usr2_with_a_failing_squeue_in_the_job_requeues_and_completes(tmp_path, reference):
+    """The job's own ``squeue`` fails (a busy controller): its end time is unknown, the SIGTERM
+    of its own requeue cannot be triaged. Rank 0 requeues before the other ranks leave, so the
+    chain survives anyway: REQUEUED, COMPLETED, identical export."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Socket timed out' >&2\nexit 1\n")
+    (fake / "squeue").chmod(0o755)
+    rec = _submit(
+        tmp_path,
+        *TWO_BY_TWO,
+        "log.wandb_mode=offline",
+        f"cluster.setup=['export PATH={fake}:$PATH']",
+    )
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    _assert_same_export(reference["run_dir"], rec["run_dir"])
+
+
+def test_one_hung_rank_is_one_hang_record_one_requeue_then_completion(tmp_path):
+    """Rank 3's reward call never returns in the first segment; the other ranks wait for it in
+    the next collective, where their watchdogs fire too. One record, one requeue, and the
+    second segment finishes the run identically."""
+    hang = (
+        *TWO_BY_TWO,
+        "cluster.watchdog_s=45",  # startup gets twice that: 4 ranks load on 2 cores
+        "reward_model.kind=function",
+        "reward_model.function=tests.reward_functions:hangs_on_rank_3_once",
+    )
+    out = run_job("jobs.remax", "--json", f"run.root={tmp_path}", *JOB, *hang, env=_repo_path())
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
+    run_dir = Path(rec["run_dir"])
+    records = [json.loads(x) for x in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [r["class"] for r in records] == ["hang"], records
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 24
+
+
+def test_a_lost_node_requeues_waits_for_it_and_finishes_identically(tmp_path, reference):
+    """The second node dies mid-step (its slurmd and tasks killed, as a machine that lost power):
+    the job is requeued, waits while the node is down, and when it returns finishes with the
+    uninterrupted run's export."""
+    rec = _submit(tmp_path, *TWO_BY_TWO)
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
+    first, second = sorted(_nodes(rec["job_id"]))  # the batch script runs on the first
+    try:
+        subprocess.run([*LOCAL_SLURM, "node-down", second], check=True, capture_output=True)
+        _wait_state(rec["job_id"], {"PENDING"}, timeout=300)
+        time.sleep(10)
+        assert _state(rec["job_id"]) == "PENDING", "it must wait for the lost node"
+    finally:
+        subprocess.run([*LOCAL_SLURM, "node-up", second], check=True, capture_output=True)
+    states = _wait_done(rec["job_id"], timeout=900)
+    kinds = [s for s, _ in states]
+    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) <= {"REQUEUED", "NODE_FAIL"}, states
+    assert len(kinds) >= 2, states
+    _assert_same_export(reference["run_dir"], rec["run_dir"])
+
+
+LOCAL_SLURM = ["bash", str(REPO / "scripts" / "local_slurm.sh")]
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _wait_state(job: str, states: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _state(job) in states:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} never reached {states}: {_sacct(job)}")
