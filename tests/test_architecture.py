@@ -185,7 +185,11 @@ def test_only_distributed_names_nccl_or_cuda_devices():
 def test_trainers_do_not_import_each_other():
     """Trainers share the loop and the conventions module, never another trainer."""
     shared = {"remax.trainers", "remax.trainers.loop", "remax.trainers.rl_eval"}
-    shared |= {"remax.trainers.conventions", "remax.trainers.best_actor"}
+    shared |= {
+        "remax.trainers.conventions",
+        "remax.trainers.best_actor",
+        "remax.trainers.checkpointer",
+    }
     graph = import_graph(REPO)
     for name, deps in graph.items():
         if name.startswith("remax.trainers."):
