@@ -5,7 +5,7 @@ Public reward models ship in three shapes; ``reward_model.kind`` names which one
 | kind | model | the score is read at |
 |---|---|---|
 | ``export`` | this project's reward_model export (``*ForSequenceClassification``, ``score`` head) | an explicit end index: the EOS after the response, else the last token (``remax.models.reward.score``) |
-| ``hf_seq_cls`` | any ``AutoModelForSequenceClassification`` (one label), any architecture | where HF pools: the last token that is not the pad token |
+| ``hf_seq_cls`` | any ``AutoModelForSequenceClassification`` (one label), any architecture | the text's last token (an explicit end index), where HF pools a text given alone |
 | ``regression_head`` | UltraRM-13B's ``LlamaRewardModel``: a ``LlamaModel`` named ``model`` plus a bias-free ``regression_head`` | the last attended token, as its own forward (``attention_mask.cumsum(1).argmax(1)``) |
 
 UltraRM's class is published as code in its model card, not in the repository, so
@@ -14,7 +14,9 @@ and its checkpoint's ``model.*`` and ``regression_head.weight`` load into it by 
 that lacks the head a kind needs is refused (HF would initialise a random head and score noise).
 
 Batches given to :func:`score_tokens` are right-padded: with positions counted from column 0 (HF's
-default), each row then scores exactly as it would alone.
+default), each row then scores exactly as it would alone. No kind reads where the padding is:
+HF's own pooling (the last token that is not ``config.pad_token_id``) would, whenever the
+tokenizer pads with another id, or the pad id is the EOS a text ends with.
 
 Notation: B batch, L tokens.
 """
@@ -110,9 +112,6 @@ def load_reward_adapter(
                 f"reward_model.path={cfg.path} has num_labels={labels}: a reward model has one "
                 "output; use a single-score sequence-classification reward model"
             )
-        if model.config.pad_token_id is None:
-            # HF pools at the last non-pad token and refuses batches without a pad id.
-            model.config.pad_token_id = tok.pad_token_id
     elif cfg.kind == RewardKind.regression_head:
         model = _from_pretrained(RegressionHeadRewardModel, cfg, dtype, head="regression_head")
     else:
@@ -147,14 +146,32 @@ def score_tokens(
     Args:
         input_ids: (B, L) right-padded with the RM's pad id.
         attention_mask: (B, L).
-        end_index: (B,) column of each row's last token (read by ``export``; ``hf_seq_cls`` and
-            ``regression_head`` find it as their own forward does, which is the same column).
+        end_index: (B,) column of each row's last token (read by ``export`` and ``hf_seq_cls``;
+            ``regression_head`` finds it as its own forward does: the last 1 of the mask).
     """
     if kind == RewardKind.export:
         return score(model, input_ids, attention_mask, end_index)
     if kind == RewardKind.hf_seq_cls:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        return _seq_cls_at_end(model, input_ids, attention_mask, end_index)
     return model(input_ids, attention_mask)
+
+
+def _seq_cls_at_end(model, input_ids, attention_mask, end_index) -> torch.Tensor:
+    """(B,) scores of an HF sequence classifier, read at ``end_index``.
+
+    Every last-token classifier in transformers applies its ``score`` head to ``base_model``'s
+    last hidden state and pools the last column whose id is not ``config.pad_token_id``. That
+    column is the text's end only if the batch is padded with exactly that id and the text does
+    not end in it, so the head is applied at the known end instead. A classifier without a
+    ``score`` head (BERT-style, pooled at the first token) keeps its own forward: padding at the
+    end does not move what it reads.
+    """
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Module):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return head(hidden[rows, end_index]).squeeze(-1).float()  # (B,): one label
 
 
 def critic_compatible(cfg: RewardSourceConfig, rm_tokenizer, policy_tokenizer) -> str | None:

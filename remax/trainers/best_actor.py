@@ -45,7 +45,9 @@ def consider(trainer, reward: float) -> bool:
     trainer.best_eval_reward, trainer.best_step = reward, trainer.step
     weights = trainer.actor.full_state_dict()  # collective under ZeRO-3
     if distributed.is_main():  # every rank has the same gathered results: rank 0 writes
-        cpu = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        # A copy even on CPU, where ``.cpu()`` is the tensor itself: tied weights (an LM head that
+        # is the input embedding) would reach safetensors as one storage, which it refuses.
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
         atomic_write(Path(trainer.run_dir) / BEST_FILE, lambda tmp: save_file(cpu, tmp))
     return True
 
