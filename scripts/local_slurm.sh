@@ -111,7 +111,7 @@ running_pid() { # print the pid if NAME's pid file names a live NAME process
   [[ -r $f ]] || return 1
   read -r pid <"$f" || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  read -r comm <"/proc/$pid/comm" 2>/dev/null || return 1
+  read -r comm 2>/dev/null <"/proc/$pid/comm" || return 1 # 2> first: it must cover the < of a dead pid
   [[ $comm == "${1%@*}" ]] && alive "$pid" && echo "$pid"
 }
 
@@ -205,7 +205,7 @@ start_daemon() {
   pid=$(running_pid "$name")
   marker_set "$name" "$pid"
   # node-down finds the node's processes (slurmstepd, tasks) by this namespace, even after slurmd is gone.
-  [[ $name == slurmd@* ]] && readlink "/proc/$pid/ns/uts" >"$RUN_DIR/slurmd-${name#slurmd@}.uts"
+  [[ $name == slurmd@* && $name != slurmd@localhost ]] && readlink "/proc/$pid/ns/uts" >"$RUN_DIR/slurmd-${name#slurmd@}.uts"
   say "started $name (pid $pid)"
 }
 
@@ -524,9 +524,10 @@ slurmds_running() { # every slurmd daemon name with a live pid: this config's, t
   {
     node_names | sed 's/^/slurmd@/'
     conf_nodes | sed 's/^/slurmd@/'
-    sed -n 's/^\(slurmd[^ ]*\) .*/\1/p' "$MARKER" 2>/dev/null
+    awk '$1 == "slurmd" || $1 ~ /^slurmd@/ {print $1}' "$MARKER" 2>/dev/null
     echo slurmd
   } | sort -u | while read -r name; do running_pid "$name" >/dev/null && echo "$name"; done
+  return 0
 }
 
 check_knobs() {
