@@ -593,7 +593,6 @@ cmd_up() {
   flock -w 600 9 || die "another local_slurm.sh holds $LOCK"
   ensure_packages
   prepare_dirs
-  write_hosts
 
   # Decide everything before touching a running daemon: a changed config restarts slurmctld+slurmd together
   # (restarting only one gives "appears to have a different slurm.conf"), and only if this script started them.
@@ -608,6 +607,7 @@ cmd_up() {
     running_pid mariadbd >/dev/null && ! port_listening "$DB_PORT" && db_moved=1
   fi
   restart_for_config $db_moved $dbd_changed $slurm_changed
+  write_hosts # only now: a refused reconfiguration must leave the running nodes resolvable
 
   ((slurm_changed)) && write_conf "$CONF_DIR/slurm.conf" "$slurm_conf" root: 0644 &&
     write_conf "$CONF_DIR/gres.conf" "$gres_conf" root: 0644 && say "wrote $CONF_DIR/slurm.conf, gres.conf"
