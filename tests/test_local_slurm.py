@@ -1,8 +1,9 @@
 """The local Slurm cluster that the submission, requeue and preemption tests run on.
 
-Started by `scripts/local_slurm.sh up` (docs: shared/docs/local-slurm.md). These tests check the three properties
-the job tests rely on: accounting (sacct) sees finished jobs, fake GPUs set CUDA_VISIBLE_DEVICES, and a requeued job
-comes back quickly with SLURM_RESTART_COUNT=1. ~15 s in all, most of it the requeue cycle.
+Started by `LOCAL_SLURM_NODES=2 scripts/local_slurm.sh up` (docs/local-slurm.md). These tests check the properties
+the job tests rely on: accounting (sacct) sees finished jobs, fake GPUs set CUDA_VISIBLE_DEVICES, a requeued job
+comes back quickly with SLURM_RESTART_COUNT=1, a step spans two nodes with their own hostnames and ranks, and
+`node-down` kills exactly one node's tasks. ~20 s in all, most of it the requeue cycle.
 
 Skipped when `sbatch` is not on PATH, except under REMAX_REQUIRE_SLURM=1 (CI, after the setup script), where a
 missing Slurm is an error, so the skip cannot silently fire forever.
@@ -100,3 +101,70 @@ def test_scontrol_requeue_restarts_the_job(tmp_path: Path):
         assert restarts() == ["restart=0", "restart=1"]
     finally:
         subprocess.run(["scancel", job_id], check=False)
+
+
+def two_nodes() -> list[str]:
+    """The cluster's nodes; fails under REMAX_REQUIRE_SLURM=1 (CI starts LOCAL_SLURM_NODES=2) unless there are two."""
+    nodes = sorted(set(run("sinfo", "-h", "-N", "-o", "%N").split()))
+    if len(nodes) < 2:
+        msg = f"needs LOCAL_SLURM_NODES=2 bash scripts/local_slurm.sh up; the cluster has {nodes}"
+        if os.environ.get("REMAX_REQUIRE_SLURM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return nodes
+
+
+def test_a_two_node_step_has_per_node_hostnames_and_ranks():
+    assert two_nodes() == ["node1", "node2"]
+    fmt = "$(hostname) $SLURMD_NODENAME $SLURM_JOB_NODELIST $SLURM_NODEID $SLURM_LOCALID $SLURM_PROCID"
+    out = run("srun", "--time=1", "-N2", "--ntasks-per-node=2", "bash", "-c", f'echo "{fmt}"')
+    rows = sorted(tuple(line.split()) for line in out.splitlines())
+    assert rows == [
+        ("node1", "node1", "node[1-2]", "0", "0", "0"),
+        ("node1", "node1", "node[1-2]", "0", "1", "1"),
+        ("node2", "node2", "node[1-2]", "1", "0", "2"),
+        ("node2", "node2", "node[1-2]", "1", "1", "3"),
+    ], out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # PID 1 here may never reap: a zombie is dead
+
+
+def node_state(node: str) -> str:
+    return run("sinfo", "-h", "-n", node, "-o", "%T").split()[0]
+
+
+def test_node_down_kills_only_that_nodes_tasks_and_node_up_brings_it_back(tmp_path: Path):
+    two_nodes()
+    if os.getuid() != 0 and os.environ.get("REMAX_REQUIRE_SLURM") != "1":
+        pytest.skip("node-down/node-up need root")
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "local_slurm.sh")
+    # Each of the 4 tasks writes its pid into <hostname>.<localid>, then sleeps until killed.
+    task = f"echo $$ > {tmp_path}/$(hostname).$SLURM_LOCALID; exec sleep 300"
+    job_id = sbatch(
+        "-N2", "--ntasks-per-node=2", "--output=/dev/null", "--wrap", f"srun bash -c '{task}'"
+    )
+    try:
+        names = ["node1.0", "node1.1", "node2.0", "node2.1"]
+        assert wait_for(lambda: all((tmp_path / n).exists() for n in names), 30), list(
+            tmp_path.iterdir()
+        )
+        pids = {n: int((tmp_path / n).read_text()) for n in names}
+        assert all(alive(p) for p in pids.values()), pids
+        run("bash", script, "node-down", "node2")
+        # node2's tasks are gone at once (SIGKILL); node1's keep running until Slurm notices the loss.
+        assert {n: alive(p) for n, p in pids.items()} == {
+            "node1.0": True,
+            "node1.1": True,
+            "node2.0": False,
+            "node2.1": False,
+        }
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+        run("bash", script, "node-up", "node2")
+    assert wait_for(lambda: node_state("node2") == "idle", 60), node_state("node2")

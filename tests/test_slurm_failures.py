@@ -195,16 +195,27 @@ def test_sigterm_of_a_running_job_checkpoints_and_requeues_bit_identical(tmp_pat
     _assert_same_export(ref["run_dir"], rec["run_dir"])
 
 
+def _slurm_out(*cmd: str) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_preemption_by_a_higher_priority_partition_resumes_bit_identical(tmp_path):
-    """The real thing: a job on `low` (PreemptMode=REQUEUE, GraceTime=20) while the node's other
-    core runs the reference; a `high` job then needs that core. The preempted job checkpoints on
-    the signal Slurm sends, is requeued, runs again after the high job and matches the reference."""
+    """The real thing: a job on `low` (PreemptMode=REQUEUE, GraceTime=20) beside the reference; a
+    `high` job then needs the low job's core. The preempted job checkpoints on the signal Slurm
+    sends, is requeued, runs again after the high job and matches the reference."""
     ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
     rec = _submit(tmp_path / "low", "log.wandb_mode=disabled", "cluster.partition=low")
     run_dir = Path(rec["run_dir"])
     _wait_for(run_dir, "checkpoints/step_10", timeout=240)
+    # On the low job's node, one CPU more than is idle: only preempting the low job frees it (with
+    # two nodes, a plain `-c 1` would just start on the other, idle node).
+    node = _slurm_out("squeue", "-h", "-j", rec["job_id"], "-o", "%N")
+    fields = _slurm_out("scontrol", "-o", "show", "node", node).split()
+    cpus = dict(kv.split("=", 1) for kv in fields if "=" in kv)  # OS=Linux 6.18 #1 ... has spaces
+    total, idle = int(cpus["CPUTot"]), int(cpus["CPUTot"]) - int(cpus["CPUAlloc"])
     high = subprocess.run(
-        ["sbatch", "--parsable", "-p", "high", "-c", "1", "-o", "/dev/null", "--wrap", "sleep 2"],
+        ["sbatch", "--parsable", "-p", "high", "-w", node, "-c", str(min(total, idle + 1))]
+        + ["-o", "/dev/null", "--wrap", "sleep 2"],
         capture_output=True,
         text=True,
         check=True,
