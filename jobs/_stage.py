@@ -131,12 +131,15 @@ def _refuse_live_owner(run_dir) -> None:
 def stop_request(cluster, run_dir) -> StopRequest:
     """The segment's stop request: the end time from Slurm, the partition's GraceTime, the
     teardown margin, the --signal delay, and whether a signal is a graceful cancel."""
-    grace = preemption.partition_grace_s()
+    # GraceTime 0 (a partition that preempts nothing) or unknown: a SIGTERM while RUNNING is then
+    # `scancel --signal=TERM` or srun ending the step, with KillWait to go; the --signal delay
+    # bounds it as before, instead of a deadline that is already past.
+    grace = preemption.partition_grace_s() or cluster.signal_delay_s
     return StopRequest(
         preemption.job_end_time(),
         cluster.deadline_margin_s,
         cluster.signal_delay_s,
-        grace_time_s=cluster.signal_delay_s if grace is None else grace,
+        grace_time_s=grace,
         graceful=lambda: stop_requested(run_dir),
     )
 
@@ -199,6 +202,8 @@ def _guarded(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
     try:
         summary = _run(stage, config, run_dir, stop, trainer, end)
     except Exception as exc:
+        if stop is not None:
+            stop.failed = True  # a failing segment is never requeued by the stop guard
         # The rank that raised claims the event first; its peers' "connection closed" is the
         # same event, not a second failure (failure.json then names the rank that failed).
         if failure.claim_event(run_dir):

@@ -86,6 +86,7 @@ class StopRequest:
         self.save_s = 0.0  # last measured checkpoint save time (kept across restarts)
         self.eval_s = 0.0  # last measured periodic evaluation time
         self.eval_due = False  # the loop says: the next step boundary runs a periodic eval
+        self.failed = False  # the segment is failing (an exception): the guard must not requeue
 
     # ------------------------------------------------------------------ setting it
     def on_signal(self, signum: int = 0, _frame=None) -> None:
@@ -229,6 +230,8 @@ def _guard(stop: StopRequest) -> None:
     if kill is None or stop.reason == StopReason.graceful:
         return  # a graceful stop is never requeued: at the end time Slurm ends it
     time.sleep(max(0.0, kill - stop.margin_s - time.time()))
+    if stop.failed:  # srun ends the other tasks of a failed step with SIGTERM: not a preemption
+        return
     log.warning(
         "stop (%s) not reached %.0f s before the kill: requeueing without a checkpoint",
         stop.reason.value,

@@ -148,3 +148,19 @@ def test_time_based_saves_are_rank_zeros_decision_on_every_rank(tmp_path):
     assert CheckpointManager(run_dir / "checkpoints").complete_steps() == [3, 5]
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
     assert not (run_dir / "failure.json").exists()
+
+
+def test_the_guard_never_requeues_a_failing_segment(monkeypatch):
+    # A rank raised: srun ends the step's other tasks with SIGTERM while the job is still
+    # RUNNING, which reads like a preemption. The failing segment must end FAILED, not requeue.
+    calls = []
+    monkeypatch.setattr(preemption, "requeue", lambda **kw: calls.append("requeue") or True)
+    monkeypatch.setattr(preemption.os, "_exit", lambda code: calls.append(code))
+    stop = StopRequest(None, 0.0, 30, grace_time_s=0.2)
+    stop.failed = True  # set by jobs._stage when the stage raised
+    stop.on_signal(signal.SIGTERM)
+    preemption._guard(stop)
+    assert calls == []
+    stop.failed = False  # the same SIGTERM of a preemption: requeued without a save
+    preemption._guard(stop)
+    assert calls == ["requeue", preemption.EXIT_REQUEUED]
