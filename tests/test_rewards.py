@@ -373,7 +373,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def train_gpt2_rm(tok, steps: int = 200) -> GPT2ForSequenceClassification:
+def train_gpt2_rm(tok, steps: int = 300) -> GPT2ForSequenceClassification:
     """A GPT-2 RM on the synthetic pairs rendered in its own chat template (Bradley–Terry)."""
     rm = gpt2_reward_model(tok).train()
     pairs = synthetic.preference_records(2048, seed=0)
@@ -387,7 +387,14 @@ def train_gpt2_rm(tok, steps: int = 200) -> GPT2ForSequenceClassification:
 
     for step in range(steps):
         batch = pairs[step * 32 : (step + 1) * 32]
-        loss = -nn.functional.logsigmoid(scores(batch, "chosen") - scores(batch, "rejected"))
+        chosen = scores(batch, "chosen")
+        loss = -nn.functional.logsigmoid(chosen - scores(batch, "rejected"))
+        # Any answer beats an empty one: without these pairs the RM has never seen an EOS-first
+        # answer, scores it like a good one, and ReMax learns to answer nothing (how far it gets
+        # depends on the CPU's floating point: 0.47 -> 0.03 gold on one machine, up on another).
+        empty = [{**r, "rejected": ""} for r in batch[:8]]
+        blank = -nn.functional.logsigmoid(chosen[:8] - scores(empty, "rejected"))
+        loss = torch.cat([loss, blank])
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
@@ -415,7 +422,8 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     source = RewardSourceConfig(
         path=str(tmp_path / "rm"), kind=RewardKind.hf_seq_cls, template=RewardTemplate.tokenizer
     )
-    cfg = remax_config(source, steps=120)
+    steps = 300
+    cfg = remax_config(source, steps=steps)
     trainer = RemaxTrainer(cfg)
     assert trainer.tokenizer.get_vocab() == tokenizer.get_vocab()  # the policy's char tokenizer
     trainer.scorer = recorder = Recorder(trainer.scorer)
@@ -425,7 +433,7 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     assert_up_by_3_stderr(summary["eval"], "reward")
     assert_up_by_3_stderr(summary["eval"], "gold")
     # Every reward: training steps (sampled and greedy rows) and the two evaluations.
-    assert len(recorder.calls) >= 2 * 120
+    assert len(recorder.calls) >= 2 * steps
     used: dict[tuple[str, str], list[float]] = {}
     for ro, prompts, rewards in recorder.calls:
         for i in range(ro.response.shape[0]):
@@ -436,7 +444,7 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     direct = direct_hf_scores(rm, rm_tok, list(used))
     rows = sum(len(v) for v in used.values())
     worst = max_abs_error(used, direct)
-    assert rows >= 120 * 64 and worst <= 1e-5, (rows, worst)
+    assert rows >= steps * 64 and worst <= 1e-5, (rows, worst)
 
 
 @pytest.mark.slow

@@ -79,15 +79,44 @@ def test_usr2_requeues_and_a_local_run_on_the_live_run_dir_is_refused(tmp_path, 
     assert [s["stop_reason"] for s in segments] == ["usr2", "completed"], segments
 
 
-def test_time_based_saves_every_12_s_agree_across_ranks(tmp_path, reference):
-    rec = _submit(tmp_path, *TWO_BY_TWO, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.2")
-    states = _wait_done(rec["job_id"], timeout=900)
-    assert [s for s, _ in states] == ["COMPLETED"], states
+def test_time_based_saves_and_a_usr2_with_a_failing_squeue_in_the_job(tmp_path, reference):
+    """Saves every 12 s by the clock (step-based off), and the job's own ``squeue`` failing (a
+    busy controller: end time unknown, its own requeue's SIGTERM not triaged). The ranks agree
+    on every save; at a USR2, rank 0 requeues before the other ranks leave: REQUEUED, COMPLETED,
+    the uninterrupted export."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Socket timed out' >&2\nexit 1\n")
+    (fake / "squeue").chmod(0o755)
+    rec = _submit(
+        tmp_path,
+        *TWO_BY_TWO,
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0.2",
+        "log.wandb_mode=offline",
+        f"cluster.setup=['export PATH={fake}:$PATH']",
+    )
     run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "metrics.jsonl", timeout=600)
+    _wait_steps(run_dir, 14, timeout=600)  # ~30 s of steps: two time-based saves or more
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+    states = _wait_done(rec["job_id"], timeout=900)
+    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
     segments = [json.loads(x) for x in (run_dir / "segments.jsonl").read_text().splitlines()]
-    assert len(segments[0]["checkpoints"]) >= 3, segments  # ~50 s of steps, a save every 12 s
+    assert [s["stop_reason"] for s in segments] == ["usr2", "completed"], segments
+    assert len(segments[0]["checkpoints"]) >= 2, segments  # by the clock, then the USR2's
     assert not (run_dir / "failure.json").exists()
     _assert_same_export(reference["run_dir"], rec["run_dir"])
+
+
+def _wait_steps(run_dir: Path, steps: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        if len(lines) >= steps:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{run_dir} never logged {steps} steps")
 
 
 def test_graceful_cancel_with_steps_longer_than_the_signal_window(tmp_path):
@@ -108,7 +137,7 @@ def test_graceful_cancel_with_steps_longer_than_the_signal_window(tmp_path):
     _wait_for(run_dir, "metrics.jsonl", timeout=600)  # a first step is done
     run_job("jobs.cancel", str(run_dir), "--graceful")
     states = _wait_done(rec["job_id"], timeout=600)
-    assert [s for s, _ in states] == ["CANCELLED"], states
+    assert [s.split()[0] for s, _ in states] == ["CANCELLED"], states  # "CANCELLED by 0"
     [step] = [p.name for p in (run_dir / "checkpoints").glob("step_*")]
     assert (run_dir / "checkpoints" / step / "COMPLETE").exists()
     out = run_job("jobs.resume", str(run_dir), "--json", env=_repo_path())
@@ -197,28 +226,6 @@ def test_preemption_of_a_two_node_job_resumes_bit_identical(tmp_path, reference)
     _assert_same_export(reference["run_dir"], rec["run_dir"])
 
 
-def test_usr2_with_a_failing_squeue_in_the_job_requeues_and_completes(tmp_path, reference):
-    """The job's own ``squeue`` fails (a busy controller): its end time is unknown, the SIGTERM
-    of its own requeue cannot be triaged. Rank 0 requeues before the other ranks leave, so the
-    chain survives anyway: REQUEUED, COMPLETED, identical export."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Socket timed out' >&2\nexit 1\n")
-    (fake / "squeue").chmod(0o755)
-    rec = _submit(
-        tmp_path,
-        *TWO_BY_TWO,
-        "log.wandb_mode=offline",
-        f"cluster.setup=['export PATH={fake}:$PATH']",
-    )
-    run_dir = Path(rec["run_dir"])
-    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
-    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
-    states = _wait_done(rec["job_id"], timeout=900)
-    assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
-    _assert_same_export(reference["run_dir"], rec["run_dir"])
-
-
 def test_one_hung_rank_is_one_hang_record_one_requeue_then_completion(tmp_path):
     """Rank 3's reward call never returns in the first segment; the other ranks wait for it in
     the next collective, where their watchdogs fire too. One record, one requeue, and the
@@ -237,31 +244,6 @@ def test_one_hung_rank_is_one_hang_record_one_requeue_then_completion(tmp_path):
     records = [json.loads(x) for x in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert [r["class"] for r in records] == ["hang"], records
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 24
-
-
-def test_a_lost_node_requeues_waits_for_it_and_finishes_identically(tmp_path, reference):
-    """The second node dies mid-step (its slurmd and tasks killed, as a machine that lost power):
-    the job is requeued, waits while the node is down, and when it returns finishes with the
-    uninterrupted run's export."""
-    rec = _submit(tmp_path, *TWO_BY_TWO)
-    run_dir = Path(rec["run_dir"])
-    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
-    first, second = sorted(_nodes(rec["job_id"]))  # the batch script runs on the first
-    try:
-        subprocess.run([*LOCAL_SLURM, "node-down", second], check=True, capture_output=True)
-        _wait_state(rec["job_id"], {"PENDING"}, timeout=300)
-        time.sleep(10)
-        assert _state(rec["job_id"]) == "PENDING", "it must wait for the lost node"
-    finally:
-        subprocess.run([*LOCAL_SLURM, "node-up", second], check=True, capture_output=True)
-    states = _wait_done(rec["job_id"], timeout=900)
-    kinds = [s for s, _ in states]
-    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) <= {"REQUEUED", "NODE_FAIL"}, states
-    assert len(kinds) >= 2, states
-    _assert_same_export(reference["run_dir"], rec["run_dir"])
-
-
-LOCAL_SLURM = ["bash", str(REPO / "scripts" / "local_slurm.sh")]
 
 
 def _state(job: str) -> str:
