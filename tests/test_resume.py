@@ -35,6 +35,7 @@ from remax.config import (
     TrainConfig,
     WandbMode,
 )
+from remax.preemption import StopRequest
 from remax.run_dir import prepare
 from remax.trainers import loop
 
@@ -80,18 +81,16 @@ def _run(stage: str, cfg, stop=None):
     return run_dir, loop.run(trainer, cfg, run_dir, stage, stop=stop)
 
 
-class StopAt:
+class StopAt(StopRequest):
     """Requests a stop once the trainer has done ``k`` steps, as the USR2 handler would."""
 
     def __init__(self, k: int) -> None:
+        super().__init__()
         self.k, self.trainer = k, None
 
     @property
     def requested(self) -> bool:
         return self.trainer.step >= self.k
-
-    def observe(self, step_s: float) -> None:
-        pass
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
