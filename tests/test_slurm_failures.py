@@ -199,40 +199,6 @@ def _slurm_out(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_preemption_by_a_higher_priority_partition_resumes_bit_identical(tmp_path):
-    """The real thing: a job on `low` (PreemptMode=REQUEUE, GraceTime=20) beside the reference; a
-    `high` job then needs the low job's core. The preempted job checkpoints on the signal Slurm
-    sends, is requeued, runs again after the high job and matches the reference."""
-    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
-    rec = _submit(tmp_path / "low", "log.wandb_mode=disabled", "cluster.partition=low")
-    run_dir = Path(rec["run_dir"])
-    _wait_for(run_dir, "checkpoints/step_10", timeout=240)
-    # On the low job's node, one CPU more than is idle: only preempting the low job frees it (with
-    # two nodes, a plain `-c 1` would just start on the other, idle node).
-    node = _slurm_out("squeue", "-h", "-j", rec["job_id"], "-o", "%N")
-    fields = _slurm_out("scontrol", "-o", "show", "node", node).split()
-    cpus = dict(kv.split("=", 1) for kv in fields if "=" in kv)  # OS=Linux 6.18 #1 ... has spaces
-    total, idle = int(cpus["CPUTot"]), int(cpus["CPUTot"]) - int(cpus["CPUAlloc"])
-    high = subprocess.run(
-        ["sbatch", "--parsable", "-p", "high", "-w", node, "-c", str(min(total, idle + 1))]
-        + ["-o", "/dev/null", "--wrap", "sleep 2"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    states = _wait_done(rec["job_id"], timeout=600)
-    kinds = [s for s, _ in states]
-    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) <= {"REQUEUED", "PREEMPTED"}, states
-    assert len(kinds) >= 2, f"never preempted: {states}"
-    assert _wait_done(high)[-1][0] == "COMPLETED"
-    segments = _segments(run_dir)
-    assert segments[0]["stop_reason"] in {"usr2", "sigterm"}, segments
-    # the next segment resumed from the preempted one's last checkpoint, not from scratch
-    assert segments[1]["resume_step"] == segments[0]["checkpoints"][-1] > 0, segments
-    _wait_done(ref["job_id"], timeout=600)
-    _assert_same_export(ref["run_dir"], rec["run_dir"])
-
-
 def test_real_time_limit_requeues_until_done_and_the_export_is_identical(tmp_path):
     """cluster.time_min=2 with USR2 30 s before it (sent at 60-90 s): every segment stops for a
     requeue before Slurm's limit, never TIMEOUT, and the run finishes like an uninterrupted one."""
