@@ -9,10 +9,10 @@ an evaluation asks for.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from test_login_node import _shim
 
 from jobs._config import compose_stage
 from jobs._costs import SacctError, allocated_gpus, over_budget, run_cost, sacct_segments
@@ -29,15 +29,6 @@ def _no_training(monkeypatch):
     import jobs._stage
 
     monkeypatch.setattr(jobs._stage, "run_stage", lambda *a, **k: pytest.fail("segment ran"))
-
-
-def _shim(tmp_path: Path, monkeypatch, name: str, script: str) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    path = bin_dir / name
-    path.write_text("#!/bin/sh\n" + script + "\n")
-    path.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def _sacct(tmp_path, monkeypatch, rows: list[str]) -> None:
