@@ -298,3 +298,52 @@ def test_usr2_requeue_from_exports_is_bit_identical_to_an_uninterrupted_run(tmp_
     assert [s for s, _ in states] == ["REQUEUED", "COMPLETED"], states
     _wait_done(ref["job_id"], timeout=900)
     _assert_same_export(ref["run_dir"], rec["run_dir"])
+
+
+def test_pipeline_cap_is_cumulative_and_a_later_stage_stops_at_it(tmp_path):
+    """A 3-stage pipeline on real 1-minute time limits: 1 GPU-minute costs 1.0, so each stage's
+    bound is 1.0 and ``cluster.budget=3`` admits the submission. The reward model needs many
+    segments (every one ends at its time limit's USR2 and requeues); once what the pipeline has
+    spent plus one more segment exceeds 3, its next segment ends before running: the RM fails,
+    ReMax is cancelled unrun, and sacct bills the pipeline at most its cap."""
+    out = run_job(
+        "jobs.pipeline",
+        "--json",
+        f"run.root={tmp_path}",
+        *[("remax." + a if a.startswith("eval_prompts") else a) for a in JOB],
+        "evaluate=false",
+        "log.wandb_mode=disabled",
+        "cluster.time_min=1",
+        "cluster.gpu_hour_rate=60",
+        "cluster.budget=3",
+        "cluster.signal_delay_s=15",
+        "cluster.deadline_margin_s=5",
+        "train.max_steps=4",
+        "reward_model.train.max_steps=100000",
+    )
+    records = {r["stage"]: r for r in json.loads(out.stdout[out.stdout.index("{\n") :])["jobs"]}
+    rm = records["reward_model"]
+    rm_states = [s for s, _ in _wait_done(rm["job_id"], timeout=600)]
+    assert rm_states[-1] == "FAILED" and set(rm_states[:-1]) == {"REQUEUED"}, rm_states
+    assert len(rm_states) >= 2, rm_states  # the cap stopped a later segment, not the first
+    errors = "".join(p.read_text() for p in (Path(rm["run_dir"]) / "slurm").glob("*.err"))
+    assert "would exceed cluster.budget=3" in errors, errors[-3000:]
+    assert [s for s, _ in _wait_done(records["sft"]["job_id"])] == ["COMPLETED"]
+    remax_states = _wait_done(records["remax"]["job_id"], timeout=60)
+    assert remax_states[-1][0].startswith("CANCELLED"), remax_states
+    assert not (Path(records["remax"]["run_dir"]) / "metrics.jsonl").exists()
+    spent = sum(_gpu_minutes(r["job_id"]) for r in records.values())
+    # Each segment ran only after "spent so far + its whole time limit <= 3" held. Slack: Slurm
+    # bills whole seconds and ends a job up to KillWait (local_slurm.sh: 5 s) past its limit.
+    assert spent <= 3 + 0.2, spent
+
+
+def _gpu_minutes(job: str) -> float:
+    """Elapsed minutes of every segment of ``job`` (1 fake GPU each), from ``sacct -D``."""
+    out = subprocess.run(
+        ["sacct", "-j", job, "-D", "-X", "-n", "--parsable2", "-o", "ElapsedRaw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sum(int(x) for x in out.stdout.split()) / 60
