@@ -5,6 +5,8 @@ best-actor export's summary."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import run_job
@@ -44,15 +46,28 @@ def test_early_stop_compares_the_per_token_kl_as_the_release(tmp_path, limit, st
         **SMALL, train=train, algo=RemaxAlgoConfig(early_stop_kl=limit), eval_prompts=64
     )
     trainer = RemaxTrainer(cfg)
-    # log π − log π_ref = 0.25 nats on every token: 0.25 per token, 0.25·length per answer.
-    trainer.logprobs = lambda model, ro: torch.full(
-        ro.response.shape, 0.0 if model is trainer.model else -0.25
-    )
+    # At every answer position π = δ_0 and π_ref(0) = e^-0.25: the exact KL is −log π_ref(0) = 0.25
+    # nats per token, 0.25·length per answer. The sampled log π − log π_ref reads 0.75 per token,
+    # above both limits: the early stop must read the exact one.
+    V = trainer.model.config.vocab_size
+    policy, ref = torch.full((V,), -torch.inf), torch.full((V,), -torch.inf)
+    policy[0] = 0.0
+    ref[0], ref[1] = -0.25, math.log(1 - math.exp(-0.25))
+
+    def score(model, ro):
+        logits = (policy if model is trainer.model else ref).expand(*ro.response.shape, V)
+        logp = torch.full(ro.response.shape, 0.0 if model is trainer.model else -0.75)
+        return logp, logits
+
+    trainer.score = score
     trainer.run_dir, trainer.step = tmp_path, 1
     from remax.trainers import rl_eval
 
-    per_answer = float(rl_eval.evaluate_policy(trainer)["kl"].mean())
-    assert per_answer > 1.0, "answers of several tokens: the per-answer sum is above both limits"
+    ev = rl_eval.evaluate_policy(trainer)
+    assert float(ev["kl"].mean()) > 1.0, (
+        "answers of several tokens: the per-answer sum is above both limits"
+    )
+    assert float(ev["kl_sampled_token"].mean()) == pytest.approx(0.75, abs=1e-6)
     from remax.preemption import StopRequest
 
     assert trainer.should_stop_early(StopRequest()) is stops

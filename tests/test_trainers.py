@@ -206,8 +206,8 @@ def test_sampling_adjusted_scores_the_filtered_distribution():
     trainer = _remax(top_k=2, logprob_dist=LogprobDist.sampling_adjusted)
     raw = _remax(top_k=2)
     sampled, _ = trainer.rollout(trainer.train_prompts[:4])
-    adj, _ = trainer._logprobs(trainer.model, sampled)
-    plain, _ = raw._logprobs(trainer.model, sampled)
+    adj, _, _ = trainer._logprobs(trainer.model, sampled)
+    plain, _, _ = raw._logprobs(trainer.model, sampled)
     m = sampled.response_mask
     # Renormalising over the two kept tokens can only raise a sampled token's probability.
     assert bool((adj[m] >= plain[m] - 1e-6).all()) and bool((adj[m] > plain[m]).any())

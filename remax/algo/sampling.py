@@ -1,6 +1,6 @@
 """The sampling distribution's logits: temperature, top-k and nucleus filtering.
 
-Notation: B batch, V vocab. Shared by the sampler (``remax.rollout``) and by the
+Notation: B batch, T response length, V vocab. Shared by the sampler (``remax.rollout``) and by the
 ``logprob_dist=sampling_adjusted`` scoring path, so both apply the same transformation.
 """
 
@@ -35,3 +35,34 @@ def filter_logits(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def nucleus_with_token(
+    logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float, top_p: float, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`filter_logits` with each realised token kept in its own position's nucleus.
+
+    A token the sampler drew can fall outside the nucleus recomputed here: bf16 logits or another
+    engine (vLLM) put a token at the top-p/top-k edge on the other side of the cut. Its filtered
+    log-prob is −inf, which makes the loss inf/NaN. Here its temperature-scaled logit is put back,
+    so it is scored under the nucleus plus itself: the distribution the sampler actually drew from
+    when the two disagree only on that edge token. This stays closer to the exact sampled law than
+    the alternatives: the unfiltered log π(a) drops the nucleus renormalisation that every other
+    token gets, and masking the token out of the loss drops a real sample (a biased estimator).
+    For a token inside the nucleus nothing changes (the restored value is the value already there).
+
+    Args:
+        logits: (B, T, V) raw logits; ``logits[:, t]`` scores ``tokens[:, t]``.
+        tokens: (B, T) realised token ids.
+        temperature, top_p, top_k: as :func:`filter_logits`.
+
+    Returns:
+        ((B, T, V) filtered logits with every realised token finite, (B, T) bool: the realised
+        token was outside the recomputed nucleus). Differentiable w.r.t. ``logits``.
+    """
+    filtered = filter_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k)
+    index = tokens.long().unsqueeze(-1)  # (B, T, 1)
+    outside = filtered.gather(-1, index).squeeze(-1) == float("-inf")  # (B, T)
+    # Same elementwise division as filter_logits, so an inside token gets back its exact value.
+    restored = filtered.scatter(-1, index, logits.gather(-1, index) / temperature)
+    return restored, outside

@@ -194,7 +194,9 @@ def rank_token_denominator(mask: torch.Tensor, n_micro: int, world_size: int) ->
 def final_summary(trainer, run_dir, stop=None) -> dict:
     """``evaluate_final`` of an RL trainer: before/after reward, KL and length (collective).
 
-    Rank 0 writes ``eval_after.json``; every rank returns the same summary.
+    ``kl_after`` / ``kl_token_after``: the exact full-vocabulary KL per answer / per token (the
+    release's ``eval/kl``); ``kl_sampled_after`` / ``kl_sampled_token_after``: the sampled
+    log π − log π_ref estimate (``rl_eval``). Rank 0 writes ``eval_after.json``; every rank returns the same summary.
     """
     before = json.loads((run_dir / "eval_before.json").read_text())
     after = rl_eval.eval_summary(trainer, stop=stop)
@@ -208,8 +210,9 @@ def final_summary(trainer, run_dir, stop=None) -> dict:
         "length_before": before["length"]["mean"],
         "length_after": after["length"]["mean"],
     }
-    if "kl_token" in after:
-        ev["kl_token_after"] = after["kl_token"]["mean"]
+    for key in ("kl_token", "kl_sampled", "kl_sampled_token"):
+        if key in after:
+            ev[f"{key}_after"] = after[key]["mean"]
     if "gold" in after:
         ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
     reward_source = "gold" if trainer.scorer is None else trainer.scorer.source

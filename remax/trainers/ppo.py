@@ -47,13 +47,14 @@ from dataclasses import replace
 import torch
 
 from remax import distributed
+from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from remax.config import PPOJobConfig
 from remax.data.batching import EpochSampler, collate_prompts
 from remax.distributed import select_device
 from remax.engines import build_actor
-from remax.models.policy import load_policy, position_ids, response_logprobs
+from remax.models.policy import load_policy, position_ids, response_logits, response_logprobs
 from remax.models.reward import load_reward_model
 from remax.models.reward_adapters import critic_compatible
 from remax.rollout import Rollout
@@ -266,6 +267,14 @@ class PPOTrainer:
             model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
         )
 
+    def score(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward: ``logprobs(model, rollout)`` and the raw (B, T, V) logits (the exact eval
+        KL's, ``rl_eval``)."""
+        logits = response_logits(
+            model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
+        )
+        return logprobs_from_logits(logits, rollout.response), logits
+
     def _update(
         self, chunks, n_tokens, sampled, mask, old_logprobs, old_values, advantages, returns
     ):
@@ -406,7 +415,7 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, torch.Tensor]:
-        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length (collective)."""
+        """Per held-out prompt: reward, gold (synthetic), exact and sampled KL, length (collective)."""
         return rl_eval.evaluate_policy(self)
 
     def before_training(self, run_dir) -> None:

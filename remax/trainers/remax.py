@@ -23,7 +23,7 @@ from remax import distributed
 from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.registry import KL_ESTIMATORS, lookup
 from remax.algo.remax import policy_gradient_loss, remax_advantages, remax_stats
-from remax.algo.sampling import filter_logits
+from remax.algo.sampling import nucleus_with_token
 from remax.config import (
     Aggregation,
     Baseline,
@@ -177,16 +177,28 @@ class RemaxTrainer:
         return self.engine.generate(ids, mask, self.sampling, greedy=greedy)
 
     # ----------------------------------------------------------------- update
-    def _logprobs(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) realised-token log-probs, and (B, T, V) logits when a path needs them."""
+    def _logprobs(self, model, rollout: Rollout):
+        """(B, T) realised-token log-probs, (B, T, V) logits when a path needs them, and (B, T)
+        bool: realised tokens outside the recomputed nucleus (``sampling_adjusted`` only)."""
+        logprobs, logits, outside = self._scored(response_logits(model, rollout), rollout)
+        keep = self.cfg.algo.kl_estimator == KLEstimator.full_vocab
+        return logprobs, (logits if keep else None), outside
+
+    def _scored(self, logits: torch.Tensor, rollout: Rollout):
+        """Log-probs (B, T) under the distribution trained on, its (B, T, V) logits, and the (B, T)
+        outside-the-nucleus flags, from the raw (B, T, V) ``logits``."""
         algo = self.cfg.algo
-        logits = response_logits(model, rollout)
+        outside = torch.zeros_like(rollout.response, dtype=torch.bool)
         if algo.logprob_dist == LogprobDist.sampling_adjusted:
-            logits = filter_logits(
-                logits, temperature=algo.temperature, top_p=algo.top_p, top_k=algo.top_k
+            # A sampled token at the nucleus edge (bf16, vLLM) stays scorable: nucleus_with_token.
+            logits, outside = nucleus_with_token(
+                logits,
+                rollout.response,
+                temperature=algo.temperature,
+                top_p=algo.top_p,
+                top_k=algo.top_k,
             )
-        keep = algo.kl_estimator == KLEstimator.full_vocab
-        return logprobs_from_logits(logits, rollout.response), (logits if keep else None)
+        return logprobs_from_logits(logits, rollout.response), logits, outside
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous block of the global batch (all of it at world size 1)."""
@@ -224,16 +236,17 @@ class RemaxTrainer:
         self.model.train()
         micro = self.cfg.train.micro_batch_size * n
         n_micro = -(-mask.shape[0] // micro)
-        loss_sum, kls, advs, gaps = 0.0, [], [], []
+        loss_sum, kls, advs, gaps, outside = 0.0, [], [], [], 0
         for start in range(0, mask.shape[0], micro):
             rows = slice(start, start + micro)
             if algo.aggregation == Aggregation.rank_token_mean:
                 denominator = conventions.rank_token_denominator(
                     mask[rows], n_micro, self.world_size
                 )
-            loss, kl, advantages, gap = self._micro_loss(
+            loss, kl, advantages, (gap, n_outside) = self._micro_loss(
                 sampled.select(rows), rewards[rows], baseline[rows], mask[rows], denominator
             )
+            outside += n_outside
             self.actor.backward(loss)
             loss_sum += float(loss.detach())
             kls.append(kl)
@@ -250,21 +263,21 @@ class RemaxTrainer:
             reward_clip=algo.reward_clip,
             clip_target=algo.clip_target,
         )
-        metrics = self._metrics(stats, rewards - baseline, sampled, greedy, loss_sum)
+        metrics = self._metrics(stats, rewards - baseline, sampled, greedy, (loss_sum, outside))
         if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
             metrics["rollout/offpolicy_gap_max"] = max(gaps)
         return {**metrics, "optim/grad_norm": grad_norm, "optim/lr": self.actor.lr}
 
     def _micro_loss(self, part: Rollout, rewards, baseline, mask, denominator):
-        """One micro-batch: (loss with grad, per-token KL, per-token returns, engine log-prob gap
-        or None). Step 4: the KL-shaped returns; the loss of Algorithm 1 line 7."""
+        """One micro-batch: (loss with grad, per-token KL, per-token returns, (engine log-prob gap
+        or None, trained tokens outside the recomputed nucleus)). Step 4: the KL-shaped returns; the loss of Algorithm 1 line 7."""
         algo = self.cfg.algo
-        logprobs, logits = self._logprobs(self.actor.forward_module, part)  # (b, T), with grad
+        logprobs, logits, outside = self._logprobs(self.actor.forward_module, part)  # with grad
         gap = None
         if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
             gap = offpolicy_gap(part, logprobs)
         with torch.no_grad():
-            ref_logprobs, ref_logits = self._logprobs(self.reference, part)
+            ref_logprobs, ref_logits, _ = self._logprobs(self.reference, part)
             kl = lookup(KL_ESTIMATORS, algo.kl_estimator)(
                 logprobs=logprobs.detach(),
                 ref_logprobs=ref_logprobs,
@@ -286,11 +299,13 @@ class RemaxTrainer:
         loss = policy_gradient_loss(
             logprobs, advantages, mask, aggregation=algo.aggregation, denominator=denominator
         )
-        return loss, kl, advantages, gap
+        return loss, kl, advantages, (gap, int((outside & mask).sum()))
 
-    def _metrics(self, stats, margin, sampled: Rollout, greedy: Rollout, loss_sum: float) -> dict:
+    def _metrics(self, stats, margin, sampled: Rollout, greedy: Rollout, sums) -> dict:
         """The step's metrics, reduced over ranks. Equal shards: each rank logs its mean / world
-        size, and the ranks' sum is the global mean; the loss already is each rank's share."""
+        size, and the ranks' sum is the global mean; ``sums`` (this rank's share of the loss, its
+        count of trained tokens outside the recomputed nucleus) add up over ranks as they are."""
+        loss_sum, outside = sums
         share = {
             "reward/mean": stats.reward_mean,
             "reward/baseline_mean": stats.baseline_mean,
@@ -306,7 +321,11 @@ class RemaxTrainer:
             "response/same_as_greedy": self._same(sampled, greedy).float().mean(),
         }
         share = {k: float(v) / self.world_size for k, v in share.items()}
-        metrics = distributed.sum_over_ranks({**share, "loss/policy": loss_sum})
+        # rollout/outside_nucleus: sampling_adjusted tokens scored by nucleus_with_token (bf16 or
+        # vLLM put them past the recomputed top-p/top-k edge); 0 on any other path.
+        metrics = distributed.sum_over_ranks(
+            {**share, "loss/policy": loss_sum, "rollout/outside_nucleus": float(outside)}
+        )
         return {**metrics, "rollout/offpolicy_sampling": float(self.off_policy_sampling)}
 
     def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
@@ -328,8 +347,14 @@ class RemaxTrainer:
         """(B, T) log-probs of the realised tokens under ``model`` (the distribution trained on)."""
         return self._logprobs(model, rollout)[0]
 
+    def score(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward: ``logprobs(model, rollout)`` and the raw (B, T, V) logits (the exact eval
+        KL's, ``rl_eval``)."""
+        logits = response_logits(model, rollout)
+        return self._scored(logits, rollout)[0], logits
+
     def evaluate(self) -> dict[str, torch.Tensor]:
-        """Per held-out prompt: reward, gold (synthetic), KL Σ_t log π/π_ref, length (collective)."""
+        """Per held-out prompt: reward, gold (synthetic), exact and sampled KL, length (collective)."""
         return rl_eval.evaluate_policy(self)
 
     def before_training(self, run_dir) -> None:
@@ -342,20 +367,24 @@ class RemaxTrainer:
         if not every or self.step == 0 or self.step % every:
             return False
         ev = rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts, stop)
-        # Per-token units: the release's --target_kl 1.0 is a mean over tokens, not over answers
-        # (an answer's Σ_t grows with its length: 256 tokens would stop at ~0.004 nats/token).
+        # The release's quantity: the exact full-vocabulary KL per token along the eval answers
+        # (not the sampled log π − log π_ref, which reads high under top-p). Per-token units: the
+        # release's --target_kl 1.0 is a mean over tokens, not over answers (an answer's Σ_t grows
+        # with its length: 256 tokens would stop at ~0.004 nats/token).
         self.last_eval_kl = ev["kl_token"]["mean"]
         if self.keep_best:
             best_actor.consider(self, ev["reward"]["mean"])
         limit = self.cfg.algo.early_stop_kl
         if limit is not None and not math.isfinite(self.last_eval_kl):
             # A NaN compares False with everything: it would silently disable the early stop.
-            log.error("eval KL per token is %s at step %d: stopping", self.last_eval_kl, self.step)
+            log.error(
+                "exact eval KL per token is %s at step %d: stopping", self.last_eval_kl, self.step
+            )
             self.total_steps = self.step
             return True
         if limit is not None and self.last_eval_kl >= limit:
             log.info(
-                "early stop at step %d: eval KL per token %.4f >= %.4f",
+                "early stop at step %d: exact eval KL per token %.4f >= %.4f",
                 self.step,
                 self.last_eval_kl,
                 limit,

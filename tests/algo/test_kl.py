@@ -134,3 +134,26 @@ def test_registry_has_uniform_signature():
         lookup(KL_ESTIMATORS, "full_vocab")(logprobs=logp, ref_logprobs=ref)
     with pytest.raises(ValueError, match="valid values: 'k1', 'k2', 'k3', 'full_vocab'"):
         lookup(KL_ESTIMATORS, "kl")
+
+
+def test_full_vocab_chunked_and_masked_equals_the_formula(monkeypatch):
+    # Three positions per chunk over 2 × 5 positions, 7 of them valid: chunks of 3, 3, 1 that cross
+    # batch rows. The result must equal the one-shot formula at valid positions, bit for bit in
+    # float64 (each position's KL is computed alone either way), and 0 at masked ones even where
+    # their logits are NaN (padding garbage).
+    import remax.algo.logprobs as module
+
+    g = torch.Generator().manual_seed(4)
+    V = 11
+    logits = torch.randn(2, 5, V, generator=g, dtype=torch.float64)
+    ref_logits = torch.randn(2, 5, V, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    logits[~mask] = torch.nan
+    p, logp, logq = logits.softmax(-1), logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    formula = torch.where(mask, (p * (logp - logq)).sum(-1), 0.0)  # (B, T)
+    whole = full_vocab_kl(logits, ref_logits, mask)
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 3 * V)
+    chunked = full_vocab_kl(logits, ref_logits, mask)
+    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(chunked, formula, rtol=1e-13, atol=1e-15)
+    assert (chunked[~mask] == 0).all() and (chunked[mask] > 0).all()
