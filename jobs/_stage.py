@@ -77,13 +77,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
             f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
-    # Inputs first, run dir second: a missing export or a malformed data file is one line and
-    # exit 2 with nothing written (the trainer reads every input when it is built).
-    try:
-        check_inputs(config)
-        trainer = None if stage == "evaluate" else _trainer(stage, config)
-    except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
-        fail(str(exc))
+    trainer = _checked_trainer(stage, config)
     owner = claim(run_dir, stage)
     if owner:
         # Another live job owns this run dir: touching it would delete that job's in-progress
@@ -111,6 +105,21 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
         return summary
     print(json.dumps({"stage": stage, "run_dir": str(run_dir), "eval": summary.get("eval")}))
     return summary
+
+
+def _checked_trainer(stage: str, config):
+    """Inputs first, run dir second: a missing export or a malformed data file is one line and
+    exit 2 with nothing written (the trainer reads every input when it is built). None for
+    ``evaluate``, which loads its policies one at a time."""
+    try:
+        check_inputs(config)
+        if getattr(getattr(config, "rollout", None), "engine", "hf") == "vllm":
+            from remax.rollout_vllm import check_head_dims  # vLLM's CPU kernels, from config.json
+
+            check_head_dims(config)
+        return None if stage == "evaluate" else _trainer(stage, config)
+    except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
+        fail(str(exc))
 
 
 def _refuse_live_owner(run_dir) -> None:

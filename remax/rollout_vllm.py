@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from remax.config.rollout import RolloutConfig
+from remax.config.rollout import RolloutConfig, RolloutEngine
 from remax.config.sampling import SamplingConfig
+from remax.inputs import InputError
 from remax.rollout import Rollout
 
 GIB = 1 << 30
@@ -50,16 +51,52 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _head_dim_error(source: str, head_dim: int, fix: str) -> InputError:
+    return InputError(
+        f"rollout.engine=vllm on the CPU build needs an attention head_dim in {CPU_HEAD_DIMS}, "
+        f"{source} has head_dim {head_dim}: {fix}, or use rollout.engine=hf"
+    )
+
+
+def _model_sources(config) -> list[tuple[str, str | None]]:
+    """(key, path) of every model a stage hands to vLLM: the actor, or each evaluated policy."""
+    if getattr(config, "policies", None):
+        return [(f"policies[{i}]", path) for i, path in enumerate(config.policies)]
+    return [("model.path", config.model.path)]
+
+
+def check_head_dims(config) -> None:
+    """``rollout.engine=vllm`` without a GPU: InputError unless every model vLLM will load has a
+    head_dim the CPU kernels support. Reads config.json only, so it runs before any model is
+    loaded or any run dir written (``jobs._stage``; vLLM itself raises only when it starts)."""
+    rollout = getattr(config, "rollout", None)
+    if rollout is None or rollout.engine != RolloutEngine.vllm or torch.cuda.is_available():
+        return
+    for key, path in _model_sources(config):
+        if path is None:  # the tiny model, built from model.*
+            m = config.model
+            head_dim = m.hidden_size // m.num_heads
+            if head_dim not in CPU_HEAD_DIMS:
+                raise _head_dim_error(
+                    f"the tiny model (model.hidden_size={m.hidden_size} / "
+                    f"model.num_heads={m.num_heads})",
+                    head_dim,
+                    "set model.num_heads (and model.num_kv_heads) so that the quotient is one "
+                    "of them (e.g. model.hidden_size=64 model.num_heads=2 model.num_kv_heads=2)",
+                )
+            continue
+        from transformers import AutoConfig
+
+        head_dim = _head_dim(AutoConfig.from_pretrained(path))
+        if head_dim not in CPU_HEAD_DIMS:
+            raise _head_dim_error(f"{key}={path!r}", head_dim, "use a model with one of them")
+
+
 def _configure_cpu(cfg: RolloutConfig, config) -> None:
     """Environment of the CPU build, read when the engine starts (inherited by its process)."""
     head_dim = _head_dim(config)
-    if head_dim not in CPU_HEAD_DIMS:
-        raise ValueError(
-            f"rollout.engine=vllm on the CPU build needs an attention head_dim in {CPU_HEAD_DIMS}, "
-            f"this model has {head_dim}: for the tiny model set model.num_heads so that "
-            "model.hidden_size / model.num_heads is one of them (e.g. 64/2 = 32), or use "
-            "rollout.engine=hf"
-        )
+    if head_dim not in CPU_HEAD_DIMS:  # the stages check first (check_head_dims)
+        raise _head_dim_error("this model", head_dim, "use a model with one of them")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(cfg.kv_cache_gib))
     # vLLM lowers torch to one thread unless told otherwise, and by default pins its worker to
     # one core and reserves the rest; colocated, the trainer waits while vLLM decodes, so the

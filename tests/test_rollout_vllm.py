@@ -46,6 +46,49 @@ def test_engine_vllm_is_refused_in_one_line_where_vllm_is_missing(monkeypatch):
     RolloutConfig(engine=RolloutEngine.hf)  # the default never needs vLLM
 
 
+def _pretend_vllm_is_installed(monkeypatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "vllm" else find_spec(name, *a),
+    )
+
+
+def test_vllm_on_a_head_dim_the_cpu_kernels_lack_is_an_input_error(monkeypatch):
+    """Checked from the config before any model is loaded (``jobs._stage``); vLLM
+    itself raised a ValueError only when it started (traceback, exit 1)."""
+    from remax.config import ModelConfig, RemaxJobConfig
+    from remax.inputs import InputError
+    from remax.rollout_vllm import check_head_dims
+
+    _pretend_vllm_is_installed(monkeypatch)
+    vllm = RolloutConfig(engine=RolloutEngine.vllm)
+    head_dim_16 = ModelConfig(hidden_size=64, num_heads=4, num_kv_heads=2)
+    with pytest.raises(InputError) as err:
+        check_head_dims(RemaxJobConfig(rollout=vllm, model=head_dim_16))
+    msg = str(err.value)
+    assert "head_dim 16" in msg and "model.num_heads=4" in msg and "rollout.engine=hf" in msg
+    assert "\n" not in msg
+    check_head_dims(RemaxJobConfig(rollout=vllm, model=ModelConfig(num_heads=2, num_kv_heads=2)))
+    check_head_dims(RemaxJobConfig(model=head_dim_16))  # the hf engine has no such limit
+
+
+def test_vllm_with_ungathered_zero3_is_refused_at_validation(monkeypatch):
+    """Under ZeRO-3 without ``gather_for_generation`` vLLM was pushed empty partitioned tensors."""
+    from remax.config import DeepSpeedConfig, RemaxJobConfig
+
+    _pretend_vllm_is_installed(monkeypatch)
+    vllm = RolloutConfig(engine=RolloutEngine.vllm)
+    ungathered = DeepSpeedConfig(enabled=True, zero_stage=3, gather_for_generation=False)
+    with pytest.raises(ConfigError) as err:
+        RemaxJobConfig(rollout=vllm, deepspeed=ungathered)
+    msg = str(err.value)
+    assert "deepspeed.gather_for_generation=False" in msg and "=true" in msg and "\n" not in msg
+    RemaxJobConfig(rollout=vllm, deepspeed=DeepSpeedConfig(enabled=True, zero_stage=3))
+    RemaxJobConfig(deepspeed=ungathered)  # the hf engine decodes with the actor itself
+
+
 @pytest.fixture(scope="module")
 def setup():
     require_vllm()

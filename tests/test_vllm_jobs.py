@@ -178,3 +178,143 @@ def test_evaluate_with_vllm_gives_the_hf_engines_greedy_answers(tmp_path):
         answers[engine] = [json.loads(line)["response"] for line in lines]
     assert len(answers["hf"]) == 32
     assert answers["vllm"] == answers["hf"]
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _save_head_dim_16(root: Path) -> Path:
+    """A tiny Llama export with head_dim 16 (64 / 4 heads), which the CPU kernels lack."""
+    from remax.models.tiny import build_tokenizer, llama_config, tiny_policy
+
+    tok = build_tokenizer()
+    config = llama_config(
+        len(tok), hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=128
+    )
+    export = root / "hd16" / "export"
+    tiny_policy(config).save_pretrained(export)
+    tok.save_pretrained(export)
+    return export
+
+
+REFUSALS = {
+    "tiny model with head_dim 16": (
+        "remax",
+        lambda tmp: ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2"],
+        ["head_dim 16", "model.num_heads=4", "rollout.engine=hf"],
+    ),
+    "evaluated export with head_dim 16": (
+        "evaluate",
+        lambda tmp: [f"policies=[{_save_head_dim_16(tmp)}]"],
+        ["head_dim 16", "policies[0]=", "rollout.engine=hf"],
+    ),
+    "ZeRO-3 without gathering for generation": (
+        "ppo",
+        lambda tmp: [*TINY_32, "deepspeed=zero3", "deepspeed.gather_for_generation=false"],
+        ["deepspeed.gather_for_generation=False", "gather_for_generation=true"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_vllm_refusal_is_one_line_exit_2_nothing_written(tmp_path, case):
+    """Refused before vLLM starts and before the run dir exists (it used to be a ValueError
+    traceback, exit 1, from vLLM's start; or, under ZeRO-3, empty partitioned tensors pushed)."""
+    stage, args, needles = REFUSALS[case]
+    root = tmp_path / "runs"
+    common = ["log.wandb_mode=disabled", "log.progress=false"]
+    if stage != "evaluate":
+        common.append("train.max_steps=1")
+    proc = run_job(
+        f"jobs.{stage}",
+        "rollout.engine=vllm",
+        f"run.root={root}",
+        *common,
+        *args(tmp_path),
+        check=False,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert not root.exists(), f"written: {sorted(root.rglob('*'))}"
+
+
+# ---------------------------------------------------------------- the best actor
+
+
+def _spy_engine(engine, calls: list) -> None:
+    """Record every decode of ``engine``: (ids, mask, sampling, rollout)."""
+    generate = engine.generate
+
+    def spy(ids, mask, sampling, *, greedy):
+        out = generate(ids, mask, sampling, greedy=greedy)
+        calls.append((ids, mask, sampling, out))
+        return out
+
+    engine.generate = spy
+
+
+def test_final_evaluation_with_vllm_decodes_the_exported_best_actor(tmp_path, monkeypatch):
+    """``export_policy=best_eval_reward``: ``load_best`` puts an older actor back into the model,
+    so vLLM must be pushed it again. The selection is forced onto step 1 of 2 (reward −step), and
+    every greedy answer of the final evaluation (decoded by vLLM after ``load_best``) equals the
+    ``hf`` engine's greedy answer of ``export/``; the final actor answers differently (else the
+    test could not tell the two apart)."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs._stage import _trainer
+    from remax.rollout_engines import HFEngine, as_actor
+    from remax.run_dir import prepare
+    from remax.trainers import best_actor, loop
+
+    consider, load_best = best_actor.consider, best_actor.load_best
+    monkeypatch.setattr(best_actor, "consider", lambda t, reward: consider(t, -float(t.step)))
+    calls, final = [], {}
+
+    def spy_load_best(trainer):
+        final["weights"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        final["calls"] = len(calls)  # the decodes after this one are the final evaluation's
+        load_best(trainer)
+
+    monkeypatch.setattr(best_actor, "load_best", spy_load_best)
+    cfg = compose_stage(
+        "remax",
+        [
+            "experiment=smoke",
+            "rollout.engine=vllm",
+            *TINY_32,
+            f"run.root={tmp_path}",
+            "export_policy=best_eval_reward",
+            "eval_prompts=64",
+            "train.max_steps=2",
+            "train.eval_every=1",
+            "checkpoint.every_steps=0",
+            "algo.eval_decoding=greedy",
+            "optim.lr=1e-2",  # one step moves the greedy answers
+            "log.progress=false",
+        ],
+    )
+    run_dir = prepare(cfg, "remax")
+    trainer = _trainer("remax", cfg)
+    _spy_engine(trainer.engine, calls)
+    try:
+        summary = loop.run(trainer, cfg, run_dir, "remax")
+    finally:
+        trainer.engine.close()
+    assert summary["export"]["step"] == 1 and summary["step"] == 2
+    best = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
+    last = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
+    last.load_state_dict(final["weights"])
+    evaluated = calls[final["calls"] :]
+    assert sum(len(c[0]) for c in evaluated) == 64  # the final evaluation, all greedy
+    differs = False
+    for ids, mask, sampling, out in evaluated:
+        hf = HFEngine(as_actor(best), trainer.tokenizer).generate(ids, mask, sampling, greedy=True)
+        assert torch.equal(out.response_mask, hf.response_mask)
+        assert torch.equal(out.response[out.response_mask], hf.response[hf.response_mask])
+        old = HFEngine(as_actor(last), trainer.tokenizer).generate(ids, mask, sampling, greedy=True)
+        differs |= not torch.equal(old.response, hf.response)
+    assert differs, "the final actor answers as the best one: raise optim.lr"

@@ -11,7 +11,7 @@ from remax.config.cluster import ClusterConfig
 from remax.config.data import DataConfig
 from remax.config.deepspeed import DeepSpeedConfig
 from remax.config.model import ModelConfig, RewardSourceConfig
-from remax.config.rollout import RolloutConfig
+from remax.config.rollout import RolloutConfig, RolloutEngine
 from remax.config.run import LogConfig, RunConfig
 from remax.config.train import CheckpointConfig, OptimConfig, TrainConfig
 
@@ -115,4 +115,20 @@ def _check_rl_stage(cfg) -> None:
         cfg.reward_model.path,
         "give the reward_model stage's export/ dir or reward_model.kind=function "
         "(only data=synthetic has a built-in reward)",
+    )
+    ds = cfg.deepspeed
+    # vLLM is pushed the actor's full parameters, read inside ``actor.generation()``; under ZeRO-3
+    # only a gathered actor has them (otherwise each rank holds empty partitioned tensors).
+    _require(
+        not (
+            cfg.rollout.engine == RolloutEngine.vllm
+            and ds.enabled
+            and ds.zero_stage == 3
+            and not ds.gather_for_generation
+        ),
+        "deepspeed.gather_for_generation",
+        ds.gather_for_generation,
+        "rollout.engine=vllm with deepspeed.zero_stage=3 pushes the actor's full parameters to "
+        "vLLM, which only a gathered actor has: set deepspeed.gather_for_generation=true "
+        "(or rollout.engine=hf)",
     )

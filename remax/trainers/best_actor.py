@@ -53,7 +53,10 @@ def consider(trainer, reward: float) -> bool:
 
 
 def load_best(trainer) -> None:
-    """Load the best actor's weights into ``trainer.model`` on every rank."""
+    """Load the best actor's weights into ``trainer.model`` on every rank, and tell the rollout
+    engine: a vLLM engine holds its own copy of the weights (the last ones pushed), so without
+    this the final evaluation would decode from the final actor while ``export/`` holds the best."""
     distributed.barrier()  # rank 0 wrote the file
     weights = load_file(Path(trainer.run_dir) / BEST_FILE, device=str(trainer.device))
     trainer.model.load_state_dict(weights)
+    trainer.engine.weights_updated()
