@@ -5,7 +5,7 @@
 | preemption   | requeue (after a checkpoint when it fits)                              |
 | time_limit   | requeue (after a checkpoint when it fits)                              |
 | hang         | requeue away from the node, at most ``cluster.max_failure_requeues``   |
-| node_failure | same as hang (seen at the next start: the last segment left no line)   |
+| node_failure | same as hang (a peer vanished mid-collective, or at the next start: no line) |
 | oom          | stop, with the memory planner's suggestion                             |
 | exception    | stop, never requeue: a rerun fails the same way, billed again          |
 | no_progress  | stop: ``cluster.no_progress_segments`` segments without a checkpoint   |

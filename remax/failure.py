@@ -46,7 +46,19 @@ def classify(exc: BaseException) -> FailureClass:
         return FailureClass.disk_full
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return FailureClass.oom  # some kernels raise a plain RuntimeError for a CUDA OOM
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in PEER_LOST):
+        # Reached only when no rank claimed the event first (a rank that raises claims before
+        # its process exits and closes our connections): a peer vanished without a word.
+        return FailureClass.node_failure
     return FailureClass.exception
+
+
+PEER_LOST = (
+    "Connection closed by peer",  # gloo: the peer's process is gone (its node lost, SIGKILL)
+    "Connection reset by peer",
+    "remote process exited or there was a network error",  # NCCL
+)
+"""What a collective raises when another rank disappeared mid-collective."""
 
 
 def record(

@@ -12,9 +12,10 @@ import os
 import signal
 import stat
 import time
+from pathlib import Path
 
 import pytest
-from test_distributed import spawn
+from test_distributed import _entry, free_port, spawn
 from test_resume import _config, _trainer
 from test_stop_path import _stop_after
 
@@ -164,3 +165,34 @@ def test_the_guard_never_requeues_a_failing_segment(monkeypatch):
     stop.failed = False  # the same SIGTERM of a preemption: requeued without a save
     preemption._guard(stop)
     assert calls == ["requeue", preemption.EXIT_REQUEUED]
+
+
+def _collective_with_a_vanishing_peer(rank: int, world: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # a lost node: no exception, no word
+    try:
+        dist.all_reduce(torch.ones(4))
+    except RuntimeError as exc:
+        Path(out).write_text(failure.classify(exc).value)
+
+
+def test_a_peer_that_vanishes_mid_collective_is_a_node_failure_not_an_exception(tmp_path):
+    """What the surviving ranks of a lost node raise (gloo: "Connection closed by peer") is
+    classed node_failure (bounded by cluster.max_failure_requeues), not a bug in the code."""
+    import torch.multiprocessing as mp
+
+    out, port = tmp_path / "class", free_port()
+    # Not spawn(): it would SIGTERM rank 0 as soon as rank 1 dies, before rank 0 sees the loss.
+    ctx = mp.get_context("spawn")
+    args = (_collective_with_a_vanishing_peer, 2, port, (str(out),))
+    ranks = [ctx.Process(target=_entry, args=(r, *args)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, -signal.SIGKILL]
+    assert out.read_text() == "node_failure"
