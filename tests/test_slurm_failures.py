@@ -193,25 +193,3 @@ def test_sigterm_of_a_running_job_checkpoints_and_requeues_bit_identical(tmp_pat
     assert [s["stop_reason"] for s in _segments(run_dir)] == ["sigterm", "completed"]
     _wait_done(ref["job_id"])
     _assert_same_export(ref["run_dir"], rec["run_dir"])
-
-
-def _slurm_out(*cmd: str) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def test_real_time_limit_requeues_until_done_and_the_export_is_identical(tmp_path):
-    """cluster.time_min=2 with USR2 30 s before it (sent at 60-90 s): every segment stops for a
-    requeue before Slurm's limit, never TIMEOUT, and the run finishes like an uninterrupted one."""
-    long = ("train.max_steps=300", "train.epochs=10", "checkpoint.every_steps=50")
-    ref = _submit(tmp_path / "ref", *long, "log.wandb_mode=disabled")
-    rec = _submit(tmp_path / "limit", *long, "log.wandb_mode=disabled", "cluster.time_min=2")
-    states = _wait_done(rec["job_id"], timeout=1500)
-    kinds = [s for s, _ in states]
-    assert kinds[-1] == "COMPLETED" and set(kinds[:-1]) == {"REQUEUED"}, states
-    _wait_done(ref["job_id"], timeout=900)
-    _assert_same_export(ref["run_dir"], rec["run_dir"])
-    segments = [
-        json.loads(line)
-        for line in (Path(rec["run_dir"]) / "segments.jsonl").read_text().splitlines()
-    ]
-    assert {s["stop_reason"] for s in segments[:-1]} <= {"usr2", "deadline", "sigterm"}, segments

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_job
-from test_slurm import JOB, _assert_same_export, _sacct, _submit, _wait_done, _wait_for
+from test_slurm import (
+    JOB,
+    _assert_same_export,
+    _sacct,
+    _status,
+    _submit,
+    _wait_done,
+    _wait_for,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -89,6 +97,14 @@ def test_time_limits_with_time_based_saves_and_a_failing_squeue_in_the_job(tmp_p
     assert any(len(s["checkpoints"]) >= 2 for s in segments[:-1]), segments
     assert not (run_dir / "failure.json").exists()
     _assert_same_export(reference["run_dir"], rec["run_dir"])
+    rows = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 25)), "steps continuous across requeues, none logged twice"
+    [row] = _status(tmp_path)
+    assert row["restarts"] == len(states) - 1 and row["state"] == "COMPLETED"
+    assert row["step"] == 24 and row["gpu_hours"] > 0 and row["cost"] > 0  # 4 fake GPUs
+    run_id = (run_dir / "wandb_id").read_text().strip()  # one W&B run, a fragment a segment
+    fragments = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(fragments) == len(states) and all(f.name.endswith(run_id) for f in fragments)
 
 
 def test_graceful_cancel_with_steps_longer_than_the_signal_window(tmp_path):
@@ -244,3 +260,53 @@ def _wait_state(job: str, states: set[str], timeout: float) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job} never reached {states}: {_sacct(job)}")
+
+
+def test_a_lost_node_requeues_waits_for_it_and_finishes_identically(tmp_path, reference):
+    """The second node dies mid-step (its slurmd and tasks SIGKILLed, as a machine that lost
+    power): the job is requeued, waits while the node is down, and when it returns finishes
+    with the uninterrupted run's export. The surviving ranks record one ``node_failure``; Slurm
+    requeues the job (NODE_FAIL). Seen here: ~30 s after the node returns, slurmctld's retried
+    kill of the lost incarnation reaches it and SIGTERMs the new one (same job id), which then
+    checkpoints and requeues like any SIGTERM: NODE_FAIL, REQUEUED, COMPLETED."""
+    rec = _submit(tmp_path, *TWO_BY_TWO)
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "checkpoints/step_8", timeout=600)
+    second = sorted(_nodes(rec["job_id"]))[1]  # the batch script runs on the first
+    try:
+        subprocess.run([*LOCAL_SLURM, "node-down", second], check=True, capture_output=True)
+        # Bring it back only once Slurm knows it is gone (SlurmdTimeout): a node that returns
+        # before that never was lost, as far as slurmctld can tell.
+        _wait_node(second, "down", timeout=120)
+        _wait_state(rec["job_id"], {"PENDING"}, timeout=120)
+        time.sleep(5)
+        assert _state(rec["job_id"]) == "PENDING", "it must wait for the lost node"
+        # Held while the node returns: a job allocated in the instant its slurmd re-registers
+        # gets a half allocation on this build (srun: "2 != 1" nodes); a real node reboots first.
+        subprocess.run(["scontrol", "hold", rec["job_id"]], check=True)
+    finally:
+        subprocess.run([*LOCAL_SLURM, "node-up", second], check=True, capture_output=True)
+    _wait_node(second, "idle", timeout=60)
+    time.sleep(5)
+    subprocess.run(["scontrol", "release", rec["job_id"]], check=True)
+    states = [s for s, _ in _wait_done(rec["job_id"], timeout=900)]
+    assert states[-1] == "COMPLETED" and set(states[:-1]) <= {"REQUEUED", "NODE_FAIL"}, states
+    assert len(states) >= 2, states
+    records = [json.loads(x) for x in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [r["class"] for r in records] == ["node_failure"], records
+    _assert_same_export(reference["run_dir"], rec["run_dir"])
+
+
+LOCAL_SLURM = ["bash", str(REPO / "scripts" / "local_slurm.sh")]
+
+
+def _wait_node(node: str, state: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True, text=True
+        )
+        if out.stdout.strip().startswith(state):
+            return
+        time.sleep(1)
+    raise AssertionError(f"node {node} never became {state}")
