@@ -151,6 +151,7 @@ def answer_turns(
     sampling: SamplingConfig,
     greedy: bool,
     max_prompt_len: int,
+    special_tokens: bool = True,
     engine=None,
 ) -> list[Turn]:
     """Answer every turn of every prompt; turn k sees the conversation with the earlier answers.
@@ -172,7 +173,9 @@ def answer_turns(
             else format_conversation(history[i], template, tokenizer)
             for i in rows
         ]
-        batch = collate_prompts(tokenizer, texts, max_prompt_len, device)
+        batch = collate_prompts(
+            tokenizer, texts, max_prompt_len, device, special_tokens=special_tokens
+        )
         rollout = engine.generate(batch.input_ids, batch.attention_mask, sampling, greedy=greedy)
         answers = decode_answers(tokenizer, rollout)
         for i, answer in zip(rows, answers):
@@ -324,6 +327,7 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path, stop) 
                     sampling=sampling,
                     greedy=cfg.decoding == EvalDecoding.greedy,
                     max_prompt_len=cfg.data.max_prompt_len,
+                    special_tokens=cfg.data.special_tokens,
                     engine=engine,
                 )
             with open(partial, "a") as f:  # one write per batch: a kill tears at most this one
@@ -382,6 +386,7 @@ def _scorer(cfg: EvaluateJobConfig, device, gold: bool) -> Scorer:
             ModelConfig(dtype=cfg.dtype),
             None,
             max_prompt_len=cfg.data.max_prompt_len,
+            special_tokens=cfg.data.special_tokens,
             seed=cfg.seed,
             device=device,
         )

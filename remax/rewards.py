@@ -139,10 +139,12 @@ class RewardScorer:
         policy_tokenizer,
         *,
         max_prompt_len: int,
+        special_tokens: bool = True,
         model=None,
         tokenizer=None,
     ) -> None:
         self.cfg, self.policy_tokenizer, self.max_prompt_len = cfg, policy_tokenizer, max_prompt_len
+        self.special_tokens = special_tokens  # data.special_tokens: the rule the RM trained with
         self.model, self.tokenizer = model, tokenizer
         if tokenizer is not None and cfg.template == Template.tokenizer:
             if getattr(tokenizer, "chat_template", None) is None:
@@ -154,13 +156,17 @@ class RewardScorer:
         self.function = (
             load_reward_function(cfg.function) if cfg.kind == RewardKind.function else None
         )
+        self.same_vocab = (
+            tokenizer is not None
+            and policy_tokenizer is not None
+            and tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        )
         self.fast_path = (
             model is not None
             and cfg.kind == RewardKind.export
             and cfg.template == Template.policy
             and cfg.max_len is None
-            and policy_tokenizer is not None
-            and tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+            and self.same_vocab
         )
 
     def for_policy(self, policy_tokenizer) -> RewardScorer:
@@ -171,6 +177,7 @@ class RewardScorer:
             self.cfg,
             policy_tokenizer,
             max_prompt_len=self.max_prompt_len,
+            special_tokens=self.special_tokens,
             model=self.model,
             tokenizer=self.tokenizer,
         )
@@ -183,6 +190,7 @@ class RewardScorer:
         policy_tokenizer,
         *,
         max_prompt_len: int,
+        special_tokens: bool = True,
         seed: int,
         device,
     ) -> RewardScorer | None:
@@ -195,7 +203,12 @@ class RewardScorer:
         if cfg.kind != RewardKind.function:
             model, tokenizer = load_reward_adapter(cfg, model_cfg, seed=seed, device=device)
         scorer = cls(
-            cfg, policy_tokenizer, max_prompt_len=max_prompt_len, model=model, tokenizer=tokenizer
+            cfg,
+            policy_tokenizer,
+            max_prompt_len=max_prompt_len,
+            special_tokens=special_tokens,
+            model=model,
+            tokenizer=tokenizer,
         )
         what = cfg.function if model is None else f"{cfg.path} (kind={cfg.kind.value})"
         how = "the policy's tokens" if scorer.fast_path else f"template={cfg.template.value}"
@@ -220,9 +233,9 @@ class RewardScorer:
         responses, stopped = self.decode_responses(rollout)
         policy_text = self.cfg.template == Template.policy and self.function is None
         if policy_text or prompts is None:
-            prompts = self.decode_prompts(
-                rollout
-            )  # the text the policy read, its template included
+            # The text the policy read, its template included; an RM of the policy's vocabulary
+            # also keeps its special tokens (a template's BOS and headers, as the fast path reads).
+            prompts = self.decode_prompts(rollout, keep_special=policy_text and self.same_vocab)
         if self.function is not None:
             raw = call_reward_function(self.function, self.cfg.function, prompts, responses)
         else:
@@ -236,10 +249,10 @@ class RewardScorer:
         return raw
 
     # ----------------------------------------------------------------- text
-    def decode_prompts(self, rollout: Rollout) -> list[str]:
+    def decode_prompts(self, rollout: Rollout, keep_special: bool = False) -> list[str]:
         tok = self.policy_tokenizer
         return [
-            tok.decode(ids[mask], skip_special_tokens=True)
+            tok.decode(ids[mask], skip_special_tokens=not keep_special)
             for ids, mask in zip(rollout.prompt_ids, rollout.prompt_mask.bool())
         ]
 
@@ -254,13 +267,16 @@ class RewardScorer:
         """The RM token ids of one (prompt, response), as the RM was trained to read them."""
         tok, template = self.tokenizer, self.cfg.template
         if template == Template.policy:
-            ids = prompt_ids(tok, prompt, self.max_prompt_len) + encode(tok, response)
+            # data.special_tokens, as the RM's pairs and the policy's prompts (remax-spec §3).
+            ids = prompt_ids(tok, prompt, self.max_prompt_len, self.special_tokens)
+            ids += encode(tok, response)
             ids += [tok.eos_token_id] if stopped else []
         elif template == Template.tokenizer:
             messages = [
                 {"role": "user", "content": prompt},
                 {"role": "assistant", "content": response},
             ]
+            # The RM's own template says where its BOS goes (as apply_chat_template(tokenize=True)).
             ids = encode(tok, tok.apply_chat_template(messages, tokenize=False))
         else:
             text = self.cfg.format.format(prompt=prompt, response=response)

@@ -75,3 +75,19 @@ def run_job(
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """``name -> path`` of a saved tiny checkpoint of a real tokenizer family (Llama-2, Mistral,
+    Llama-3, OPT, GPT-2: tests/tokenizer_families.py), built once per session."""
+    from tokenizer_families import save_family
+
+    saved: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in saved:
+            saved[name] = save_family(name, tmp_path_factory.mktemp(name))
+        return saved[name]
+
+    return get

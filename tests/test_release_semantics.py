@@ -217,7 +217,7 @@ def test_rank_token_mean_gives_each_rank_an_equal_share_as_the_release():
 # --------------------------------------------------------------------------- 7. special tokens
 
 
-def test_prompt_special_tokens_prefix_the_tokenizers_bos():
+def test_special_tokens_prefix_the_tokenizers_bos():
     from tokenizers.processors import TemplateProcessing
 
     from remax.data.batching import collate_prompts
@@ -228,7 +228,7 @@ def test_prompt_special_tokens_prefix_the_tokenizers_bos():
     tok._tokenizer.post_processor = TemplateProcessing(
         single=f"{EOS} $A", special_tokens=[(EOS, tok.eos_token_id)]
     )
-    plain = collate_prompts(tok, ["ab", "abc"], 12, "cpu")
+    plain = collate_prompts(tok, ["ab", "abc"], 12, "cpu", special_tokens=False)
     release = collate_prompts(tok, ["ab", "abc"], 12, "cpu", special_tokens=True)
     assert release.input_ids.shape[1] == plain.input_ids.shape[1] + 1
     assert release.input_ids[0, -3:].tolist() == [tok.eos_token_id, *tok("ab")["input_ids"][1:]]
@@ -317,6 +317,9 @@ def test_official_preset_matches_the_spec_table():
         values = [v.strip() for v in values.split(",")]
         for name, value in zip(names, values):
             if name == "export_policy":  # a stage key, not the algo group's (remax-spec §4 row 18)
+                continue
+            if name == "data.special_tokens":  # every stage's rule, the data default (row 21)
+                assert str(DataConfig().special_tokens).lower() == value.lower(), name
                 continue
             assert str(preset[name]).lower() == value.split()[0].lower(), name
             checked.add(name)

@@ -446,7 +446,9 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     for ro, prompts, rewards in recorder.calls:
         for i in range(ro.response.shape[0]):
             response = tokenizer.decode(ro.response[i, : ro.lengths[i]], skip_special_tokens=True)
-            prompt = tokenizer.decode(ro.prompt_ids[i][ro.prompt_mask[i]])
+            ids = ro.prompt_ids[i][ro.prompt_mask[i]]
+            assert ids[0] == tokenizer.bos_token_id  # data.special_tokens: the policy's BOS
+            prompt = tokenizer.decode(ids[1:])
             assert prompt == prompts[i]  # the raw prompt is the one the policy answered
             used.setdefault((prompt, response), []).append(float(rewards[i]))
     direct = direct_hf_scores(rm, rm_tok, list(used))

@@ -49,7 +49,7 @@ def test_sft_loss_mask_covers_response_and_eos_only(tokenizer):
         24,
         "cpu",
     )
-    # Row 0: tokens a b c = d e <eos>; targets are tokens 1.. so the mask marks d, e, <eos>.
+    # Row 0: tokens <bos> a b c = d e <eos>; targets are tokens 1.. so the mask marks d, e, <eos>.
     targets = batch.input_ids[:, 1:]
     assert tokenizer.decode(targets[0][batch.loss_mask[0]]) == "de<eos>"
     assert tokenizer.decode(targets[1][batch.loss_mask[1]]) == "q<eos>"
@@ -74,9 +74,10 @@ def test_sft_loss_ignores_prompt_predictions(policy, tokenizer):
     ).backward()
     handle.remove()
     grad = logits_grad["logits"].grad[0]  # (L, V); row t predicts token t + 1
-    prompt_rows = grad[:5]  # predictions of b, c, a, b, = (all prompt tokens)
+    assert batch.input_ids[0, 0] == tokenizer.bos_token_id  # <bos> a b c a b = d d d <eos>
+    prompt_rows = grad[:6]  # predictions of a, b, c, a, b, = (all prompt tokens)
     assert torch.count_nonzero(prompt_rows) == 0
-    assert torch.count_nonzero(grad[5:8]) > 0
+    assert all(torch.count_nonzero(grad[t]) > 0 for t in range(6, 10))  # d d d <eos>
 
 
 def test_reward_model_loss_is_log_2_on_identical_pairs():

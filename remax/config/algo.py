@@ -55,9 +55,6 @@ class RemaxAlgoConfig(SamplingFields):
     release rewrites answers with <= 1 non-pad token (``remax_trainer.py`` generate_experience): 1."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers."""
-    prompt_special_tokens: bool = False
-    """Tokenize prompts with the tokenizer's special tokens (BOS for Llama, ``</s>`` for OPT), as
-    the release's data pipeline does; False: the prompt's own tokens only."""
     early_stop_kl: float | None = None
     """Stop when the periodic eval's mean per-token KL (nats/token) reaches this value (release:
     1.0, ``--target_kl``, a per-token mean); None never stops."""
@@ -131,8 +128,6 @@ class PPOAlgoConfig(SamplingFields):
     ReMax release: 1)."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers (the same as the ReMax run's for a fair comparison)."""
-    prompt_special_tokens: bool = False
-    """Tokenize prompts with the tokenizer's special tokens (BOS), as the ReMax release does."""
 
     def __post_init__(self) -> None:
         _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.1")

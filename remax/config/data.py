@@ -21,6 +21,12 @@ class DataConfig:
     """Maximum generated tokens, EOS included (release: 256)."""
     max_seq_len: int = 24
     """SFT / reward-model sequence cap (release: 512)."""
+    special_tokens: bool = True
+    """The one special-token rule of every stage (remax-spec §3): SFT, RM training, RL rollouts,
+    the RL evaluation, ``jobs.evaluate`` and both reward-model paths start each sequence with the
+    tokenizer's own prefix (BOS for Llama and Mistral, ``</s>`` for OPT, nothing for GPT-2), once:
+    a chat template that already renders it gets no second one. True is the release's (its
+    tokenizer calls keep the default ``add_special_tokens``); False: the text's own tokens only."""
     num_train: int = 4096
     """Synthetic task: training examples per stage (SFT demos, preference pairs, RL prompts)."""
     num_eval: int = 256

@@ -19,9 +19,9 @@ class ModelConfig:
     """Tiny model only: width."""
     num_layers: int = 2
     """Tiny model only: decoder layers."""
-    num_heads: int = 4
-    """Tiny model only: attention heads."""
-    num_kv_heads: int = 2
+    num_heads: int = 2
+    """Tiny model only: attention heads (head_dim 64 / 2 = 32: vLLM's CPU attention needs >= 32)."""
+    num_kv_heads: int = 1
     """Tiny model only: key/value heads (grouped-query attention as in Llama-2-70B / Mistral)."""
     intermediate_size: int = 128
     """Tiny model only: MLP width."""

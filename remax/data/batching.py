@@ -2,7 +2,10 @@
 
 Every sequence is left-padded, so in SFT and reward-model batches the end token (the EOS after the
 response) is the last column; RL batches append the response on the right (``remax.rollout``).
-Prompts are left-truncated to their last ``max_prompt_len`` tokens (release data_utils).
+Prompts are left-truncated to their last ``max_prompt_len`` tokens (release data_utils). Every
+stage builds its sequences here, under one special-token rule (``data.special_tokens``,
+remax-spec §3): the tokenizer's prefix (BOS) once at the start, never twice after a chat template
+that renders it; responses get no special tokens, only the EOS.
 """
 
 from __future__ import annotations
@@ -49,40 +52,72 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 
 def encode(tokenizer, text: str) -> list[int]:
+    """The text's own tokens, no special tokens added (responses, and prompts with the switch off)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer, prompt: str, max_prompt_len: int) -> list[int]:
-    return encode(tokenizer, prompt)[-max_prompt_len:]
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer's own call puts before any text: ``[BOS]`` for Llama and Mistral,
+    ``[</s>]`` for OPT, ``[]`` for GPT-2 (its ``<|endoftext|>`` is never prefixed)."""
+    plain = encode(tokenizer, "a")
+    full = tokenizer("a")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k]
+    return []
 
 
-def _prompt_response(tokenizer, prompt: str, response: str, max_prompt_len: int, max_seq_len: int):
-    p = prompt_ids(tokenizer, prompt, max_prompt_len)
+def sequence_start(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
+    """The tokens of a text that starts a sequence, under the one special-token rule of every
+    stage (remax-spec §3): with ``special_tokens``, the tokenizer's prefix (BOS) comes first
+    exactly once: a text that already starts with it (a chat template that renders
+    ``{{ bos_token }}``, as Mistral-Instruct's) gets no second one."""
+    ids = encode(tokenizer, text)
+    prefix = special_prefix(tokenizer) if special_tokens else []
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
+def prompt_ids(
+    tokenizer, prompt: str, max_prompt_len: int, special_tokens: bool = True
+) -> list[int]:
+    """:func:`sequence_start` of the prompt, left-truncated to ``max_prompt_len`` tokens; the
+    prefix survives the truncation (every sequence of every stage starts with it)."""
+    ids = sequence_start(tokenizer, prompt, special_tokens)
+    n = len(special_prefix(tokenizer)) if special_tokens else 0
+    keep = max(max_prompt_len - n, 0)
+    return ids[:n] + ids[len(ids) - keep :] if len(ids) - n > keep else ids
+
+
+def _prompt_response(
+    tokenizer, prompt: str, response: str, max_prompt_len: int, max_seq_len: int, special: bool
+):
+    p = prompt_ids(tokenizer, prompt, max_prompt_len, special)
     r = encode(tokenizer, response) + [tokenizer.eos_token_id]
     r = r[: max(1, max_seq_len - len(p))]  # truncated responses lose their EOS, as in the release
     return p, r
 
 
 def collate_prompts(
-    tokenizer, prompts: list[str], max_prompt_len: int, device, *, special_tokens: bool = False
+    tokenizer, prompts: list[str], max_prompt_len: int, device, *, special_tokens: bool = True
 ) -> PromptBatch:
-    """Left-truncated, left-padded prompts. ``special_tokens``: the tokenizer's own prefix (BOS
-    for Llama, ``</s>`` for OPT, nothing for the tiny tokenizer), as the release's tokenizer call
-    adds; left truncation then keeps the last ``max_prompt_len`` tokens like any prompt's."""
-    if special_tokens:
-        rows = [tokenizer(p)["input_ids"][-max_prompt_len:] for p in prompts]
-    else:
-        rows = [prompt_ids(tokenizer, p, max_prompt_len) for p in prompts]
+    """Left-truncated, left-padded prompts (``special_tokens``: see :func:`prompt_ids`)."""
+    rows = [prompt_ids(tokenizer, p, max_prompt_len, special_tokens) for p in prompts]
     return PromptBatch(*_left_pad(rows, tokenizer.pad_token_id, device))
 
 
 def collate_sft(
-    tokenizer, records: list[dict], max_prompt_len: int, max_seq_len: int, device
+    tokenizer,
+    records: list[dict],
+    max_prompt_len: int,
+    max_seq_len: int,
+    device,
+    *,
+    special_tokens: bool = True,
 ) -> SFTBatch:
     rows, targets = [], []
     for rec in records:
         p, r = _prompt_response(
-            tokenizer, rec["prompt"], rec["response"], max_prompt_len, max_seq_len
+            tokenizer, rec["prompt"], rec["response"], max_prompt_len, max_seq_len, special_tokens
         )
         rows.append(p + r)
         targets.append([0] * len(p) + [1] * len(r))
@@ -92,18 +127,22 @@ def collate_sft(
 
 
 def collate_pairs(
-    tokenizer, records: list[dict], max_prompt_len: int, max_seq_len: int, device
+    tokenizer,
+    records: list[dict],
+    max_prompt_len: int,
+    max_seq_len: int,
+    device,
+    *,
+    special_tokens: bool = True,
 ) -> PairBatch:
-    chosen = [
-        sum(_prompt_response(tokenizer, r["prompt"], r["chosen"], max_prompt_len, max_seq_len), [])
-        for r in records
-    ]
-    rejected = [
-        sum(
-            _prompt_response(tokenizer, r["prompt"], r["rejected"], max_prompt_len, max_seq_len), []
+    def row(prompt: str, response: str) -> list[int]:
+        p, r = _prompt_response(
+            tokenizer, prompt, response, max_prompt_len, max_seq_len, special_tokens
         )
-        for r in records
-    ]
+        return p + r
+
+    chosen = [row(r["prompt"], r["chosen"]) for r in records]
+    rejected = [row(r["prompt"], r["rejected"]) for r in records]
     return PairBatch(
         *_left_pad(chosen, tokenizer.pad_token_id, device),
         *_left_pad(rejected, tokenizer.pad_token_id, device),

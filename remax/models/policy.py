@@ -92,6 +92,7 @@ def _tiny_config(cfg: ModelConfig, tok, num_labels: int = 1):
         num_kv_heads=cfg.num_kv_heads,
         intermediate_size=cfg.intermediate_size,
         eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
         num_labels=num_labels,
     )
 

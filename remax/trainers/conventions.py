@@ -37,6 +37,7 @@ def load_scorer(cfg, tokenizer, device) -> RewardScorer | None:
         cfg.model,
         tokenizer,
         max_prompt_len=cfg.data.max_prompt_len,
+        special_tokens=cfg.data.special_tokens,
         seed=cfg.seed,
         device=device,
     )

@@ -51,7 +51,7 @@ from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from remax.config import PPOJobConfig
-from remax.data.batching import EpochSampler, collate_prompts
+from remax.data.batching import EpochSampler
 from remax.distributed import select_device
 from remax.engines import build_actor
 from remax.models.policy import load_policy, position_ids, response_logits, response_logprobs
@@ -210,13 +210,7 @@ class PPOTrainer:
 
     def rollout(self, prompts: list[str]) -> Rollout:
         """Step 1: one sampled response per prompt."""
-        batch = collate_prompts(
-            self.tokenizer,
-            prompts,
-            self.cfg.data.max_prompt_len,
-            self.device,
-            special_tokens=self.cfg.algo.prompt_special_tokens,
-        )
+        batch = rl_eval.prompt_batch(self.cfg, self.tokenizer, prompts, self.device)
         return self.decode(batch.input_ids, batch.attention_mask, greedy=False)
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:

@@ -32,7 +32,7 @@ from remax.config import (
     LogprobDist,
     RemaxJobConfig,
 )
-from remax.data.batching import EpochSampler, collate_prompts
+from remax.data.batching import EpochSampler
 from remax.distributed import select_device
 from remax.engines import build_actor
 from remax.inputs import InputError
@@ -158,13 +158,7 @@ class RemaxTrainer:
     def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout]:
         """Steps 1–2: n sampled responses per prompt and one greedy response, in one decode."""
         n = self.cfg.algo.samples_per_prompt
-        batch = collate_prompts(
-            self.tokenizer,
-            prompts,
-            self.cfg.data.max_prompt_len,
-            self.device,
-            special_tokens=self.cfg.algo.prompt_special_tokens,
-        )
+        batch = rl_eval.prompt_batch(self.cfg, self.tokenizer, prompts, self.device)
         B = len(prompts)
         ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
         mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])

@@ -14,7 +14,7 @@ import torch
 from remax import distributed
 from remax.algo.preference import bradley_terry_loss, pairwise_accuracy
 from remax.config import RewardModelJobConfig
-from remax.data.batching import EpochSampler, collate_pairs
+from remax.data.batching import EpochSampler, PairBatch, collate_pairs
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
 from remax.engines import build_actor
@@ -42,9 +42,19 @@ class RewardModelTrainer:
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         self.step = 0
 
-    def _scores(self, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, records: list[dict]) -> PairBatch:
         d = self.cfg.data
-        b = collate_pairs(self.tokenizer, records, d.max_prompt_len, d.max_seq_len, self.device)
+        return collate_pairs(
+            self.tokenizer,
+            records,
+            d.max_prompt_len,
+            d.max_seq_len,
+            self.device,
+            special_tokens=d.special_tokens,
+        )
+
+    def _scores(self, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._batch(records)
         # Left padding puts every end token (the EOS after the response) in the last column.
         end_c = torch.full((b.chosen_ids.shape[0],), b.chosen_ids.shape[1] - 1, device=self.device)
         end_r = torch.full(

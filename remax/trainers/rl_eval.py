@@ -31,10 +31,19 @@ from remax import distributed, preemption, watchdog
 from remax.algo.kl import full_vocab_kl
 from remax.algo.masked import masked_sum
 from remax.config import EvalDecoding
-from remax.data.batching import collate_prompts
+from remax.data.batching import PromptBatch, collate_prompts
 from remax.fileio import write_json
 from remax.preemption import StopRequest
 from remax.stats import mean_stderr
+
+
+def prompt_batch(cfg, tokenizer, prompts: list[str], device) -> PromptBatch:
+    """The (B, P) prompt batch of an RL stage: its rollouts (ReMax and PPO) and its evaluation, one
+    collate under ``data.special_tokens``, the rule SFT and the RM were trained with."""
+    d = cfg.data
+    return collate_prompts(
+        tokenizer, prompts, d.max_prompt_len, device, special_tokens=d.special_tokens
+    )
 
 
 @torch.no_grad()
@@ -72,13 +81,7 @@ def evaluate_policy(
             if distributed.any_rank(stop is not None and stop.requested):
                 raise preemption.Stopped("stop requested during evaluation")
             watchdog.beat("eval")
-            batch = collate_prompts(
-                trainer.tokenizer,
-                prompts[i : i + bs],
-                cfg.data.max_prompt_len,
-                trainer.device,
-                special_tokens=cfg.algo.prompt_special_tokens,
-            )
+            batch = prompt_batch(cfg, trainer.tokenizer, prompts[i : i + bs], trainer.device)
             ro = trainer.decode(batch.input_ids, batch.attention_mask, greedy)
             out["reward"].append(trainer.rewards(ro, raw[i : i + bs]))
             if cfg.data.source == "synthetic":

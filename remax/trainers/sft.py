@@ -47,7 +47,14 @@ class SFTTrainer:
 
     def _batch(self, records: list[dict]) -> SFTBatch:
         d = self.cfg.data
-        return collate_sft(self.tokenizer, records, d.max_prompt_len, d.max_seq_len, self.device)
+        return collate_sft(
+            self.tokenizer,
+            records,
+            d.max_prompt_len,
+            d.max_seq_len,
+            self.device,
+            special_tokens=d.special_tokens,
+        )
 
     def _loss(self, batch: SFTBatch, denominator: torch.Tensor | None = None) -> torch.Tensor:
         logprobs = token_logprobs(self.model, batch.input_ids, batch.attention_mask)  # (B, L−1)
