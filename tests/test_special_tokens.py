@@ -59,7 +59,7 @@ def stage(tok, data: DataConfig, recorder: Recorder) -> SimpleNamespace:
         data=data,
         seed=0,
         algo=SimpleNamespace(samples_per_prompt=1, eval_decoding=EvalDecoding.greedy),
-        train=SimpleNamespace(batch_size=4),
+        train=SimpleNamespace(batch_size=4, micro_batch_size=4),
     )
     zeros = lambda ro, *a: torch.zeros(ro.response.shape[0], ro.response.shape[1])  # noqa: E731
     return SimpleNamespace(
@@ -73,6 +73,7 @@ def stage(tok, data: DataConfig, recorder: Recorder) -> SimpleNamespace:
         _postprocess=lambda ro: ro,
         decode=lambda ids, mask, greedy: recorder.generate(ids, mask),
         logprobs=lambda model, ro: zeros(ro),
+        score=lambda model, ro: (zeros(ro), zeros(ro)[..., None]),  # (log π, logits)
         rewards=lambda ro, raw: zeros(ro)[:, 0],
     )
 
