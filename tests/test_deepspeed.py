@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from test_distributed import B, spawn
+from test_distributed import B, in_turn, spawn
 
 from remax.config import (
     Aggregation,
@@ -126,8 +126,7 @@ def _ds_steps(rank, world, stage, out_dir) -> None:
 def test_zero2_and_zero3_take_the_same_steps(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    spawn(_ds_steps, 2, 2, tmp_path)
-    spawn(_ds_steps, 2, 3, tmp_path)
+    spawn(in_turn, 2, _ds_steps, [(2, tmp_path), (3, tmp_path)])
     l2 = json.loads((tmp_path / "losses_2.json").read_text())
     l3 = json.loads((tmp_path / "losses_3.json").read_text())
     print(f"ZeRO-2 losses {l2}, ZeRO-3 losses {l3}")

@@ -46,6 +46,13 @@ def spawn(fn, world: int, *args) -> None:
     )
 
 
+def in_turn(rank: int, world: int, fn, runs: list[tuple]) -> None:
+    """``fn(rank, world, *args)`` for each ``args`` of ``runs`` in the same ranks: one process
+    start (imports, rendezvous) for a reference run and the run stopped beside it."""
+    for args in runs:
+        fn(rank, world, *args)
+
+
 def _entry(rank: int, fn, world: int, port: int, args) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -287,8 +294,8 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path):
     from remax.run_dir import run_dir_for
 
     ref_cfg, cfg = _resume_config(tmp_path / "a"), _resume_config(tmp_path / "b")
-    spawn(_run_stage, 2, ref_cfg, 0)
-    spawn(_run_stage, 2, cfg, 3)  # stopped at the boundary after step 3, checkpointed
+    # The reference, then the run stopped at the boundary after step 3 (checkpointed).
+    spawn(in_turn, 2, _run_stage, [(ref_cfg, 0), (cfg, 3)])
     ref_dir, run_dir = run_dir_for(ref_cfg, "remax"), run_dir_for(cfg, "remax")
     step3 = run_dir / "checkpoints" / "step_3"
     assert (step3 / "COMPLETE").is_file() and not (run_dir / "summary.json").exists()
