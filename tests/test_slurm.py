@@ -298,6 +298,7 @@ def test_pipeline_cap_is_cumulative_and_a_later_stage_stops_at_it(tmp_path):
         "cluster.deadline_margin_s=5",
         "train.max_steps=4",
         "reward_model.train.max_steps=100000",
+        "reward_model.train.epochs=1000",  # minutes of work on any machine, not one epoch
     )
     records = {r["stage"]: r for r in json.loads(out.stdout[out.stdout.index("{\n") :])["jobs"]}
     rm = records["reward_model"]
