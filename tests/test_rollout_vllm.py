@@ -95,7 +95,7 @@ def setup():
     from remax.models.tiny import build_tokenizer, llama_config, tiny_policy
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(7)  # greedy rows of this init: 5 of 8 stop at EOS, 3 run to the cap
     config = llama_config(
         len(tokenizer),
         hidden_size=64,
