@@ -48,7 +48,7 @@ demo: $(VENV)/.installed
 
 ## test: the whole test suite (CPU, offline; Slurm tests need scripts/local_slurm.sh up)
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=30
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
