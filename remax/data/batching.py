@@ -72,8 +72,10 @@ def sequence_start(tokenizer, text: str, special_tokens: bool = True) -> list[in
     stage (remax-spec §3): with ``special_tokens``, the tokenizer's prefix (BOS) comes first
     exactly once: a text that already starts with it (a chat template that renders
     ``{{ bos_token }}``, as Mistral-Instruct's) gets no second one."""
-    ids = encode(tokenizer, text)
-    prefix = special_prefix(tokenizer) if special_tokens else []
+    return _start(encode(tokenizer, text), special_prefix(tokenizer) if special_tokens else [])
+
+
+def _start(ids: list[int], prefix: list[int]) -> list[int]:
     return ids if ids[: len(prefix)] == prefix else prefix + ids
 
 
@@ -82,8 +84,8 @@ def prompt_ids(
 ) -> list[int]:
     """:func:`sequence_start` of the prompt, left-truncated to ``max_prompt_len`` tokens; the
     prefix survives the truncation (every sequence of every stage starts with it)."""
-    ids = sequence_start(tokenizer, prompt, special_tokens)
-    n = len(special_prefix(tokenizer)) if special_tokens else 0
+    prefix = special_prefix(tokenizer) if special_tokens else []  # one probe per prompt
+    ids, n = _start(encode(tokenizer, prompt), prefix), len(prefix)
     keep = max(max_prompt_len - n, 0)
     return ids[:n] + ids[len(ids) - keep :] if len(ids) - n > keep else ids
 
