@@ -18,6 +18,7 @@ from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
 from remax.log import init_logging
 from remax.preemption import StopRequest
+from remax.rollout_vllm import check_head_dims
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
 from remax.watchdog import Watchdog
@@ -113,10 +114,7 @@ def _checked_trainer(stage: str, config):
     ``evaluate``, which loads its policies one at a time."""
     try:
         check_inputs(config)
-        if getattr(getattr(config, "rollout", None), "engine", "hf") == "vllm":
-            from remax.rollout_vllm import check_head_dims  # vLLM's CPU kernels, from config.json
-
-            check_head_dims(config)
+        check_head_dims(config)  # rollout.engine=vllm on CPU: its kernels' head_dims
         return None if stage == "evaluate" else _trainer(stage, config)
     except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
         fail(str(exc))
