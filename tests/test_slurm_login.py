@@ -122,7 +122,7 @@ def test_one_job_per_run_dir(tmp_path):
             check=True,
         )
         hand_id = sub.stdout.strip().split(";")[0]
-        states = _wait_done(hand_id, timeout=180)
+        states = _wait_done(hand_id, timeout=600)
         assert states[-1][0] == "COMPLETED", states  # exits cleanly: no failure, no requeue
         assert f"owned by live job {rec['job_id']}" in out_file.read_text()
         assert (run_dir / "lease.json").read_text() == lease
@@ -164,7 +164,7 @@ def test_requeued_job_runs_the_submitted_code(tmp_path):
     stage = src / "jobs" / "_stage.py"
     stage.write_text('raise RuntimeError("edited code ran")\n' + stage.read_text())
     subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
-    states = _wait_done(rec["job_id"], timeout=300)
+    states = _wait_done(rec["job_id"], timeout=900)
     assert states[-1][0] == "COMPLETED" and any(s == "REQUEUED" for s, _ in states), states
     log = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_log.err"))
     assert "edited code ran" not in log and "resumed remax from" in log
@@ -180,7 +180,7 @@ def test_graceful_cancel_checkpoints_and_does_not_requeue(tmp_path):
         _wait_step(run_dir, 3)
         out = run_job("jobs.cancel", str(run_dir), "--graceful", "--json")
         assert json.loads(out.stdout)[0]["action"] == "checkpoint, then stop", out.stdout
-        states = _wait_done(rec["job_id"], timeout=180)
+        states = _wait_done(rec["job_id"], timeout=600)
     finally:  # never leave a 300-step job on the shared test cluster
         subprocess.run(["scancel", rec["job_id"]], check=False)
     assert states[-1][0].startswith("CANCELLED") and "REQUEUED" not in {s for s, _ in states}, (
