@@ -22,6 +22,7 @@ from remax.config import (
     RemaxJobConfig,
     RewardModelJobConfig,
     RewardSourceConfig,
+    RolloutConfig,
     TrainConfig,
     WandbMode,
 )
@@ -37,8 +38,11 @@ SMALL = dict(
 )
 
 
-def _remax(**algo) -> RemaxTrainer:
-    return RemaxTrainer(RemaxJobConfig(**SMALL, algo=RemaxAlgoConfig(**algo), eval_prompts=64))
+def _remax(samples_per_prompt: int = 1, **algo) -> RemaxTrainer:
+    rollout = RolloutConfig(samples_per_prompt=samples_per_prompt)
+    return RemaxTrainer(
+        RemaxJobConfig(**SMALL, algo=RemaxAlgoConfig(**algo), rollout=rollout, eval_prompts=64)
+    )
 
 
 def test_sft_loss_mask_covers_response_and_eos_only(tokenizer):
