@@ -120,6 +120,7 @@ def _reward_difference(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Returns d = r − r_greedy with the configured clipping, (B,), detached."""
+    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     r = rewards.detach().to(dtype)
     b = baseline_rewards.detach().to(dtype)
     if reward_clip is None:
@@ -189,20 +190,14 @@ def remax_advantages(
         ValueError: bad shapes, a non-prefix mask, an unknown mode, ``kl_coef < 0``, ``gamma``
             outside (0, 1], ``reward_clip <= 0``, or ``kl_coef > 0`` without ``kl``.
     """
-    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     if reward_clip is not None and reward_clip <= 0:
         raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip} (release: 5.0)")
     _check_rewards(rewards, baseline_rewards)
     dtype = _float_dtype(rewards, baseline_rewards, kl)
     d = _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype)  # (B,)
+    shaping = dict(kl_coef=kl_coef, gamma=gamma, kl_mode=kl_mode)
     return token_returns(
-        d,
-        response_mask,
-        kl=kl,
-        kl_coef=kl_coef,
-        gamma=gamma,
-        kl_mode=kl_mode,
-        discount_convention=discount_convention,
+        d, response_mask, kl=kl, discount_convention=discount_convention, **shaping
     )
 
 
@@ -316,17 +311,21 @@ def policy_gradient_loss(
     zero = torch.zeros((), dtype=advantages.dtype, device=advantages.device)
     advantages = torch.where(mask, advantages.detach(), zero)
     per_token = _surrogate(logprobs, advantages, mask, old_logprobs, clip_ratio)  # (B, T)
-    if kl_loss_coef < 0:
-        raise ValueError(f"kl_loss_coef must be >= 0, got {kl_loss_coef}")
-    if kl_loss_coef > 0:
-        if kl_loss is None or kl_loss.shape != mask.shape:
-            shape = None if kl_loss is None else tuple(kl_loss.shape)
-            raise ValueError(
-                f"kl_loss_coef > 0 needs kl_loss (B, T) = {tuple(mask.shape)}: {shape}"
-            )
-        per_token = per_token + kl_loss_coef * torch.where(mask, kl_loss, 0.0)
+    per_token = _add_kl_loss(per_token, mask, kl_loss, kl_loss_coef)
     aggregate = lookup(AGGREGATIONS, aggregation)
     return aggregate(values=per_token, mask=mask, denominator=denominator)
+
+
+def _add_kl_loss(per_token, mask, kl_loss, kl_loss_coef) -> torch.Tensor:
+    """(B, T) ``per_token`` + β·``kl_loss`` at valid tokens (GRPO's KL in the loss)."""
+    if kl_loss_coef < 0:
+        raise ValueError(f"kl_loss_coef must be >= 0, got {kl_loss_coef}")
+    if kl_loss_coef == 0:
+        return per_token
+    if kl_loss is None or kl_loss.shape != mask.shape:
+        shape = None if kl_loss is None else tuple(kl_loss.shape)
+        raise ValueError(f"kl_loss_coef > 0 needs kl_loss (B, T) = {tuple(mask.shape)}: {shape}")
+    return per_token + kl_loss_coef * torch.where(mask, kl_loss, 0.0)
 
 
 def _surrogate(logprobs, advantages, mask, old_logprobs, clip_ratio) -> torch.Tensor:
@@ -424,6 +423,14 @@ class RemaxStats(NamedTuple):
     """Fraction of rows with no valid token."""
 
 
+def _remax_margins(rewards, baseline_rewards, reward_clip, clip_target, dtype):
+    """ReMax's (B,) d = r − r_greedy after and before the clip, as :class:`SequenceAdvantages`."""
+    return SequenceAdvantages(
+        _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype),
+        _reward_difference(rewards, baseline_rewards, None, clip_target, dtype),
+    )
+
+
 @torch.no_grad()
 def remax_stats(
     rewards: torch.Tensor,
@@ -444,24 +451,20 @@ def remax_stats(
         response_mask: (B, T) bool, valid tokens.
         advantages: (B, T) output of :func:`remax_advantages`.
         kl: (B, T) per-token KL term, or None.
-        reward_clip: The clip bound passed to :func:`remax_advantages`, for ``clip_frac``.
-        clip_target: The clip target passed to :func:`remax_advantages`.
+        reward_clip, clip_target: As passed to :func:`remax_advantages`, for ``clip_frac``.
         margins: The (B,) advantages before and after the clip when another baseline made them
             (:func:`sequence_advantages`); None: d = r − ``baseline_rewards`` as ReMax's.
 
     Returns:
         :class:`RemaxStats` of detached 0-dim tensors in the promoted float dtype of the inputs.
     """
-    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     _check_rewards(rewards, baseline_rewards)
     mask = response_mask.bool()
     dtype = _float_dtype(rewards, baseline_rewards, advantages, kl)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
-    if margins is None:
-        raw = _reward_difference(rewards, baseline_rewards, None, clip_target, dtype)  # (B,)
-        clipped = _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype)
-    else:
-        raw, clipped = margins.raw.to(dtype), margins.advantages.to(dtype)
+    if margins is None:  # ReMax's d = r − r_greedy, (B,)
+        margins = _remax_margins(rewards, baseline_rewards, reward_clip, clip_target, dtype)
+    raw, clipped = margins.raw.to(dtype), margins.advantages.to(dtype)
     valid_adv = torch.where(mask, advantages.detach().to(dtype), zero)  # (B, T)
     if kl is None:
         kl_mean = kl_seq_mean = zero
