@@ -186,8 +186,9 @@ def test_group_baselines_refuse_one_sample_per_prompt(preset):
     assert "rollout.samples_per_prompt=1" in error and "use >= 2" in error, error
 
 
-def test_ppo_refuses_several_samples_per_prompt():
-    cfg, _ = _compose("ppo", ["rollout.samples_per_prompt=2"])
+@pytest.mark.parametrize("stage", ["ppo", "evaluate"])
+def test_one_answer_stages_refuse_several_samples_per_prompt(stage):
+    cfg, _ = _compose(stage, [*REQUIRED.get(stage, ()), "rollout.samples_per_prompt=2"])
     obj, error = _convert(cfg)
     assert obj is None and "rollout.samples_per_prompt=2" in error and "use 1" in error, error
 

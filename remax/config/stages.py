@@ -93,12 +93,7 @@ class PPOJobConfig(_StageConfig):
 
     def __post_init__(self) -> None:
         _check_rl_stage(self)
-        _require(
-            self.rollout.samples_per_prompt == 1,
-            "rollout.samples_per_prompt",
-            self.rollout.samples_per_prompt,
-            "the PPO stage samples one response per prompt: use 1",
-        )
+        self.rollout.require_one_sample("ppo")
         _require(
             self.train.batch_size % self.algo.mini_batches == 0,
             "algo.mini_batches",
