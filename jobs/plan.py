@@ -9,7 +9,7 @@ per GPU); placement from
 ``deepspeed`` when enabled (``zero_stage``, ``inference_zero_stage``, ``offload_optimizer``,
 ``offload_params``, ``inference_offload_params``), else plain PyTorch (every model replicated); rows
 per rank from ``train`` (micro-batch ``min(micro_batch_size, batch_size / ranks)``, generation
-batch ``train.per_rank(ranks)``, times ``algo.samples_per_prompt``); lengths from ``data``; the RM's shape from
+batch ``train.per_rank(ranks)``, times ``rollout.samples_per_prompt``); lengths from ``data``; the RM's shape from
 ``reward_model.path`` when it is a model preset's hub id or a local dir with a ``config.json``, else
 the actor's. ``plan.*`` keys override: ``plan.offload`` (the release's ``--offload
 --offload_reference_model --offload_reward_model``), ``plan.micro_batch`` (rows per micro-batch and
@@ -206,7 +206,7 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
     )
     data, train = config.data, config.train
     if stage in RL_STAGES:
-        n = getattr(config.algo, "samples_per_prompt", 1)
+        n = config.rollout.samples_per_prompt
         per_rank = train.per_rank(ranks)  # prompts per rank and step
         micro, gen = min(train.micro_batch_size, per_rank) * n, per_rank * n
         prompt, response = data.max_prompt_len, data.max_response_len

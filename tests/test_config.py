@@ -2,7 +2,7 @@
 
 Which stages a group file must compose with (the rule of ``test_group_file_composes``):
 - a file whose name starts with a stage's prefix (``remax_``, ``ppo_``, ``sft_``,
-  ``reward_model_``, ``rm_``) belongs to that stage and must compose and validate with it;
+  ``reward_model_``, ``rm_``; ``rloo``, ``grpo`` for the ReMax stage) belongs to that stage and must compose and validate with it;
 - any other file must compose (keys and types) with every stage whose root selects its group, and
   validate (``__post_init__``) with at least one: a data set without a built-in reward, say, is
   valid for SFT but needs ``reward_model.path`` for RL;
@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jobs import pipeline
 from jobs._config import CONF_DIR, SCHEMAS, to_config
-from remax.config import Aggregation
+from remax.config import Aggregation, Baseline, KLEstimator
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR)
@@ -42,6 +42,8 @@ GROUP_FILES = sorted(
 PREFIXES = {stage: (f"{stage}_",) for stage in STAGES}
 if "reward_model" in PREFIXES:
     PREFIXES["reward_model"] += ("rm_",)
+if "remax" in PREFIXES:  # the critic-free RL stage runs RLOO and GRPO too
+    PREFIXES["remax"] += ("rloo", "grpo")
 
 
 def _compose(stage: str, overrides: list[str]):
@@ -158,6 +160,39 @@ def test_remax_paper_is_algorithm_1():
     assert algo.aggregation is Aggregation.seq_sum
 
 
+def test_rloo_and_grpo_presets_compose_in_the_remax_stage():
+    default = _load("remax")
+    assert default.algo.baseline is Baseline.greedy and default.rollout.samples_per_prompt == 1
+    rloo = _load("remax", "algo=rloo")
+    assert rloo.algo.baseline is Baseline.leave_one_out and rloo.rollout.samples_per_prompt == 2
+    assert rloo.algo.clip_ratio is None and rloo.algo.kl_loss_coef == 0.0
+    assert rloo.algo.kl_coef == default.algo.kl_coef  # the stage default's other conventions
+    grpo = _load("remax", "algo=grpo")
+    assert grpo.algo.baseline is Baseline.group_norm and grpo.rollout.samples_per_prompt == 4
+    assert grpo.algo.group_std_norm is True
+    # DeepSeekMath: ε 0.2, β 0.04 of k3 in the loss, no KL in the reward
+    assert grpo.algo.clip_ratio == 0.2 and grpo.algo.kl_loss_coef == 0.04
+    assert grpo.algo.kl_estimator is KLEstimator.k3 and grpo.algo.kl_coef == 0.0
+    dr = _load("remax", "algo=grpo", "algo.group_std_norm=false", "rollout.samples_per_prompt=8")
+    assert dr.algo.group_std_norm is False and dr.rollout.samples_per_prompt == 8
+
+
+@pytest.mark.parametrize("preset", ["rloo", "grpo"])
+def test_group_baselines_refuse_one_sample_per_prompt(preset):
+    cfg, _ = _compose("remax", [f"algo={preset}", "rollout.samples_per_prompt=1"])
+    obj, error = _convert(cfg)
+    assert obj is None
+    assert error.startswith("error: ") and "\n" not in error, error
+    assert "rollout.samples_per_prompt=1" in error and "use >= 2" in error, error
+
+
+@pytest.mark.parametrize("stage", ["ppo", "evaluate"])
+def test_one_answer_stages_refuse_several_samples_per_prompt(stage):
+    cfg, _ = _compose(stage, [*REQUIRED.get(stage, ()), "rollout.samples_per_prompt=2"])
+    obj, error = _convert(cfg)
+    assert obj is None and "rollout.samples_per_prompt=2" in error and "use 1" in error, error
+
+
 # ---- 3. bad input fails at start: one line, exit 2, nothing written ----
 
 
@@ -189,6 +224,7 @@ CONFIG_ERRORS = [
     ("remax", "algo.reward_clip=0", "algo.reward_clip=0.0", "null"),
     ("remax", "train.micro_batch_size=5", "train.micro_batch_size=5", "train.batch_size=32"),
     ("remax", "data.num_eval=10", "data.num_eval=10", "at least 64"),
+    ("remax", "algo.baseline=leave_one_out", "rollout.samples_per_prompt=1", ">= 2"),
     ("sft", "optim.lr=-1", "optim.lr=-1.0", "positive"),
     ("reward_model", "train.micro_batch_size=5", "train.micro_batch_size=5", "batch_size=32"),
 ]

@@ -56,6 +56,28 @@ def test_stage_runs_and_writes_its_run_dir(tmp_path, stage):
         assert METRIC_KEYS <= set(rows[0])
 
 
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_critic_free_presets_run_end_to_end(tmp_path, algo):
+    """``python -m jobs.remax algo=rloo|grpo``: k samples per prompt, no greedy decode."""
+    run_job(
+        "jobs.remax",
+        f"algo={algo}",
+        "experiment=smoke",
+        f"run.root={tmp_path}",
+        "train.max_steps=2",
+        "data.num_eval=64",
+        "eval_prompts=64",
+    )
+    run_dir = _only_run_dir(tmp_path, "remax")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["rollout"]["samples_per_prompt"] == {"rloo": 2, "grpo": 4}[algo]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert METRIC_KEYS <= set(rows[0]) and "response/same_as_greedy" not in rows[0]
+    ev = json.loads((run_dir / "summary.json").read_text())["eval"]
+    assert ev["gold_after"]["n"] == 64 and (run_dir / "export" / "model.safetensors").is_file()
+
+
 def test_rerunning_a_finished_config_reuses_its_run_dir(tmp_path):
     run_job("jobs.sft", "experiment=smoke", f"run.root={tmp_path}")
     first = _only_run_dir(tmp_path, "sft")

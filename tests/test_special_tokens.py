@@ -16,6 +16,7 @@ import torch
 from tokenizer_families import FAMILIES, WITH_BOS
 
 from remax.config import (
+    Baseline,
     DataConfig,
     EvalDecoding,
     ModelConfig,
@@ -58,7 +59,8 @@ def stage(tok, data: DataConfig, recorder: Recorder) -> SimpleNamespace:
     cfg = SimpleNamespace(
         data=data,
         seed=0,
-        algo=SimpleNamespace(samples_per_prompt=1, eval_decoding=EvalDecoding.greedy),
+        algo=SimpleNamespace(baseline=Baseline.greedy, eval_decoding=EvalDecoding.greedy),
+        rollout=SimpleNamespace(samples_per_prompt=1),
         train=SimpleNamespace(batch_size=4, micro_batch_size=4),
     )
     zeros = lambda ro, *a: torch.zeros(ro.response.shape[0], ro.response.shape[1])  # noqa: E731

@@ -22,6 +22,7 @@ from remax.config import (
     RemaxJobConfig,
     RewardModelJobConfig,
     RewardSourceConfig,
+    RolloutConfig,
     TrainConfig,
     WandbMode,
 )
@@ -37,8 +38,11 @@ SMALL = dict(
 )
 
 
-def _remax(**algo) -> RemaxTrainer:
-    return RemaxTrainer(RemaxJobConfig(**SMALL, algo=RemaxAlgoConfig(**algo), eval_prompts=64))
+def _remax(samples_per_prompt: int = 1, **algo) -> RemaxTrainer:
+    rollout = RolloutConfig(samples_per_prompt=samples_per_prompt)
+    return RemaxTrainer(
+        RemaxJobConfig(**SMALL, algo=RemaxAlgoConfig(**algo), rollout=rollout, eval_prompts=64)
+    )
 
 
 def test_sft_loss_mask_covers_response_and_eos_only(tokenizer):
@@ -153,6 +157,32 @@ def test_each_sample_gets_its_own_prompts_greedy_baseline():
     assert torch.equal(sampled.prompt_ids, greedy.prompt_ids.repeat_interleave(3, 0))
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss/policy"])
+
+
+@pytest.mark.parametrize(
+    ("k", "algo"),
+    [
+        (2, dict(baseline="leave_one_out")),
+        (4, dict(baseline="group_norm", clip_ratio=0.2, kl_loss_coef=0.04, kl_estimator="k3")),
+    ],
+    ids=["rloo", "grpo"],
+)
+def test_group_baselines_decode_no_greedy_row(k, algo):
+    """RLOO and GRPO read no greedy reward, so the rollout decodes k sampled rows per prompt only."""
+    trainer = _remax(samples_per_prompt=k, **algo)
+    flags, generate = [], trainer.engine.generate
+
+    def spy(ids, mask, sampling, *, greedy):
+        flags.append(greedy)
+        return generate(ids, mask, sampling, greedy=greedy)
+
+    trainer.engine.generate = spy
+    metrics = trainer.train_step()
+    assert len(flags) == 1 and flags[0].shape == (8 * k,) and not flags[0].any()
+    assert "response/same_as_greedy" not in metrics
+    assert all(math.isfinite(v) for v in metrics.values())
+    # the advantages of a group average to 0, so the logged baseline is the reward mean
+    assert metrics["reward/baseline_mean"] == pytest.approx(metrics["reward/mean"], abs=1e-6)
 
 
 def test_evaluation_is_deterministic_and_leaves_the_training_rng_alone():

@@ -16,12 +16,16 @@ import importlib
 # login-node commands, and importing this package must not pay ~2.5 s for torch there.
 _EXPORTS = {
     "AGGREGATIONS": "registry",
+    "BASELINES": "registry",
     "KL_ESTIMATORS": "registry",
     "lookup": "registry",
     "RemaxStats": "remax",
     "policy_gradient_loss": "remax",
     "remax_advantages": "remax",
     "remax_stats": "remax",
+    "SequenceAdvantages": "remax",
+    "sequence_advantages": "remax",
+    "token_returns": "remax",
     "bradley_terry_loss": "preference",
     "pairwise_accuracy": "preference",
     "entropy_from_logits": "logprobs",

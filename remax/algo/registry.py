@@ -1,4 +1,4 @@
-"""The two choice tables of the maths: Enum → function, one keyword-only signature per table.
+"""The three choice tables of the maths: Enum → function, one keyword-only signature per table.
 
 The trainers dispatch through them (``lookup(KL_ESTIMATORS, algo.kl_estimator)(...)``,
 ``policy_gradient_loss``'s aggregation), so a new estimator is one function and one entry here.
@@ -12,9 +12,10 @@ from typing import TypeVar
 
 import torch
 
+from remax.algo import baselines
 from remax.algo.kl import full_vocab_kl, kl_penalty
 from remax.algo.masked import seq_sum, token_mean
-from remax.algo.types import Aggregation, KLEstimator, as_enum
+from remax.algo.types import Aggregation, Baseline, KLEstimator, as_enum
 
 KLFn = Callable[..., torch.Tensor]
 
@@ -65,6 +66,18 @@ AGGREGATIONS: dict[Aggregation, Callable[..., torch.Tensor]] = {
     Aggregation.rank_token_mean: token_mean,
 }
 """Per-token values (B, T) → scalar. Signature: ``(*, values, mask, denominator=None)``."""
+
+BASELINES: dict[Baseline, Callable[..., torch.Tensor]] = {
+    Baseline.greedy: baselines.greedy,  # ReMax
+    Baseline.leave_one_out: baselines.leave_one_out,  # RLOO
+    Baseline.group_norm: baselines.group_norm,  # GRPO; std_norm=False: Dr. GRPO
+    Baseline.none: baselines.no_baseline,
+}
+"""Rewards → (B·k,) sequence-level advantages (``remax.algo.baselines``; B prompts, k samples per
+prompt, prompt-major rows). Signature: ``(*, rewards (B·k,), k, greedy_rewards (B,) or None,
+std_norm)``; only ``greedy`` reads ``greedy_rewards`` (``Baseline.needs_greedy``: the rollout decodes
+greedy rows for it alone) and only ``group_norm`` reads ``std_norm``. A new critic-free algorithm is
+one function here and one ``hydra_conf/algo`` preset (docs/architecture.md)."""
 
 F = TypeVar("F")
 

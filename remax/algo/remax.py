@@ -51,10 +51,25 @@ from typing import NamedTuple
 import torch
 
 from remax.algo.masked import masked_mean, masked_sum
-from remax.algo.registry import AGGREGATIONS, lookup
-from remax.algo.types import Aggregation, ClipTarget, DiscountConvention, KLMode, as_enum
+from remax.algo.registry import AGGREGATIONS, BASELINES, lookup
+from remax.algo.types import (
+    Aggregation,
+    Baseline,
+    ClipTarget,
+    DiscountConvention,
+    KLMode,
+    as_enum,
+)
 
-__all__ = ["RemaxStats", "policy_gradient_loss", "remax_advantages", "remax_stats"]
+__all__ = [
+    "RemaxStats",
+    "SequenceAdvantages",
+    "policy_gradient_loss",
+    "remax_advantages",
+    "remax_stats",
+    "sequence_advantages",
+    "token_returns",
+]
 
 
 def _float_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -105,6 +120,7 @@ def _reward_difference(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Returns d = r − r_greedy with the configured clipping, (B,), detached."""
+    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     r = rewards.detach().to(dtype)
     b = baseline_rewards.detach().to(dtype)
     if reward_clip is None:
@@ -174,28 +190,57 @@ def remax_advantages(
         ValueError: bad shapes, a non-prefix mask, an unknown mode, ``kl_coef < 0``, ``gamma``
             outside (0, 1], ``reward_clip <= 0``, or ``kl_coef > 0`` without ``kl``.
     """
+    if reward_clip is not None and reward_clip <= 0:
+        raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip} (release: 5.0)")
+    _check_rewards(rewards, baseline_rewards)
+    dtype = _float_dtype(rewards, baseline_rewards, kl)
+    d = _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype)  # (B,)
+    shaping = dict(kl_coef=kl_coef, gamma=gamma, kl_mode=kl_mode)
+    return token_returns(
+        d, response_mask, kl=kl, discount_convention=discount_convention, **shaping
+    )
+
+
+def token_returns(
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
+    kl_mode: KLMode | str = KLMode.own_token,
+    discount_convention: DiscountConvention | str = DiscountConvention.official,
+) -> torch.Tensor:
+    """Per-token returns from one sequence-level advantage d per row (:func:`remax_advantages`
+    with d given: R_i = KLterm_i + γ^e(i)·d, the same discount and KL conventions).
+
+    Args:
+        advantages: (B,) d of each row, e.g. ``sequence_advantages(...).advantages``.
+        response_mask: (B, T) bool prefix mask of valid tokens.
+        kl, kl_coef, gamma, kl_mode, discount_convention: as in :func:`remax_advantages`.
+
+    Returns:
+        (B, T) returns, detached, 0 at masked positions.
+    """
     kl_mode = as_enum(KLMode, kl_mode, name="kl_mode")
     discount_convention = as_enum(
         DiscountConvention, discount_convention, name="discount_convention"
     )
-    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef} (use 0 to disable the KL penalty)")
     if not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1], got {gamma} (Algorithm 1 uses 1.0)")
-    if reward_clip is not None and reward_clip <= 0:
-        raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip} (release: 5.0)")
     if kl_coef > 0 and kl is None:
         raise ValueError(f"kl_coef = {kl_coef} > 0 needs the per-token `kl` (B, T) tensor")
-    _check_rewards(rewards, baseline_rewards)
-    mask = _prefix_mask(response_mask, rewards.shape[0])
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be (B,); got {tuple(advantages.shape)}")
+    mask = _prefix_mask(response_mask, advantages.shape[0])
     if kl is not None and kl.shape != mask.shape:
         raise ValueError(f"kl {tuple(kl.shape)} must match response_mask {tuple(mask.shape)}")
 
-    dtype = _float_dtype(rewards, baseline_rewards, kl)
+    dtype = _float_dtype(advantages, kl)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
-    d = _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype)  # (B,)
-
+    d = advantages.detach().to(dtype)  # (B,)
     n = mask.sum(dim=1, keepdim=True)  # (B, 1) valid tokens per row
     position = torch.arange(mask.shape[1], device=mask.device)  # (T,)
     exponent = n - position  # (B, T); official: the last valid token (i = n − 1) gets γ¹
@@ -219,20 +264,36 @@ def policy_gradient_loss(
     *,
     aggregation: Aggregation | str = Aggregation.token_mean,
     denominator: float | torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    clip_ratio: float | None = None,
+    kl_loss: torch.Tensor | None = None,
+    kl_loss_coef: float = 0.0,
 ) -> torch.Tensor:
-    """REINFORCE loss −A·log π aggregated over the valid tokens.
+    """REINFORCE loss −A·log π aggregated over the valid tokens, with GRPO's two switches.
 
     - ``"token_mean"``: −Σ_{b,t} A·log π·m / Σ_{b,t} m (the release).
     - ``"seq_sum"``: −(1/B) Σ_b Σ_t A·log π·m (Algorithm 1).
 
+    ``clip_ratio`` ε replaces −A·log π by the clipped surrogate −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A),
+    ρ = π/π_old (GRPO, DeepSeekMath eq. 3). On-policy with one update π_old is the same forward, so
+    ρ = 1 and ∇ = −A·∇log π: the same gradient as without the clip; it starts to matter once a
+    batch is reused. ``kl_loss_coef`` β adds β·kl_loss per token to the loss, with its gradient
+    (GRPO's k3 in the loss rather than in the reward: E_π[∇k3] = ∇KL(π_ref ‖ π), exact test in
+    tests/algo/test_baselines.py).
+
     Args:
         logprobs: (B, T) log π_θ of the sampled tokens, with grad.
         advantages: (B, T) e.g. from :func:`remax_advantages`; detached here, they are constants.
-        response_mask: (B, T) bool, valid tokens. Values of either tensor at masked positions
+        response_mask: (B, T) bool, valid tokens. Values of any tensor at masked positions
             change neither the loss nor the gradient (NaN and ±inf included).
         aggregation: :class:`Aggregation` or its value.
         denominator: Replaces Σ m (token_mean) or B (seq_sum), e.g. by the global token or sequence
             count across data-parallel ranks (remax-spec §4 row 10). A Python number must be > 0.
+        old_logprobs: (B, T) log π_old of the experience; needed with ``clip_ratio``; constant.
+        clip_ratio: ε > 0 of the clipped ratio, or None for the plain −A·log π.
+        kl_loss: (B, T) per-token KL estimate with grad (e.g. k3 of ``logprobs``); needed when
+            ``kl_loss_coef > 0``.
+        kl_loss_coef: β >= 0 of the KL term in the loss.
 
     Returns:
         0-dim loss, dtype promoted from ``logprobs`` and ``advantages``. With no valid token it is 0
@@ -249,9 +310,83 @@ def policy_gradient_loss(
     # the gradient of the padded log-prob 0 · NaN = NaN even though its value is dropped.
     zero = torch.zeros((), dtype=advantages.dtype, device=advantages.device)
     advantages = torch.where(mask, advantages.detach(), zero)
-    per_token = -advantages * logprobs  # (B, T)
+    per_token = _surrogate(logprobs, advantages, mask, old_logprobs, clip_ratio)  # (B, T)
+    per_token = _add_kl_loss(per_token, mask, kl_loss, kl_loss_coef)
     aggregate = lookup(AGGREGATIONS, aggregation)
     return aggregate(values=per_token, mask=mask, denominator=denominator)
+
+
+def _add_kl_loss(per_token, mask, kl_loss, kl_loss_coef) -> torch.Tensor:
+    """(B, T) ``per_token`` + β·``kl_loss`` at valid tokens (GRPO's KL in the loss)."""
+    if kl_loss_coef < 0:
+        raise ValueError(f"kl_loss_coef must be >= 0, got {kl_loss_coef}")
+    if kl_loss_coef == 0:
+        return per_token
+    if kl_loss is None or kl_loss.shape != mask.shape:
+        shape = None if kl_loss is None else tuple(kl_loss.shape)
+        raise ValueError(f"kl_loss_coef > 0 needs kl_loss (B, T) = {tuple(mask.shape)}: {shape}")
+    return per_token + kl_loss_coef * torch.where(mask, kl_loss, 0.0)
+
+
+def _surrogate(logprobs, advantages, mask, old_logprobs, clip_ratio) -> torch.Tensor:
+    """(B, T) per-token −A·log π, or the clipped −min(ρA, clip(ρ)A) with ``clip_ratio``."""
+    if clip_ratio is None:
+        return -advantages * logprobs
+    if clip_ratio <= 0 or old_logprobs is None or old_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"clip_ratio={clip_ratio} needs a value > 0 and old_logprobs (B, T) like logprobs"
+        )
+    # Masked before exp: padding's log-ratio cannot overflow, nor carry NaN into the backward.
+    ratio = torch.exp(torch.where(mask, logprobs - old_logprobs.detach(), 0.0))  # (B, T)
+    bounded = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+    return torch.maximum(-advantages * ratio, -advantages * bounded)
+
+
+class SequenceAdvantages(NamedTuple):
+    """One scalar per sample, (B·k,) each, detached."""
+
+    advantages: torch.Tensor
+    """A after ``reward_clip``: what the policy gradient weighs Σ_t log π by."""
+    raw: torch.Tensor
+    """A before any clipping: its sign gives the win/tie fractions of the logs."""
+
+
+def sequence_advantages(
+    rewards: torch.Tensor,
+    greedy_rewards: torch.Tensor | None,
+    *,
+    k: int,
+    baseline: Baseline | str,
+    std_norm: bool = True,
+    reward_clip: float | None = None,
+    clip_target: ClipTarget | str = ClipTarget.advantage,
+) -> SequenceAdvantages:
+    """One advantage per sample from :data:`~remax.algo.registry.BASELINES`, with the reward clip
+    of remax-spec §4 row 9: ``clip_target="reward"`` clips every score (sampled and greedy) before
+    the baseline, ``"advantage"`` clips A after it (the release: clip(r − r_greedy)).
+
+    Args:
+        rewards: (B·k,) r of the sampled responses, prompt-major (row i·k + j: prompt i).
+        greedy_rewards: (B,) r of each prompt's greedy response, or None when the baseline does
+            not read it (``Baseline.needs_greedy``).
+        k: Samples per prompt.
+        baseline: :class:`Baseline` or its value.
+        std_norm: ``group_norm`` only: divide by the group std (GRPO) or not (Dr. GRPO).
+        reward_clip: Clip bound c > 0, or None.
+        clip_target: :class:`ClipTarget` or its value.
+
+    Returns:
+        :class:`SequenceAdvantages` of detached (B·k,) tensors in the rewards' dtype.
+    """
+    fn = lookup(BASELINES, as_enum(Baseline, baseline, name="baseline"))
+    raw = fn(rewards=rewards, k=k, greedy_rewards=greedy_rewards, std_norm=std_norm)
+    if reward_clip is None:
+        return SequenceAdvantages(raw, raw)
+    if as_enum(ClipTarget, clip_target, name="clip_target") is ClipTarget.advantage:
+        return SequenceAdvantages(raw.clamp(-reward_clip, reward_clip), raw)
+    clip = lambda r: None if r is None else r.detach().clamp(-reward_clip, reward_clip)  # noqa: E731
+    clipped = fn(rewards=clip(rewards), k=k, greedy_rewards=clip(greedy_rewards), std_norm=std_norm)
+    return SequenceAdvantages(clipped, raw)
 
 
 class RemaxStats(NamedTuple):
@@ -265,7 +400,7 @@ class RemaxStats(NamedTuple):
     baseline_mean: torch.Tensor
     """Mean r(x, ā) of the greedy responses."""
     advantage_mean: torch.Tensor
-    """Mean of d = r − r_greedy, before clipping."""
+    """Mean of d = r − r_greedy (or the baseline's advantage), before clipping."""
     advantage_std: torch.Tensor
     """Population standard deviation of d before clipping."""
     clip_frac: torch.Tensor
@@ -288,6 +423,14 @@ class RemaxStats(NamedTuple):
     """Fraction of rows with no valid token."""
 
 
+def _remax_margins(rewards, baseline_rewards, reward_clip, clip_target, dtype):
+    """ReMax's (B,) d = r − r_greedy after and before the clip, as :class:`SequenceAdvantages`."""
+    return SequenceAdvantages(
+        _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype),
+        _reward_difference(rewards, baseline_rewards, None, clip_target, dtype),
+    )
+
+
 @torch.no_grad()
 def remax_stats(
     rewards: torch.Tensor,
@@ -298,6 +441,7 @@ def remax_stats(
     kl: torch.Tensor | None = None,
     reward_clip: float | None = None,
     clip_target: ClipTarget | str = ClipTarget.advantage,
+    margins: SequenceAdvantages | None = None,
 ) -> RemaxStats:
     """Diagnostics of a ReMax batch, for logging.
 
@@ -307,19 +451,20 @@ def remax_stats(
         response_mask: (B, T) bool, valid tokens.
         advantages: (B, T) output of :func:`remax_advantages`.
         kl: (B, T) per-token KL term, or None.
-        reward_clip: The clip bound passed to :func:`remax_advantages`, for ``clip_frac``.
-        clip_target: The clip target passed to :func:`remax_advantages`.
+        reward_clip, clip_target: As passed to :func:`remax_advantages`, for ``clip_frac``.
+        margins: The (B,) advantages before and after the clip when another baseline made them
+            (:func:`sequence_advantages`); None: d = r − ``baseline_rewards`` as ReMax's.
 
     Returns:
         :class:`RemaxStats` of detached 0-dim tensors in the promoted float dtype of the inputs.
     """
-    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     _check_rewards(rewards, baseline_rewards)
     mask = response_mask.bool()
     dtype = _float_dtype(rewards, baseline_rewards, advantages, kl)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
-    raw = _reward_difference(rewards, baseline_rewards, None, clip_target, dtype)  # (B,)
-    clipped = _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype)
+    if margins is None:  # ReMax's d = r − r_greedy, (B,)
+        margins = _remax_margins(rewards, baseline_rewards, reward_clip, clip_target, dtype)
+    raw, clipped = margins.raw.to(dtype), margins.advantages.to(dtype)
     valid_adv = torch.where(mask, advantages.detach().to(dtype), zero)  # (B, T)
     if kl is None:
         kl_mean = kl_seq_mean = zero

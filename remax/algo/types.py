@@ -30,10 +30,23 @@ __all__ = [
 
 
 class Baseline(str, Enum):
-    """What is subtracted from the sampled reward (spec §4 row 1)."""
+    """How a sampled reward becomes its advantage (spec §4 row 1; ``remax.algo.baselines``)."""
 
-    greedy = "greedy"  # r(x, ā) of the greedy decode: ReMax
-    none = "none"  # 0: vanilla REINFORCE, for ablations and the variance test
+    greedy = "greedy"  # r − r(x, ā) of the greedy decode: ReMax
+    leave_one_out = "leave_one_out"  # r − mean of the prompt's other k − 1 rewards: RLOO
+    group_norm = "group_norm"  # (r − group mean) / group std: GRPO (std off: Dr. GRPO)
+    none = "none"  # r: vanilla REINFORCE, for ablations and the variance test
+
+    @property
+    def needs_greedy(self) -> bool:
+        """Whether the rollout must decode one greedy response per prompt (only ReMax reads it)."""
+        return self is Baseline.greedy
+
+    @property
+    def min_samples(self) -> int:
+        """Fewest samples per prompt k the baseline is defined for: a group of one has no other
+        reward to compare with (leave-one-out divides by k − 1, the unbiased std by k − 1)."""
+        return 2 if self in (Baseline.leave_one_out, Baseline.group_norm) else 1
 
 
 class KLMode(str, Enum):

@@ -24,9 +24,18 @@ class RemaxAlgoConfig(SamplingFields):
     """ReMax conventions (remax-spec §4). Defaults are Algorithm 1 of the paper."""
 
     baseline: Baseline = Baseline.greedy
-    """``greedy``: b(x) = r(x, greedy response) (ReMax). ``none``: vanilla REINFORCE (ablation)."""
-    samples_per_prompt: int = 1
-    """Sampled responses per prompt, all sharing one greedy baseline."""
+    """The advantage of each sample (``remax.algo.registry.BASELINES``): ``greedy`` r − r(x, greedy
+    response) (ReMax), ``leave_one_out`` (RLOO), ``group_norm`` (GRPO), ``none`` (REINFORCE). The
+    last three compare the k = ``rollout.samples_per_prompt`` samples of a prompt; only ``greedy``
+    decodes a greedy response."""
+    group_std_norm: bool = True
+    """``group_norm`` only: divide by the group's std (GRPO); false: centre only (Dr. GRPO)."""
+    clip_ratio: float | None = None
+    """ε of GRPO's clipped ratio min(ρA, clip(ρ, 1 ± ε)A); null: the plain −A·log π. With one
+    on-policy update ρ = 1 and the gradient is the same (DeepSeekMath: 0.2)."""
+    kl_loss_coef: float = 0.0
+    """β of a per-token KL term (``kl_estimator``) added to the loss with its gradient, as GRPO's
+    (DeepSeekMath: 0.04 with k3); ``kl_coef`` puts the KL in the reward instead."""
     kl_coef: float = 0.0
     """β of the per-token KL penalty in the return."""
     kl_mode: KLMode = KLMode.own_token
@@ -73,11 +82,12 @@ class RemaxAlgoConfig(SamplingFields):
         self.check_sampling("algo.")
         _check_empty(self.empty_max_tokens)
         _check_reference_support(self)
+        _require(self.kl_loss_coef >= 0, "algo.kl_loss_coef", self.kl_loss_coef, "use a value >= 0")
         _require(
-            self.samples_per_prompt >= 1,
-            "algo.samples_per_prompt",
-            self.samples_per_prompt,
-            "use >= 1",
+            self.clip_ratio is None or self.clip_ratio > 0,
+            "algo.clip_ratio",
+            self.clip_ratio,
+            "use a value > 0 (GRPO: 0.2) or null for no clip",
         )
         _require(
             self.epochs == 1,

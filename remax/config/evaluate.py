@@ -80,6 +80,7 @@ class EvaluateJobConfig(SamplingFields):
     """Parameter and compute dtype of every loaded model (bf16 on GPUs)."""
 
     def __post_init__(self) -> None:
+        self.rollout.require_one_sample("evaluate")
         _require(
             len(self.policies) >= 1,
             "policies",

@@ -29,8 +29,26 @@ class RolloutConfig:
     ``VLLM_CPU_KVCACHE_SPACE`` is an integer). Counted by the memory planner."""
     sleep: bool = True
     """GPUs only: release vLLM's weights and KV cache (its sleep mode) while the actor trains."""
+    samples_per_prompt: int = 1
+    """k sampled responses per prompt: the group RLOO and GRPO compare (``algo.baseline``), or k
+    samples sharing one greedy baseline (ReMax). The PPO and evaluate stages decode one."""
+
+    def require_one_sample(self, stage: str) -> None:
+        """Refuses k > 1 in a stage that decodes one answer per prompt (PPO, evaluation)."""
+        _require(
+            self.samples_per_prompt == 1,
+            "rollout.samples_per_prompt",
+            self.samples_per_prompt,
+            f"the {stage} stage decodes one answer per prompt: use 1 (k > 1: jobs.remax)",
+        )
 
     def __post_init__(self) -> None:
+        _require(
+            self.samples_per_prompt >= 1,
+            "rollout.samples_per_prompt",
+            self.samples_per_prompt,
+            "use >= 1",
+        )
         _require(self.kv_cache_gib > 0, "rollout.kv_cache_gib", self.kv_cache_gib, "use > 0")
         if self.engine == RolloutEngine.vllm:
             _require(

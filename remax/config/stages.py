@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from remax.algo.types import ExportPolicy
+from remax.algo.types import Baseline, ExportPolicy, as_enum
 from remax.config.algo import PPOAlgoConfig, RemaxAlgoConfig
 from remax.config.base import _require
 from remax.config.cluster import ClusterConfig
@@ -62,6 +62,14 @@ class RemaxJobConfig(_StageConfig):
 
     def __post_init__(self) -> None:
         _check_rl_stage(self)
+        baseline, k = as_enum(Baseline, self.algo.baseline), self.rollout.samples_per_prompt
+        _require(
+            k >= baseline.min_samples,
+            "rollout.samples_per_prompt",
+            k,
+            f"algo.baseline={baseline.value} compares each sample with the prompt's other "
+            f"samples: use >= {baseline.min_samples} (the rloo preset: 2, grpo: 4)",
+        )
 
 
 # ---- PPO baseline ----
@@ -85,6 +93,7 @@ class PPOJobConfig(_StageConfig):
 
     def __post_init__(self) -> None:
         _check_rl_stage(self)
+        self.rollout.require_one_sample("ppo")
         _require(
             self.train.batch_size % self.algo.mini_batches == 0,
             "algo.mini_batches",

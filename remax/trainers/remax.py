@@ -6,6 +6,11 @@ One step, as in the paper (numbers are Algorithm 1's lines):
   4. loss −A · Σ_t log π_θ(a_t | x, a_<t), with the release's per-token KL, discount and clip as
      switches (``remax.algo.remax``); 5. one optimizer step.
 
+The same trainer runs the other critic-free algorithms: ``algo.baseline`` picks the advantage of
+``remax.algo.registry.BASELINES`` (RLOO's leave-one-out, GRPO's group normalisation over the
+k = ``rollout.samples_per_prompt`` samples of a prompt, which decode no greedy response), and
+``algo.clip_ratio``, ``algo.kl_loss_coef`` are GRPO's loss switches (``algo=rloo``, ``algo=grpo``).
+
 The reference model is a frozen copy of the initial policy (the SFT export). Experience-time and
 training-time log-probs are one forward: with dropout off and one on-policy pass they are equal
 (spec test 18), so the KL penalty uses the detached training log-probs instead of a second forward.
@@ -22,8 +27,14 @@ import torch
 from remax import distributed
 from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.registry import KL_ESTIMATORS, lookup
-from remax.algo.remax import policy_gradient_loss, remax_advantages, remax_stats
+from remax.algo.remax import (
+    policy_gradient_loss,
+    remax_stats,
+    sequence_advantages,
+    token_returns,
+)
 from remax.algo.sampling import nucleus_with_token
+from remax.algo.types import as_enum
 from remax.config import (
     Aggregation,
     Baseline,
@@ -76,7 +87,7 @@ class RemaxTrainer:
         )
         # The actor: plain PyTorch, or a DeepSpeed engine (ZeRO stage, offload, bf16). The frozen
         # reference and RM: as they are, or ZeRO-3 inference engines (remax.engines).
-        self.actor = build_actor(model, cfg, self.total_steps, algo.samples_per_prompt)
+        self.actor = build_actor(model, cfg, self.total_steps, cfg.rollout.samples_per_prompt)
         self.model = self.actor.module
         if self.keep_best and getattr(self.actor, "partitioned", False):
             # The best actor is loaded back into the module for the final evaluation.
@@ -155,16 +166,22 @@ class RemaxTrainer:
         """(B,) the synthetic task's programmatic score of each decoded response."""
         return conventions.gold(self.tokenizer, rollout)
 
-    def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout]:
-        """Steps 1–2: n sampled responses per prompt and one greedy response, in one decode."""
-        n = self.cfg.algo.samples_per_prompt
+    def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout | None]:
+        """Steps 1–2: k sampled responses per prompt and, when the baseline reads it (ReMax's
+        ``greedy``), one greedy response per prompt, in one decode. RLOO and GRPO decode no greedy
+        row: (sampled, None)."""
+        n = self.cfg.rollout.samples_per_prompt
         batch = rl_eval.prompt_batch(self.cfg, self.tokenizer, prompts, self.device)
         B = len(prompts)
-        ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids])
-        mask = torch.cat([batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask])
-        greedy = torch.arange(B * n + B, device=self.device) >= B * n
+        n_greedy = B if as_enum(Baseline, self.cfg.algo.baseline).needs_greedy else 0
+        ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids[:n_greedy]])
+        mask = torch.cat(
+            [batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask[:n_greedy]]
+        )
+        greedy = torch.arange(B * n + n_greedy, device=self.device) >= B * n
         both = self._postprocess(self._generate(ids, mask, greedy))
-        return both.select(slice(0, B * n)), both.select(slice(B * n, None))
+        sampled = both.select(slice(0, B * n))
+        return sampled, (both.select(slice(B * n, None)) if n_greedy else None)
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """One decode by the rollout engine (the actor's: parameters gathered once under ZeRO-3)."""
@@ -212,18 +229,27 @@ class RemaxTrainer:
         sampled, greedy = self.rollout([self.train_prompts[i] for i in rows])  # 1–2
         return self.update(sampled, greedy, [self.train_raw_prompts[i] for i in rows])
 
-    def update(self, sampled: Rollout, greedy: Rollout, prompts: list[str] | None = None) -> dict:
+    def update(
+        self, sampled: Rollout, greedy: Rollout | None, prompts: list[str] | None = None
+    ) -> dict:
         """Steps 3–5 on this rank's rows: rewards, advantages, loss, one optimizer step.
 
-        ``prompts``: the raw prompt of each greedy row (None: the decoded prompt text)."""
-        algo, n = self.cfg.algo, self.cfg.algo.samples_per_prompt
+        ``greedy``: one greedy row per prompt, read by the ``greedy`` baseline only (None for the
+        others). ``prompts``: the raw prompt of each prompt (None: the decoded prompt text)."""
+        algo, n = self.cfg.algo, self.cfg.rollout.samples_per_prompt
         sampled_prompts = None if prompts is None else [p for p in prompts for _ in range(n)]
         rewards = self.rewards(sampled, sampled_prompts)  # 3: r(x, a), (B·n,)
-        if algo.baseline == Baseline.greedy:
-            # r(x, ā) of each sample's prompt
-            baseline = self.rewards(greedy, prompts).repeat_interleave(n)
-        else:
-            baseline = torch.zeros_like(rewards)
+        needs_greedy = as_enum(Baseline, algo.baseline).needs_greedy
+        greedy_rewards = self.rewards(greedy, prompts) if needs_greedy else None  # r(x, ā), (B,)
+        seq = sequence_advantages(  # (B·n,) per sample: remax.algo.registry.BASELINES
+            rewards,
+            greedy_rewards,
+            k=n,
+            baseline=algo.baseline,
+            std_norm=algo.group_std_norm,
+            reward_clip=algo.reward_clip,
+            clip_target=algo.clip_target,
+        )
         mask = self.train_mask(sampled)  # (B·n, T)
         # Global normaliser, so micro-batches and ranks add up to the whole batch's loss.
         denominator = self.denominator(mask)
@@ -238,7 +264,7 @@ class RemaxTrainer:
                     mask[rows], n_micro, self.world_size
                 )
             loss, kl, advantages, (gap, n_outside) = self._micro_loss(
-                sampled.select(rows), rewards[rows], baseline[rows], mask[rows], denominator
+                sampled.select(rows), seq.advantages[rows], mask[rows], denominator
             )
             outside += n_outside
             self.actor.backward(loss)
@@ -248,23 +274,20 @@ class RemaxTrainer:
             gaps.append(gap)
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
         self.engine.weights_updated()
+        # What each sample is compared with; its mean is the greedy reward (ReMax), the group mean
+        # (RLOO, GRPO: their advantages average to 0) or 0 (none).
         stats = remax_stats(
-            rewards,
-            baseline,
-            mask,
-            torch.cat(advs),
-            kl=torch.cat(kls),
-            reward_clip=algo.reward_clip,
-            clip_target=algo.clip_target,
+            rewards, rewards - seq.raw, mask, torch.cat(advs), kl=torch.cat(kls), margins=seq
         )
-        metrics = self._metrics(stats, rewards - baseline, sampled, greedy, (loss_sum, outside))
+        metrics = self._metrics(stats, seq.raw, sampled, greedy, (loss_sum, outside))
         if gaps and gaps[0] is not None:  # vllm: max |log p_vLLM − log p_actor| of this rank
             metrics["rollout/offpolicy_gap_max"] = max(gaps)
         return {**metrics, "optim/grad_norm": grad_norm, "optim/lr": self.actor.lr}
 
-    def _micro_loss(self, part: Rollout, rewards, baseline, mask, denominator):
+    def _micro_loss(self, part: Rollout, seq_advantages, mask, denominator):
         """One micro-batch: (loss with grad, per-token KL, per-token returns, (engine log-prob gap
-        or None, trained tokens outside the recomputed nucleus)). Step 4: the KL-shaped returns; the loss of Algorithm 1 line 7."""
+        or None, trained tokens outside the recomputed nucleus)). Step 4: the KL-shaped returns of
+        the (b,) sequence advantages; the loss of Algorithm 1 line 7 (GRPO: clipped, KL in it)."""
         algo = self.cfg.algo
         logprobs, logits, outside = self._logprobs(self.actor.forward_module, part)  # with grad
         gap = None
@@ -272,30 +295,35 @@ class RemaxTrainer:
             gap = offpolicy_gap(part, logprobs)
         with torch.no_grad():
             ref_logprobs, ref_logits, _ = self._logprobs(self.reference, part)
-            kl = lookup(KL_ESTIMATORS, algo.kl_estimator)(
-                logprobs=logprobs.detach(),
-                ref_logprobs=ref_logprobs,
-                logits=None if logits is None else logits.detach(),
-                ref_logits=ref_logits,
+        # GRPO's KL in the loss keeps its graph; a KL only in the reward is a constant.
+        with torch.set_grad_enabled(algo.kl_loss_coef > 0):
+            kl_graph = lookup(KL_ESTIMATORS, algo.kl_estimator)(
+                logprobs=logprobs, ref_logprobs=ref_logprobs, logits=logits, ref_logits=ref_logits
             )
-            advantages = remax_advantages(  # 4: returns per token, (b, T)
-                rewards,
-                baseline,
-                mask,
-                kl=kl,
-                kl_coef=algo.kl_coef,
-                gamma=algo.gamma,
-                reward_clip=algo.reward_clip,
-                kl_mode=algo.kl_mode,
-                discount_convention=algo.discount_convention,
-                clip_target=algo.clip_target,
-            )
+        kl = kl_graph.detach()
+        advantages = token_returns(  # 4: returns per token, (b, T)
+            seq_advantages,
+            mask,
+            kl=kl,
+            kl_coef=algo.kl_coef,
+            gamma=algo.gamma,
+            kl_mode=algo.kl_mode,
+            discount_convention=algo.discount_convention,
+        )
         loss = policy_gradient_loss(
-            logprobs, advantages, mask, aggregation=algo.aggregation, denominator=denominator
+            logprobs,
+            advantages,
+            mask,
+            aggregation=algo.aggregation,
+            denominator=denominator,
+            old_logprobs=logprobs.detach(),  # on-policy, one update: π_old is this forward
+            clip_ratio=algo.clip_ratio,
+            kl_loss=kl_graph,
+            kl_loss_coef=algo.kl_loss_coef,
         )
         return loss, kl, advantages, (gap, int((outside & mask).sum()))
 
-    def _metrics(self, stats, margin, sampled: Rollout, greedy: Rollout, sums) -> dict:
+    def _metrics(self, stats, margin, sampled: Rollout, greedy: Rollout | None, sums) -> dict:
         """The step's metrics, reduced over ranks. Equal shards: each rank logs its mean / world
         size, and the ranks' sum is the global mean; ``sums`` (this rank's share of the loss, its
         count of trained tokens outside the recomputed nucleus) add up over ranks as they are."""
@@ -311,9 +339,10 @@ class RemaxTrainer:
             "kl/mean": stats.kl_seq_mean,  # per sequence: Σ_t kl_t averaged over rows
             "return/mean": stats.return_mean,
             "response/length_mean": sampled.lengths.float().mean(),
-            "response/greedy_length_mean": greedy.lengths.float().mean(),
-            "response/same_as_greedy": self._same(sampled, greedy).float().mean(),
         }
+        if greedy is not None:  # only the greedy baseline decodes them
+            share["response/greedy_length_mean"] = greedy.lengths.float().mean()
+            share["response/same_as_greedy"] = self._same(sampled, greedy).float().mean()
         share = {k: float(v) / self.world_size for k, v in share.items()}
         # rollout/outside_nucleus: sampling_adjusted tokens scored by nucleus_with_token (bf16 or
         # vLLM put them past the recomputed top-p/top-k edge); 0 on any other path.
@@ -325,7 +354,7 @@ class RemaxTrainer:
     def _same(self, sampled: Rollout, greedy: Rollout) -> torch.Tensor:
         g = greedy.select(
             torch.arange(greedy.response.shape[0], device=self.device).repeat_interleave(
-                self.cfg.algo.samples_per_prompt
+                self.cfg.rollout.samples_per_prompt
             )
         )
         return ((sampled.response == g.response) | ~(sampled.response_mask | g.response_mask)).all(
