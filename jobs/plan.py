@@ -296,14 +296,16 @@ def push_refusal(result: planner.Plan) -> str | None:
 
 def check_fits(stage: str, config) -> str | None:
     """For a submission: None if the RL stage fits (or has no known shape), else why it does not."""
-    if stage not in RL_STAGES:
+    rollout = getattr(config, "rollout", None)  # SFT and RM stages decode nothing
+    gpus, vllm = config.cluster.gpus, rollout is not None and rollout.engine == RolloutEngine.vllm
+    if stage not in RL_STAGES or not (gpus or vllm):  # a CPU cluster: only a vLLM push can fail
         return None
     if config.model.name not in PRESETS and shape_from_path(config.model.path) is None:
         return None
     opts = PlanOptions()
     result = planner.plan(plan_input(stage, config, opts))
     refusal = push_refusal(result)  # a CPU cluster's file push too: it needs no GPU
-    if refusal or result.fits or not config.cluster.gpus:
+    if refusal or result.fits or not gpus:
         return refusal
     return (
         f"the memory planner estimates {result.total_gib:.1f} GiB per GPU for {stage} with "

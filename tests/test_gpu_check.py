@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
 from conftest import run_job
 
 VLLM = importlib.util.find_spec("vllm") is not None
@@ -92,7 +93,8 @@ def test_a_size_that_does_not_fit_ends_the_ladder_with_its_reason():
     }
     s = summarize(report)
     assert s["step_ratio_largest"] == {"size": "1.1b", "hf": 0.5, "vllm": 0.5}
-    # 16 rows × 256 steps over the median decode time
+    # 16 rows × 256 steps over the median decode time, both engines from the vllm run
+    assert s["decode"]["hf_run"] == "vllm"
     assert s["decode"]["hf_tokens_per_s"] == 16 * 256 / 4.0
     assert s["decode"]["vllm_tokens_per_s"] == 16 * 256 / 1.0
     assert s["goals"]["step_ratio_le_0.6"] == {"hf": True, "vllm": True}
@@ -103,15 +105,11 @@ def test_a_size_that_does_not_fit_ends_the_ladder_with_its_reason():
     assert "- 3b: skipped: 1.8b did not fit" in table
 
 
-def test_an_unknown_size_fails_in_one_line(tmp_path):
-    out = run_job(
-        "benchmarks.gpu_check",
-        "--device",
-        "cpu",
-        "--sizes",
-        "13b",
-        f"--out={tmp_path}",
-        check=False,
-    )
-    assert out.returncode == 2 and out.stderr.startswith("error: --sizes 13b")
-    assert out.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
+def test_an_unknown_size_fails_in_one_line(tmp_path, capsys):
+    from benchmarks.gpu_check import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", "--sizes", "13b", f"--out={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: --sizes 13b") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
