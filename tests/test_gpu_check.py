@@ -113,3 +113,21 @@ def test_an_unknown_size_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: --sizes 13b") and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_only_a_size_limit_ends_the_ladder():
+    """Out of memory (or skipped for the device or the time) ends it; vLLM not installed, or
+    broken for another reason, leaves the hf ladder going."""
+    from benchmarks.gpu_check import size_status, skipped
+
+    ok = {"status": "ok"}
+    failed = {"status": "failed", "reason": "ValueError: Free memory", "decides": False}
+    oom = {"status": "oom", "reason": "OutOfMemoryError", "decides": True}
+    assert size_status({"hf": ok, "vllm": skipped("vllm not installed", decides=False)}) == (
+        "ok",
+        None,
+    )
+    assert size_status({"hf": ok, "vllm": failed}) == ("ok", None)
+    assert size_status({"hf": ok, "vllm": oom}) == ("oom", "vllm: OutOfMemoryError")
+    assert size_status({"hf": skipped("time budget: 300 s predicted"), "vllm": ok})[0] == "skipped"
+    assert size_status({"hf": failed, "vllm": failed})[0] == "failed"
