@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -15,8 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_SILENT", "true")
-# DeepSpeed JIT-builds its shared-memory comm op on CPU (~22 s): once per cache, kept across runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/torch_ext")
+# DeepSpeed JIT-builds its shared-memory comm op on CPU (~22 s; DeepSpeedCPUAdam's ~1 min): once per
+# cache, kept across runs. One cache per venv: a build's paths name its venv, so two venvs sharing
+# one cache (make test, make test-vllm) rebuild each other's ops on every switch.
+_VENV = Path(sys.prefix).resolve()
+_VENV_KEY = hashlib.sha256(str(_VENV).encode()).hexdigest()[:8]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", f"/tmp/torch_ext/{_VENV.name}-{_VENV_KEY}")
 
 REPO = Path(__file__).resolve().parents[1]
 
