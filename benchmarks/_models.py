@@ -124,6 +124,7 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         ModelConfig,
         OptimConfig,
         PPOJobConfig,
+        PushRoute,
         RemaxJobConfig,
         RewardSourceConfig,
         RolloutConfig,
@@ -154,7 +155,9 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
         cluster=ClusterConfig(device=device),
         reward_model=RewardSourceConfig(path=rm_path),
-        rollout=RolloutConfig(engine=RolloutEngine(args.engine)),
+        rollout=RolloutConfig(
+            engine=RolloutEngine(args.engine), push=PushRoute(getattr(args, "push", "auto"))
+        ),
         eval_prompts=64,
     )
     remax = RemaxTrainer(RemaxJobConfig(algo=_algo("remax", "remax_official"), **common))
