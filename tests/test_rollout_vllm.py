@@ -185,3 +185,129 @@ def test_after_an_optimizer_step_the_engine_decodes_with_the_new_weights(setup):
     after, hf_after = _decode_both(setup, greedy=True)
     _assert_same_rows(after, hf_after)
     assert not torch.equal(after.response, before.response), "the step changed no greedy row"
+
+
+# ----------------------------------------------------------------------------- the direct route
+def test_each_local_rank_places_its_engine_on_its_own_gpu():
+    """CUDA, direct route: rank r's engine on cuda:LOCAL_RANK, in the rank's process, through
+    vLLM's external launcher (its default executor put every rank's engine on cuda:0)."""
+    from remax.config import PushRoute
+    from remax.rollout_vllm import engine_placement
+
+    for rank, local_rank in ((0, 0), (1, 1), (2, 2), (3, 3), (5, 1)):
+        environ = {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": "8"}
+        p = engine_placement(PushRoute.direct, "cuda", environ)
+        assert p.device == f"cuda:{local_rank}"
+        assert p.env == {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": "8",
+        }
+        assert p.llm_kwargs == {
+            "distributed_executor_backend": "external_launcher",
+            "tensor_parallel_size": 1,
+        }
+    assert engine_placement(PushRoute.direct, "cuda", {}).device == "cuda:0"  # one rank
+    cpu = engine_placement(PushRoute.direct, "cpu", {"LOCAL_RANK": "1"})
+    assert (cpu.device, cpu.env, cpu.llm_kwargs) == (
+        "cpu",
+        {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        {},
+    )
+    # The file route: vLLM's own engine process, nothing to add.
+    assert engine_placement(PushRoute.file, "cpu", {}).env == {}
+
+
+def test_push_route_is_direct_on_cuda_and_the_file_on_the_cpu_build():
+    from remax.config import PushRoute
+    from remax.inputs import InputError
+    from remax.rollout_vllm import push_route
+
+    assert push_route("cuda")[0] == PushRoute.direct
+    assert push_route("cuda", PushRoute.auto, world_size=8)[0] == PushRoute.direct
+    assert push_route("cpu")[0] == PushRoute.file
+    assert push_route("cpu", PushRoute.auto, world_size=4)[0] == PushRoute.file
+    assert push_route("cpu", PushRoute.direct)[0] == PushRoute.direct  # one rank: it runs
+    assert push_route("cuda", PushRoute.file)[0] == PushRoute.file
+    with pytest.raises(InputError) as err:
+        push_route("cpu", PushRoute.direct, world_size=2)
+    assert "rollout.push=direct" in str(err.value) and "2" in str(err.value)
+
+
+def test_param_chunks_keep_order_and_bound_each_chunk():
+    from remax.rollout_vllm import param_chunks
+
+    sizes = [10, 20, 5, 100, 1, 1, 30]  # fp32 elements: 4 bytes each
+    named = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate(sizes)]
+    chunks = param_chunks(named, max_bytes=4 * 35)
+    assert [[n for n, _ in c] for c in chunks] == [
+        ["p0", "p1", "p2"],  # 35 elements: exactly the bound
+        ["p3"],  # larger than the bound: alone
+        ["p4", "p5", "p6"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def direct(setup):
+    """A second engine on the same actor, on the direct route (in this process), on CPU."""
+    import logging
+
+    from remax.config import PushRoute
+
+    actor, tokenizer, _, hf, batch = setup
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("remax.rollout_vllm").addHandler(handler)
+    logging.getLogger("remax.rollout_vllm").setLevel(logging.INFO)
+    try:
+        cfg = RolloutConfig(engine=RolloutEngine.vllm, push=PushRoute.direct)
+        engine = build_rollout_engine(cfg, actor, tokenizer, max_model_len=64, seed=0)
+    finally:
+        logging.getLogger("remax.rollout_vllm").removeHandler(handler)
+    yield actor, tokenizer, engine, hf, batch, [r.getMessage() for r in records]
+    engine.close()
+
+
+def _engine_weights(engine, actor) -> dict[str, torch.Tensor]:
+    """Copies of two (un-fused, un-repacked) weights of the direct engine's model, cut to the
+    actor's shapes (vLLM pads the vocabulary rows of the embedding)."""
+    shapes = {n: p.shape for n, p in actor.module.named_parameters()}
+    keep = ("model.embed_tokens.weight", "model.norm.weight")
+
+    def read(model):
+        params = dict(model.named_parameters())
+        return {n: params[n].detach()[tuple(map(slice, shapes[n]))].clone() for n in keep}
+
+    return engine.llm.llm_engine.collective_rpc("apply_model", args=(read,))[0]
+
+
+def test_direct_route_decodes_greedy_rows_equal_to_hf_and_says_its_route(direct):
+    actor, _, engine, _, _, messages = direct
+    assert any("weight push route direct" in m for m in messages), messages
+    from vllm.v1.engine.core_client import InprocClient
+
+    assert isinstance(engine.llm.llm_engine.engine_core, InprocClient)  # no engine process
+    vllm_rollout, hf_rollout = _decode_both(direct[:5], greedy=True)
+    _assert_same_rows(vllm_rollout, hf_rollout)
+    params = dict(actor.module.named_parameters())
+    for name, w in _engine_weights(engine, actor).items():
+        assert torch.equal(w, params[name].detach()), name
+
+
+def test_direct_route_pushes_the_weights_of_each_optimizer_step(direct):
+    actor, tokenizer, engine, _, _, _ = direct
+    pushed = _engine_weights(engine, actor)
+    text = tokenizer(["a b c d e f"] * 2, return_tensors="pt")
+    actor.module.train()
+    actor.backward(actor.module(**text, labels=text.input_ids).loss)
+    actor.step()
+    actor.module.eval()
+    engine.weights_updated()
+    after, hf_after = _decode_both(direct[:5], greedy=True)  # the push happens here
+    _assert_same_rows(after, hf_after)
+    params = dict(actor.module.named_parameters())
+    for name, w in _engine_weights(engine, actor).items():
+        assert torch.equal(w, params[name].detach()), name
+        assert not torch.equal(w, pushed[name]), f"{name} did not change"

@@ -20,6 +20,14 @@ class RolloutEngine(str, enum.Enum):
     vllm = "vllm"  # vLLM (``pip install '.[vllm]'`` or ``make vllm``)
 
 
+class PushRoute(str, enum.Enum):
+    """How the ``vllm`` engine receives the actor's weights after each optimizer step."""
+
+    auto = "auto"  # ``remax.rollout_vllm.push_route``: direct on GPUs, file on the CPU build
+    direct = "direct"  # the engine in the rank's own process, parameters loaded in place
+    file = "file"  # the engine in its own process, reloaded from a /dev/shm safetensors file
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: RolloutEngine = RolloutEngine.hf
@@ -29,9 +37,14 @@ class RolloutConfig:
     ``VLLM_CPU_KVCACHE_SPACE`` is an integer). Counted by the memory planner."""
     sleep: bool = True
     """GPUs only: release vLLM's weights and KV cache (its sleep mode) while the actor trains."""
+    push: PushRoute = PushRoute.auto
+    """vllm only: ``auto`` (direct on GPUs, file on the CPU build), ``direct`` or ``file``."""
+    push_chunk_mib: int = 512
+    """vllm, direct route: parameters are gathered (ZeRO-3) and loaded in chunks of this size."""
 
     def __post_init__(self) -> None:
         _require(self.kv_cache_gib > 0, "rollout.kv_cache_gib", self.kv_cache_gib, "use > 0")
+        _require(self.push_chunk_mib > 0, "rollout.push_chunk_mib", self.push_chunk_mib, "use > 0")
         if self.engine == RolloutEngine.vllm:
             _require(
                 importlib.util.find_spec("vllm") is not None,
