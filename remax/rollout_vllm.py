@@ -15,9 +15,12 @@ parameters first. Two routes (``push_route``, ``rollout.push``; the run log name
   rank's engine sits on ``cuda:LOCAL_RANK`` rather than all on GPU 0). The push hands the actor's
   parameters to the engine's ``model.load_weights`` in chunks of ``rollout.push_chunk_mib``, each
   chunk gathered once under ZeRO-3: no file, no full-state-dict CPU copy.
-- ``file`` (the CPU build): vLLM runs its model in an engine process, and tensors do not cross to
-  it through ``collective_rpc``; the push writes a safetensors file in shared memory (``/dev/shm``,
-  a RAM file system) and calls ``reload_weights(weights_path=...)``.
+  On the CPU build at world size 1 the same route runs in-process (vLLM's one-rank executor) with
+  vLLM's thread binding off (``VLLM_CPU_OMP_THREADS_BIND=nobind``: its default pinned the trainer's
+  threads, which made this mode 10–20× slower before).
+- ``file`` (the CPU build with several ranks): vLLM runs its model in an engine process, and
+  tensors do not cross to it through ``collective_rpc``; the push writes a safetensors file in
+  shared memory (``/dev/shm``, a RAM file system) and calls ``reload_weights(weights_path=...)``.
 
 Either way ``reset_prefix_cache()`` follows, so no KV block of the old weights is reused.
 
@@ -118,9 +121,10 @@ def _configure_cpu(cfg: RolloutConfig, config) -> None:
 
 def push_route(device_type: str, requested: PushRoute = PushRoute.auto, world_size: int = 1):
     """The weight-push route of a ``vllm`` engine on ``device_type`` (``"cuda"`` or ``"cpu"``):
-    ``(route, why)``. ``auto``: ``direct`` on CUDA; ``file`` on the CPU build, which measured
-    faster there (benchmarks/results/remax_vs_ppo_vllm.md). ``direct`` on the CPU build runs one
-    rank only: its engine builds a one-rank process group of its own."""
+    ``(route, why)``. ``auto``: ``direct`` on CUDA, and on the CPU build at world size 1, where it
+    measured faster than the file (no file, no second process competing for the cores; its
+    threads unpinned: ``_configure_cpu``); ``file`` on the CPU build with several ranks, where an
+    in-process engine would build a one-rank process group of its own."""
     if requested == PushRoute.direct and device_type != "cuda" and world_size > 1:
         raise InputError(
             f"rollout.push=direct on the CPU build runs one rank only, this run has {world_size}: "
@@ -130,7 +134,9 @@ def push_route(device_type: str, requested: PushRoute = PushRoute.auto, world_si
         return requested, f"rollout.push={requested.value}"
     if device_type == "cuda":
         return PushRoute.direct, "auto: CUDA, the engine in the rank's process"
-    return PushRoute.file, "auto: CPU build, the engine in its own process"
+    if world_size == 1:
+        return PushRoute.direct, "auto: CPU build, one rank, the engine in this process"
+    return PushRoute.file, f"auto: CPU build, {world_size} ranks, the engine in its own process"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from remax.config import ConfigError, OptimConfig, RolloutConfig, RolloutEngine
+from remax.config import ConfigError, OptimConfig, PushRoute, RolloutConfig, RolloutEngine
 from remax.config.sampling import SamplingConfig
 from remax.engines import TorchActor
 from remax.models.policy import response_logprobs
@@ -105,9 +105,9 @@ def setup():
         intermediate_size=128,
     )
     actor = TorchActor(tiny_policy(config).eval(), OptimConfig(lr=0.05), total_steps=10)
-    engine = build_rollout_engine(
-        RolloutConfig(engine=RolloutEngine.vllm), actor, tokenizer, max_model_len=64, seed=0
-    )
+    # The file route (the CPU build's with several ranks); the direct one: the ``direct`` fixture.
+    cfg = RolloutConfig(engine=RolloutEngine.vllm, push=PushRoute.file)
+    engine = build_rollout_engine(cfg, actor, tokenizer, max_model_len=64, seed=0)
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     yield actor, tokenizer, engine, HFEngine(actor, tokenizer), batch
     engine.close()
@@ -191,7 +191,6 @@ def test_after_an_optimizer_step_the_engine_decodes_with_the_new_weights(setup):
 def test_each_local_rank_places_its_engine_on_its_own_gpu():
     """CUDA, direct route: rank r's engine on cuda:LOCAL_RANK, in the rank's process, through
     vLLM's external launcher (its default executor put every rank's engine on cuda:0)."""
-    from remax.config import PushRoute
     from remax.rollout_vllm import engine_placement
 
     for rank, local_rank in ((0, 0), (1, 1), (2, 2), (3, 3), (5, 1)):
@@ -219,16 +218,15 @@ def test_each_local_rank_places_its_engine_on_its_own_gpu():
     assert engine_placement(PushRoute.file, "cpu", {}).env == {}
 
 
-def test_push_route_is_direct_on_cuda_and_the_file_on_the_cpu_build():
-    from remax.config import PushRoute
+def test_push_route_is_direct_but_for_several_ranks_on_the_cpu_build():
     from remax.inputs import InputError
     from remax.rollout_vllm import push_route
 
     assert push_route("cuda")[0] == PushRoute.direct
     assert push_route("cuda", PushRoute.auto, world_size=8)[0] == PushRoute.direct
-    assert push_route("cpu")[0] == PushRoute.file
+    assert push_route("cpu")[0] == PushRoute.direct  # one rank: measured faster than the file
     assert push_route("cpu", PushRoute.auto, world_size=4)[0] == PushRoute.file
-    assert push_route("cpu", PushRoute.direct)[0] == PushRoute.direct  # one rank: it runs
+    assert push_route("cpu", PushRoute.file)[0] == PushRoute.file
     assert push_route("cuda", PushRoute.file)[0] == PushRoute.file
     with pytest.raises(InputError) as err:
         push_route("cpu", PushRoute.direct, world_size=2)
@@ -250,10 +248,9 @@ def test_param_chunks_keep_order_and_bound_each_chunk():
 
 @pytest.fixture(scope="module")
 def direct(setup):
-    """A second engine on the same actor, on the direct route (in this process), on CPU."""
+    """A second engine on the same actor, on the default route of one CPU rank: direct (in this
+    process)."""
     import logging
-
-    from remax.config import PushRoute
 
     actor, tokenizer, _, hf, batch = setup
     records: list[logging.LogRecord] = []
@@ -262,7 +259,7 @@ def direct(setup):
     logging.getLogger("remax.rollout_vllm").addHandler(handler)
     logging.getLogger("remax.rollout_vllm").setLevel(logging.INFO)
     try:
-        cfg = RolloutConfig(engine=RolloutEngine.vllm, push=PushRoute.direct)
+        cfg = RolloutConfig(engine=RolloutEngine.vllm)  # auto
         engine = build_rollout_engine(cfg, actor, tokenizer, max_model_len=64, seed=0)
     finally:
         logging.getLogger("remax.rollout_vllm").removeHandler(handler)
@@ -285,7 +282,9 @@ def _engine_weights(engine, actor) -> dict[str, torch.Tensor]:
 
 def test_direct_route_decodes_greedy_rows_equal_to_hf_and_says_its_route(direct):
     actor, _, engine, _, _, messages = direct
-    assert any("weight push route direct" in m for m in messages), messages
+    assert any("weight push route direct (auto: CPU build, one rank" in m for m in messages), (
+        messages
+    )
     from vllm.v1.engine.core_client import InprocClient
 
     assert isinstance(engine.llm.llm_engine.engine_core, InprocClient)  # no engine process
@@ -311,3 +310,54 @@ def test_direct_route_pushes_the_weights_of_each_optimizer_step(direct):
     for name, w in _engine_weights(engine, actor).items():
         assert torch.equal(w, params[name].detach()), name
         assert not torch.equal(w, pushed[name]), f"{name} did not change"
+
+
+def test_direct_push_under_zero3_hands_over_full_parameters_chunk_by_chunk(tmp_path):
+    """ZeRO-3, 2 gloo ranks: the direct route's weights are the full parameters (as the
+    consolidated state dict), each chunk gathered for its hand-over only, and the parameters are
+    partitioned again after it. No vLLM needed: the iterator vLLM consumes is tested."""
+    from test_distributed import spawn
+
+    spawn(_zero3_direct_weights, 2, tmp_path)
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+def _zero3_direct_weights(rank, world, out_dir) -> None:
+    from types import SimpleNamespace
+
+    from remax.config import DeepSpeedConfig, ModelConfig, RemaxJobConfig, TrainConfig
+    from remax.engines import build_actor
+    from remax.models.policy import load_policy
+    from remax.rollout_vllm import VLLMEngine
+
+    model, _ = load_policy(ModelConfig(hidden_size=32, intermediate_size=64), seed=0, device="cpu")
+    cfg = RemaxJobConfig(
+        deepspeed=DeepSpeedConfig(enabled=True, zero_stage=3),
+        train=TrainConfig(batch_size=2 * world, micro_batch_size=2),
+    )
+    actor = build_actor(model, cfg, total_steps=2)
+    full = actor.full_state_dict()  # collective; complete on rank 0
+    opened = []  # chunks gathered, by their parameters' names
+    import deepspeed
+
+    gather = deepspeed.zero.GatheredParameters
+
+    def counting(params, *a, **kw):
+        opened.append(len(params))
+        return gather(params, *a, **kw)
+
+    deepspeed.zero.GatheredParameters = counting
+    try:
+        stub = SimpleNamespace(actor=actor, cfg=RolloutConfig(push_chunk_mib=1))
+        # As vLLM consumes it: each tensor copied while its chunk is gathered.
+        pushed = [(n, t.clone()) for n, t in VLLMEngine._direct_weights(stub)]
+    finally:
+        deepspeed.zero.GatheredParameters = gather
+    names = [n for n, _ in actor.module.named_parameters()]
+    assert [n for n, _ in pushed] == names
+    assert sum(opened) == len(names) and len(opened) >= 1  # each parameter gathered once
+    assert all(p.numel() == 0 for p in actor.module.parameters()), "left gathered"
+    if rank == 0:
+        for name, tensor in pushed:
+            assert torch.equal(tensor, full[name]), name
+    (out_dir / f"rank{rank}.ok").write_text("ok")

@@ -23,7 +23,7 @@ class RolloutEngine(str, enum.Enum):
 class PushRoute(str, enum.Enum):
     """How the ``vllm`` engine receives the actor's weights after each optimizer step."""
 
-    auto = "auto"  # ``remax.rollout_vllm.push_route``: direct on GPUs, file on the CPU build
+    auto = "auto"  # ``remax.rollout_vllm.push_route``: direct, but file on several CPU ranks
     direct = "direct"  # the engine in the rank's own process, parameters loaded in place
     file = "file"  # the engine in its own process, reloaded from a /dev/shm safetensors file
 
@@ -38,7 +38,7 @@ class RolloutConfig:
     sleep: bool = True
     """GPUs only: release vLLM's weights and KV cache (its sleep mode) while the actor trains."""
     push: PushRoute = PushRoute.auto
-    """vllm only: ``auto`` (direct on GPUs, file on the CPU build), ``direct`` or ``file``."""
+    """vllm only: ``auto`` (direct; file on the CPU build with several ranks), ``direct``, ``file``."""
     push_chunk_mib: int = 512
     """vllm, direct route: parameters are gathered (ZeRO-3) and loaded in chunks of this size."""
 
