@@ -157,14 +157,15 @@ def engine_placement(route: PushRoute, device_type: str, environ: Mapping[str, s
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); on CUDA vLLM's external-launcher executor, which puts
     the worker on ``cuda:LOCAL_RANK`` and joins the ranks' process group (one tensor-parallel rank
     per engine). vLLM's default executor would start every rank's engine on ``cuda:0``."""
+    # Set either way: the variable is process-wide, and a stage may build several engines.
+    multiprocess = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if route == PushRoute.file else "0"}
     if device_type != "cuda":
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if route == PushRoute.direct else {}
-        return Placement("cpu", env, {})
+        return Placement("cpu", multiprocess, {})
     local_rank = int(environ.get("LOCAL_RANK", 0))
     if route == PushRoute.file:
-        return Placement(f"cuda:{local_rank}", {}, {})
+        return Placement(f"cuda:{local_rank}", multiprocess, {})
     env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        **multiprocess,
         "RANK": environ.get("RANK", "0"),
         "LOCAL_RANK": str(local_rank),
         "WORLD_SIZE": environ.get("WORLD_SIZE", "1"),

@@ -214,8 +214,10 @@ def test_each_local_rank_places_its_engine_on_its_own_gpu():
         {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         {},
     )
-    # The file route: vLLM's own engine process, nothing to add.
-    assert engine_placement(PushRoute.file, "cpu", {}).env == {}
+    # The file route: vLLM's own engine process (even after a direct engine in this process).
+    for device_type in ("cpu", "cuda"):
+        p = engine_placement(PushRoute.file, device_type, {"LOCAL_RANK": "2"})
+        assert p.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} and p.llm_kwargs == {}
 
 
 def test_push_route_is_direct_but_for_several_ranks_on_the_cpu_build():
