@@ -1,6 +1,9 @@
 """ReMax vs PPO: step time, throughput and memory of the two trainers on the same models.
 
 ``python -m benchmarks.remax_vs_ppo --device cpu --out /tmp/bench`` (CPU, tiny shapes, < 2 min)
+``python -m benchmarks.remax_vs_ppo --engine hf,vllm:file,vllm:direct --sizes small --threads 2``
+(several rollout engines side by side: a ReMax and a PPO trainer per engine, all steps alternated;
+the headline table is the first engine's, the part table has every engine's columns)
 ``python -m benchmarks.remax_vs_ppo --engine vllm --out benchmarks/results`` (rollouts by vLLM,
 ``rollout.engine=vllm``; on the CPU build only head_dim ≥ 32 shapes run, so the default size is
 ``small``; results in ``remax_vs_ppo_vllm.{json,md}``)
@@ -20,6 +23,8 @@ Measured, per arm:
 - step time of ``train_step`` (after one warm-up step each), steps of the two arms alternated so
   drift hits both; median and IQR; samples/s = batch / median; tokens/s = sampled response tokens
   per step / step time (median over steps; ReMax's greedy rows are overhead, not counted);
+- each step's parts (``benchmarks._breakdown.step_breakdown``: decode, weight push, scoring,
+  forward, backward, optimizer, other; they sum to the step time), medians in ``breakdown``;
 - model state, counted exactly per model (actor, reference, reward model, critic): parameter and
   buffer bytes, gradient bytes (= trainable parameter bytes: autograd allocates ``.grad`` in the
   parameter's shape and dtype), optimizer bytes (every tensor in ``optimizer.state``, Adam's two
