@@ -121,10 +121,11 @@ def _configure_cpu(cfg: RolloutConfig, config) -> None:
 
 def push_route(device_type: str, requested: PushRoute = PushRoute.auto, world_size: int = 1):
     """The weight-push route of a ``vllm`` engine on ``device_type`` (``"cuda"`` or ``"cpu"``):
-    ``(route, why)``. ``auto``: ``direct`` on CUDA, and on the CPU build at world size 1, where it
-    measured faster than the file (no file, no second process competing for the cores; its
-    threads unpinned: ``_configure_cpu``); ``file`` on the CPU build with several ranks, where an
-    in-process engine would build a one-rank process group of its own."""
+    ``(route, why)``. ``auto``: ``direct`` on CUDA, and on the CPU build at world size 1, where its
+    push measured 0.14–0.35 s per step against the file's 0.44–1.05 s (two loaded runs of
+    ``benchmarks.remax_vs_ppo``; the whole steps were within noise) and no second process competes
+    for the cores (threads unpinned: ``_configure_cpu``); ``file`` on the CPU build with several
+    ranks, where an in-process engine would build a one-rank process group of its own."""
     if requested == PushRoute.direct and device_type != "cuda" and world_size > 1:
         raise InputError(
             f"rollout.push=direct on the CPU build runs one rank only, this run has {world_size}: "
