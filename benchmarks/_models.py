@@ -117,6 +117,14 @@ def _algo(stage: str, name: str):
     return compose_stage(stage, [f"algo={name}"]).algo
 
 
+def _rollout(args):
+    """``rollout`` of both arms: ``args.engine``, and ``args.push`` (the vllm push route) if set."""
+    from remax.config import PushRoute, RolloutConfig, RolloutEngine
+
+    push = PushRoute(getattr(args, "push", "auto"))
+    return RolloutConfig(engine=RolloutEngine(args.engine), push=push)
+
+
 def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device: str):
     from remax.config import (
         ClusterConfig,
@@ -128,8 +136,6 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         PPOJobConfig,
         RemaxJobConfig,
         RewardSourceConfig,
-        RolloutConfig,
-        RolloutEngine,
         Scheduler,
         TrainConfig,
         WandbMode,
@@ -156,7 +162,7 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         log=LogConfig(wandb_mode=WandbMode.disabled, progress=False),
         cluster=ClusterConfig(device=device),
         reward_model=RewardSourceConfig(path=rm_path),
-        rollout=RolloutConfig(engine=RolloutEngine(args.engine)),
+        rollout=_rollout(args),
         eval_prompts=64,
     )
     remax = RemaxTrainer(RemaxJobConfig(algo=_algo("remax", "remax_official"), **common))

@@ -64,6 +64,22 @@ def _decode_and_ratio(d: dict, ratio: dict) -> list[str]:
     ]
 
 
+def breakdown_rows(engines: dict[str, dict]) -> list[str]:
+    """Median seconds per part of the step (``benchmarks._breakdown``), one column per engine and
+    trainer, side by side: ``engines`` maps an engine name to its ``{"remax": arm, "ppo": arm}``."""
+    cols = [(e, a, res[a]) for e, res in engines.items() for a in ("remax", "ppo") if a in res]
+    cols = [c for c in cols if "breakdown" in c[2]]
+    if not cols:
+        return []
+    head = " | ".join(f"{'ReMax' if a == 'remax' else 'PPO'} {e}" for e, a, _ in cols)
+    lines = [f"| part (median s) | {head} |", "|---|" + "---:|" * len(cols)]
+    for part in cols[0][2]["breakdown"]:
+        cells = " | ".join(f"{arm['breakdown'][part]:.4f}" for _, _, arm in cols)
+        lines.append(f"| {part} | {cells} |")
+    cells = " | ".join(f"{arm['step_s_median']:.4f}" for _, _, arm in cols)
+    return [*lines, f"| **step** | {cells} |"]
+
+
 def _size_section(r: dict) -> list[str]:
     """One size's section: a heading line, or the table and sentences of a size that ran."""
     if r["status"] != "ok":
@@ -74,6 +90,8 @@ def _size_section(r: dict) -> list[str]:
         f"{r.get('rm_size', r['size'])} {params['reward_model'] / 1e6:,.2f}M parameters)",
         "",
         *_metric_rows(r["remax"], r["ppo"]),
+        "",
+        *breakdown_rows(r.get("engines") or {r.get("rollout_engine", "hf"): r}),
         "",
         *_decode_and_ratio(r["decode"], r["ratios"]),
         "",
@@ -104,7 +122,7 @@ def _write(report: dict, out: Path) -> str:
     report["largest_fitting_size"] = ok[-1]["size"] if ok else None
     if ok:  # the headline: the largest size that ran
         report.update({k: ok[-1][k] for k in ("remax", "ppo", "ratios", "decode")})
-    stem = "remax_vs_ppo" + ("_vllm" if report["meta"]["engine"] == "vllm" else "")
+    stem = "remax_vs_ppo" + ("_vllm" if "vllm" in report["meta"]["engine"] else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown(report)
     (out / f"{stem}.md").write_text(table)

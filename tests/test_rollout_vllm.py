@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from remax.config import ConfigError, OptimConfig, RolloutConfig, RolloutEngine
+from remax.config import ConfigError, OptimConfig, PushRoute, RolloutConfig, RolloutEngine
 from remax.config.sampling import SamplingConfig
 from remax.engines import TorchActor
 from remax.models.policy import response_logprobs
@@ -105,9 +105,9 @@ def setup():
         intermediate_size=128,
     )
     actor = TorchActor(tiny_policy(config).eval(), OptimConfig(lr=0.05), total_steps=10)
-    engine = build_rollout_engine(
-        RolloutConfig(engine=RolloutEngine.vllm), actor, tokenizer, max_model_len=64, seed=0
-    )
+    # The file route (the CPU build's with several ranks); the direct one: the ``direct`` fixture.
+    cfg = RolloutConfig(engine=RolloutEngine.vllm, push=PushRoute.file)
+    engine = build_rollout_engine(cfg, actor, tokenizer, max_model_len=64, seed=0)
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     yield actor, tokenizer, engine, HFEngine(actor, tokenizer), batch
     engine.close()
@@ -185,3 +185,181 @@ def test_after_an_optimizer_step_the_engine_decodes_with_the_new_weights(setup):
     after, hf_after = _decode_both(setup, greedy=True)
     _assert_same_rows(after, hf_after)
     assert not torch.equal(after.response, before.response), "the step changed no greedy row"
+
+
+# ----------------------------------------------------------------------------- the direct route
+def test_each_local_rank_places_its_engine_on_its_own_gpu():
+    """CUDA, direct route: rank r's engine on cuda:LOCAL_RANK, in the rank's process, through
+    vLLM's external launcher (its default executor put every rank's engine on cuda:0)."""
+    from remax.rollout_vllm import engine_placement
+
+    for rank, local_rank in ((0, 0), (1, 1), (2, 2), (3, 3), (5, 1)):
+        environ = {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": "8"}
+        p = engine_placement(PushRoute.direct, "cuda", environ)
+        assert p.device == f"cuda:{local_rank}"
+        assert p.env == {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": "8",
+        }
+        assert p.llm_kwargs == {
+            "distributed_executor_backend": "external_launcher",
+            "tensor_parallel_size": 1,
+        }
+    assert engine_placement(PushRoute.direct, "cuda", {}).device == "cuda:0"  # one rank
+    cpu = engine_placement(PushRoute.direct, "cpu", {"LOCAL_RANK": "1"})
+    assert (cpu.device, cpu.env, cpu.llm_kwargs) == (
+        "cpu",
+        {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        {},
+    )
+    # The file route: vLLM's own engine process (even after a direct engine in this process).
+    for device_type in ("cpu", "cuda"):
+        p = engine_placement(PushRoute.file, device_type, {"LOCAL_RANK": "2"})
+        assert p.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} and p.llm_kwargs == {}
+
+
+def test_push_route_is_direct_but_for_several_ranks_on_the_cpu_build():
+    from remax.inputs import InputError
+    from remax.rollout_vllm import push_route
+
+    assert push_route("cuda")[0] == PushRoute.direct
+    assert push_route("cuda", PushRoute.auto, world_size=8)[0] == PushRoute.direct
+    assert push_route("cpu")[0] == PushRoute.direct  # one rank: measured faster than the file
+    assert push_route("cpu", PushRoute.auto, world_size=4)[0] == PushRoute.file
+    assert push_route("cpu", PushRoute.file)[0] == PushRoute.file
+    assert push_route("cuda", PushRoute.file)[0] == PushRoute.file
+    with pytest.raises(InputError) as err:
+        push_route("cpu", PushRoute.direct, world_size=2)
+    assert "rollout.push=direct" in str(err.value) and "2" in str(err.value)
+
+
+def test_param_chunks_keep_order_and_bound_each_chunk():
+    from remax.rollout_vllm import param_chunks
+
+    sizes = [10, 20, 5, 100, 1, 1, 30]  # fp32 elements: 4 bytes each
+    named = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate(sizes)]
+    chunks = param_chunks(named, max_bytes=4 * 35)
+    assert [[n for n, _ in c] for c in chunks] == [
+        ["p0", "p1", "p2"],  # 35 elements: exactly the bound
+        ["p3"],  # larger than the bound: alone
+        ["p4", "p5", "p6"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def direct(setup):
+    """A second engine on the same actor, on the default route of one CPU rank: direct (in this
+    process)."""
+    import logging
+
+    actor, tokenizer, _, hf, batch = setup
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("remax.rollout_vllm").addHandler(handler)
+    logging.getLogger("remax.rollout_vllm").setLevel(logging.INFO)
+    try:
+        cfg = RolloutConfig(engine=RolloutEngine.vllm)  # auto
+        engine = build_rollout_engine(cfg, actor, tokenizer, max_model_len=64, seed=0)
+    finally:
+        logging.getLogger("remax.rollout_vllm").removeHandler(handler)
+    yield actor, tokenizer, engine, hf, batch, [r.getMessage() for r in records]
+    engine.close()
+
+
+def _engine_weights(engine, actor) -> dict[str, torch.Tensor]:
+    """Copies of two (un-fused, un-repacked) weights of the direct engine's model, cut to the
+    actor's shapes (vLLM pads the vocabulary rows of the embedding)."""
+    shapes = {n: p.shape for n, p in actor.module.named_parameters()}
+    keep = ("model.embed_tokens.weight", "model.norm.weight")
+
+    def read(model):
+        params = dict(model.named_parameters())
+        return {n: params[n].detach()[tuple(map(slice, shapes[n]))].clone() for n in keep}
+
+    return engine.llm.llm_engine.collective_rpc("apply_model", args=(read,))[0]
+
+
+def test_direct_route_decodes_greedy_rows_equal_to_hf_and_says_its_route(direct):
+    actor, _, engine, _, _, messages = direct
+    assert any("weight push route direct (auto: CPU build, one rank" in m for m in messages), (
+        messages
+    )
+    from vllm.v1.engine.core_client import InprocClient
+
+    assert isinstance(engine.llm.llm_engine.engine_core, InprocClient)  # no engine process
+    vllm_rollout, hf_rollout = _decode_both(direct[:5], greedy=True)
+    _assert_same_rows(vllm_rollout, hf_rollout)
+    params = dict(actor.module.named_parameters())
+    for name, w in _engine_weights(engine, actor).items():
+        assert torch.equal(w, params[name].detach()), name
+
+
+def test_direct_route_pushes_the_weights_of_each_optimizer_step(direct):
+    actor, tokenizer, engine, _, _, _ = direct
+    pushed = _engine_weights(engine, actor)
+    text = tokenizer(["a b c d e f"] * 2, return_tensors="pt")
+    actor.module.train()
+    actor.backward(actor.module(**text, labels=text.input_ids).loss)
+    actor.step()
+    actor.module.eval()
+    engine.weights_updated()
+    after, hf_after = _decode_both(direct[:5], greedy=True)  # the push happens here
+    _assert_same_rows(after, hf_after)
+    params = dict(actor.module.named_parameters())
+    for name, w in _engine_weights(engine, actor).items():
+        assert torch.equal(w, params[name].detach()), name
+        assert not torch.equal(w, pushed[name]), f"{name} did not change"
+
+
+def test_direct_push_under_zero3_hands_over_full_parameters_chunk_by_chunk(tmp_path):
+    """ZeRO-3, 2 gloo ranks: the direct route's weights are the full parameters (as the
+    consolidated state dict), each chunk gathered for its hand-over only, and the parameters are
+    partitioned again after it. No vLLM needed: the iterator vLLM consumes is tested."""
+    from test_distributed import spawn
+
+    spawn(_zero3_direct_weights, 2, tmp_path)
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+def _zero3_direct_weights(rank, world, out_dir) -> None:
+    from types import SimpleNamespace
+
+    from remax.config import DeepSpeedConfig, ModelConfig, RemaxJobConfig, TrainConfig
+    from remax.engines import build_actor
+    from remax.models.policy import load_policy
+    from remax.rollout_vllm import VLLMEngine
+
+    model, _ = load_policy(ModelConfig(hidden_size=32, intermediate_size=64), seed=0, device="cpu")
+    cfg = RemaxJobConfig(
+        deepspeed=DeepSpeedConfig(enabled=True, zero_stage=3),
+        train=TrainConfig(batch_size=2 * world, micro_batch_size=2),
+    )
+    actor = build_actor(model, cfg, total_steps=2)
+    full = actor.full_state_dict()  # collective; complete on rank 0
+    opened = []  # chunks gathered, by their parameters' names
+    import deepspeed
+
+    gather = deepspeed.zero.GatheredParameters
+
+    def counting(params, *a, **kw):
+        opened.append(len(params))
+        return gather(params, *a, **kw)
+
+    deepspeed.zero.GatheredParameters = counting
+    try:
+        stub = SimpleNamespace(actor=actor, cfg=RolloutConfig(push_chunk_mib=1))
+        # As vLLM consumes it: each tensor copied while its chunk is gathered.
+        pushed = [(n, t.clone()) for n, t in VLLMEngine._direct_weights(stub)]
+    finally:
+        deepspeed.zero.GatheredParameters = gather
+    names = [n for n, _ in actor.module.named_parameters()]
+    assert [n for n, _ in pushed] == names
+    assert sum(opened) == len(names) and len(opened) >= 1  # each parameter gathered once
+    assert all(p.numel() == 0 for p in actor.module.parameters()), "left gathered"
+    if rank == 0:
+        for name, tensor in pushed:
+            assert torch.equal(tensor, full[name]), name
+    (out_dir / f"rank{rank}.ok").write_text("ok")

@@ -120,7 +120,7 @@ def test_stop_and_resume_with_vllm_rollouts_is_bit_identical(tmp_path):
 
 
 def test_ppo_with_vllm_rollouts_runs_and_reports_the_offpolicy_gap(tmp_path):
-    run_job(
+    proc = run_job(
         "jobs.ppo",
         "experiment=smoke",
         "rollout.engine=vllm",
@@ -128,6 +128,9 @@ def test_ppo_with_vllm_rollouts_runs_and_reports_the_offpolicy_gap(tmp_path):
         "train.max_steps=2",
         "log.progress=false",
     )
+    # The run log names the weight-push route: one CPU rank, in-process.
+    route = "rollout.engine=vllm: weight push route direct (auto: CPU build, one rank"
+    assert route in proc.stderr + proc.stdout, proc.stderr[-2000:]
     run_dir = next((tmp_path / "ppo").iterdir())
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]

@@ -50,7 +50,7 @@ from remax.config.model import (
     RewardSourceConfig,
     RewardTemplate,
 )
-from remax.config.rollout import RolloutConfig, RolloutEngine
+from remax.config.rollout import PushRoute, RolloutConfig, RolloutEngine
 from remax.config.run import LogConfig, RunConfig, WandbMode
 from remax.config.stages import (
     PPOJobConfig,
@@ -86,6 +86,7 @@ __all__ = [
     "PPOAlgoConfig",
     "PPOJobConfig",
     "PromptFormat",
+    "PushRoute",
     "ReferenceConfig",
     "RemaxAlgoConfig",
     "RemaxJobConfig",

@@ -20,6 +20,14 @@ class RolloutEngine(str, enum.Enum):
     vllm = "vllm"  # vLLM (``pip install '.[vllm]'`` or ``make vllm``)
 
 
+class PushRoute(str, enum.Enum):
+    """How the ``vllm`` engine receives the actor's weights after each optimizer step."""
+
+    auto = "auto"  # ``remax.rollout_vllm.push_route``: direct, but file on several CPU ranks
+    direct = "direct"  # the engine in the rank's own process, parameters loaded in place
+    file = "file"  # the engine in its own process, reloaded from a /dev/shm safetensors file
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: RolloutEngine = RolloutEngine.hf
@@ -41,6 +49,10 @@ class RolloutConfig:
             self.samples_per_prompt,
             f"the {stage} stage decodes one answer per prompt: use 1 (k > 1: jobs.remax)",
         )
+    push: PushRoute = PushRoute.auto
+    """vllm only: ``auto`` (direct; file on the CPU build with several ranks), ``direct``, ``file``."""
+    push_chunk_mib: int = 512
+    """vllm, direct route: parameters are gathered (ZeRO-3) and loaded in chunks of this size."""
 
     def __post_init__(self) -> None:
         _require(
@@ -50,6 +62,7 @@ class RolloutConfig:
             "use >= 1",
         )
         _require(self.kv_cache_gib > 0, "rollout.kv_cache_gib", self.kv_cache_gib, "use > 0")
+        _require(self.push_chunk_mib > 0, "rollout.push_chunk_mib", self.push_chunk_mib, "use > 0")
         if self.engine == RolloutEngine.vllm:
             _require(
                 importlib.util.find_spec("vllm") is not None,
