@@ -15,10 +15,11 @@ the actor's. ``plan.*`` keys override: ``plan.offload`` (the release's ``--offlo
 --offload_reference_model --offload_reward_model``), ``plan.micro_batch`` (rows per micro-batch and
 per generation), ``plan.prompt_len``, ``plan.response_len``, ``plan.actor_zero``,
 ``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``,
-``plan.push`` (``file`` or ``in_process``: how ``rollout.engine=vllm`` receives the weights; default
-``in_process`` on CUDA, ``file`` on CPU: ``cluster.device``, or for ``auto`` whether the cluster
-has GPUs), ``plan.node_memory_gib`` (default ``cluster.mem_gb``, or ``cluster.node_mem_gb`` when
-that is 0 or unset). A ``file`` push that cannot fit in the node's memory is refused.
+``plan.node_memory_gib`` (default ``cluster.mem_gb``, or ``cluster.node_mem_gb`` when that is 0 or
+unset). ``rollout.engine=vllm`` is planned with the weight-push route the run takes
+(``rollout.push``, ``remax.rollout_vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
+on several CPU ranks; CUDA is ``cluster.device``, or for ``auto`` whether the cluster has GPUs). A
+``file`` push that cannot fit in the node's memory is refused.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
 ``data.max_seq_len``) in the same placement.
 
@@ -64,7 +65,6 @@ class PlanOptions:
     frozen_zero: int | None = None
     reward_model: str | None = None
     gpu_memory_gib: float = 80.0
-    push: str | None = None
     node_memory_gib: float | None = None
 
 
@@ -77,7 +77,6 @@ KEY_TYPES = {
     "frozen_zero": int,
     "reward_model": str,
     "gpu_memory_gib": float,
-    "push": str,
     "node_memory_gib": float,
 }
 
@@ -100,9 +99,6 @@ def parse(argv: list[str]) -> tuple[list[str], PlanOptions]:
         except ValueError:
             fail(f"invalid {key}={value!r}: expected a {kind.__name__}")
         setattr(opts, name, parsed)
-    routes = [r.value for r in planner.PushRoute]
-    if opts.push is not None and opts.push not in routes:
-        fail(f"invalid plan.push={opts.push!r}: use one of {', '.join(routes)}")
     return stage_args, opts
 
 
@@ -255,23 +251,27 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
 
 def _vllm(config, opts: PlanOptions) -> dict:
     """``rollout.engine=vllm``: vLLM's weights and KV-cache budget replace HF generate's, and
-    its weight push may hold a buffer per node (``remax.plan.PushRoute``)."""
+    its weight push may hold a buffer per node (the route the run takes: ``push_route``)."""
     rollout, cluster = config.rollout, config.cluster
     if rollout.engine != RolloutEngine.vllm:
         return {}
     return {
         "vllm_kv_cache_gib": rollout.kv_cache_gib,
         "vllm_sleep": rollout.sleep,
-        "vllm_push": planner.PushRoute(opts.push or push_route(cluster)),
+        "vllm_push": push_route(config),
         "ranks_per_node": cluster.tasks_per_node,
         "node_memory_gib": opts.node_memory_gib or node_memory_gib(cluster),
     }
 
 
-def push_route(cluster) -> str:
-    """``in_process`` on CUDA, ``file`` on CPU (``device=auto``: CUDA when the cluster has GPUs)."""
+def push_route(config):
+    """The run's weight-push route (``rollout.push`` on this cluster's device and ranks; the device
+    is CUDA for ``cluster.device=cuda``, and for ``auto`` when the cluster has GPUs)."""
+    from remax.rollout_vllm import push_route as route_of  # torch: only for vLLM plans
+
+    cluster = config.cluster
     cuda = cluster.device == "cuda" or (cluster.device == "auto" and cluster.gpus_per_node > 0)
-    return (planner.PushRoute.IN_PROCESS if cuda else planner.PushRoute.FILE).value
+    return route_of("cuda" if cuda else "cpu", config.rollout.push, cluster.ranks)[0]
 
 
 def node_memory_gib(cluster) -> float | None:
@@ -286,11 +286,11 @@ def push_refusal(result: planner.Plan) -> str | None:
         return None
     inp = result.inp
     return (
-        f"rollout.engine=vllm pushes weights through /dev/shm (plan.push=file): "
+        f"rollout.engine=vllm pushes weights through /dev/shm (the file route): "
         f"{inp.ranks_per_node} rank(s) × 2 × the actor's weights = "
         f"{result.node_push_bytes / planner.GIB:.1f} GiB per node at each push, over the node's "
-        f"{inp.node_memory_gib:g} GiB: run on CUDA (the in-process push needs no file), lower "
-        "cluster.tasks_per_node, raise cluster.mem_gb, or use rollout.engine=hf"
+        f"{inp.node_memory_gib:g} GiB: run on CUDA or one rank per node (the direct push needs no "
+        "file), lower cluster.tasks_per_node, raise cluster.mem_gb, or use rollout.engine=hf"
     )
 
 

@@ -69,8 +69,9 @@ vLLM's instead of HF ``generate``'s: its own copy of the actor's weights (N·d) 
 (``rollout.kv_cache_gib``), plus, at ZeRO-3, the whole actor gathered once for the weight push (N·d). With sleep mode
 (``rollout.sleep``, GPUs) both are released while the actor trains, so they are a generation
 transient; without it they are resident. The weights reach the engine by one of two routes
-(``PushRoute``): ``in_process`` (CUDA: parameter by parameter from the actor into the engine, no
-extra buffer beyond the ZeRO-3 gather above) or ``file`` (the CPU build, ``remax.rollout_vllm``:
+(``rollout.push``, ``remax.rollout_vllm.push_route``): ``direct`` (CUDA, and one CPU rank: parameter by
+parameter from the actor into the engine, no extra buffer beyond the ZeRO-3 gather above) or ``file``
+(the CPU build with several ranks, ``remax.rollout_vllm``:
 each rank copies its full state dict to the CPU, N·d, and writes it as one safetensors file in
 ``/dev/shm``, N·d more, which stays there between steps). The file route puts nothing on the GPU;
 per node it holds ``ranks_per_node`` × 2·N·d at each push (tmpfs counts against Slurm's memory
@@ -87,6 +88,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
+
+from remax.config.rollout import PushRoute
 
 GIB = 1024**3
 
@@ -109,13 +112,6 @@ DEFAULT_OVERHEAD_GIB = 3.0
 RESIDENT = "resident"
 GENERATION = "generation"
 EXPERIENCE = "experience"
-
-
-class PushRoute(str, Enum):
-    """How a vLLM engine receives the actor's weights after each optimizer step."""
-
-    FILE = "file"  # CPU build: a safetensors file in /dev/shm per rank, reloaded by the engine
-    IN_PROCESS = "in_process"  # CUDA: parameters straight into the engine, no file
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -392,8 +388,8 @@ class PlanInput:
     """``rollout.engine=vllm``: vLLM's KV-cache budget per GPU; None: HF ``generate`` decodes."""
     vllm_sleep: bool = True
     """``rollout.sleep``: vLLM releases its memory while the actor trains."""
-    vllm_push: PushRoute = PushRoute.IN_PROCESS
-    """How the weights reach vLLM: ``file`` on CPU devices, ``in_process`` on CUDA."""
+    vllm_push: PushRoute = PushRoute.direct
+    """How the weights reach vLLM (``remax.rollout_vllm.push_route``): ``direct`` or ``file``."""
     ranks_per_node: int = 1
     """Processes (one engine each) sharing a node's memory: the file route's push buffer × this."""
     node_memory_gib: float | None = None
@@ -614,9 +610,9 @@ class Plan:
     @property
     def node_push_bytes(self) -> int:
         """CPU memory of one node at a vLLM weight push: the file route's safetensors file and the
-        state-dict copy written into it, 2·N·d per rank; 0 for the in-process route (or no vLLM)."""
+        state-dict copy written into it, 2·N·d per rank; 0 for the direct route (or no vLLM)."""
         inp = self.inp
-        if inp.vllm_kv_cache_gib is None or inp.vllm_push != PushRoute.FILE:
+        if inp.vllm_kv_cache_gib is None or inp.vllm_push != PushRoute.file:
             return 0
         actor = next((m for m in inp.models if m.role == "actor"), None)
         if actor is None:
@@ -632,8 +628,8 @@ class Plan:
     def node_push_line(self) -> str:
         """One line: the vLLM push route and what it holds per node."""
         inp = self.inp
-        if inp.vllm_push == PushRoute.IN_PROCESS:
-            return "vLLM weight push: in_process (parameters straight into the engine, no file)"
+        if inp.vllm_push == PushRoute.direct:
+            return "vLLM weight push: direct (parameters straight into the engine, no file)"
         limit = "unknown" if inp.node_memory_gib is None else f"{inp.node_memory_gib:g} GiB"
         return (
             f"vLLM weight push: file (/dev/shm), {inp.ranks_per_node} rank(s) × 2·N·d = "

@@ -512,7 +512,7 @@ def test_vllm_engine_counts_its_weights_and_kv_per_gpu_and_the_file_push_per_nod
     actor = ModelPlacement(role="actor", shape=shape, trainable=True, zero_stage=2)
     common = dict(models=(actor,), world_size=4, prompt_len=3, response_len=5)
     engine = dict(vllm_kv_cache_gib=0.5, ranks_per_node=4, node_memory_gib=1.0)
-    cuda = plan(PlanInput(**common, **engine))  # in_process: the default route
+    cuda = plan(PlanInput(**common, **engine))  # direct: the default route
     cpu = plan(PlanInput(**common, **engine, vllm_push="file"))
     for p in (cuda, cpu):  # per GPU: the engine's bf16 copy of the weights + its KV budget
         assert p.bytes_of(part=Part.VLLM_WEIGHTS) == 86_848 * 2 == 173_696
@@ -522,9 +522,9 @@ def test_vllm_engine_counts_its_weights_and_kv_per_gpu_and_the_file_push_per_nod
         rows = p.breakdown()
         assert rows["actor"]["total"] * GIB + p.overhead_bytes == pytest.approx(p.total_bytes)
     # per node: the file route holds, per rank, the CPU state-dict copy and the /dev/shm file
-    assert cpu.inp.vllm_push is PushRoute.FILE
+    assert cpu.inp.vllm_push is PushRoute.file
     assert cpu.node_push_bytes == 4 * 2 * 173_696 and cpu.node_push_fits
-    assert cuda.node_push_bytes == 0 and "in_process" in cuda.table()
+    assert cuda.node_push_bytes == 0 and "direct" in cuda.table()
     assert cpu.total_bytes == cuda.total_bytes  # the file route puts nothing more on the GPU
     assert plan(PlanInput(**common, vllm_push="file")).node_push_bytes == 0  # hf decodes
 
@@ -533,11 +533,11 @@ def test_a_file_push_that_cannot_fit_the_node_is_flagged():
     """Llama-2-7B in bf16, 4 ranks: 4 × 2 × 6,738,415,616 × 2 B = 107.8 GB = 100.4 GiB per push."""
     models = remax_models(LLAMA, LLAMA)
     inp = PlanInput(models=models, world_size=4, vllm_kv_cache_gib=8.0, ranks_per_node=4)
-    file = replace(inp, vllm_push=PushRoute.FILE)
+    file = replace(inp, vllm_push=PushRoute.file)
     assert plan(file).node_push_bytes == 4 * 2 * 6_738_415_616 * 2
     assert plan(file).node_push_fits  # node memory unknown: not checked
     assert plan(replace(file, node_memory_gib=101.0)).node_push_fits
     assert not plan(replace(file, node_memory_gib=100.0)).node_push_fits
-    assert plan(replace(inp, node_memory_gib=1.0)).node_push_fits  # in_process: no buffer
+    assert plan(replace(inp, node_memory_gib=1.0)).node_push_fits  # direct: no buffer
     with pytest.raises(ValueError, match="ranks_per_node"):
         replace(inp, ranks_per_node=0)

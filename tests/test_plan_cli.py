@@ -107,13 +107,13 @@ def vllm_importable(monkeypatch):
 VLLM_7B = [*A800, "algo=remax_official", "rollout.engine=vllm", "rollout.kv_cache_gib=8"]
 
 
-def test_vllm_on_the_a800_preset_plans_the_in_process_push(vllm_importable, capsys):
+def test_vllm_on_the_a800_preset_plans_the_direct_push(vllm_importable, capsys):
     from jobs import plan as cli
 
     result = cli.main(VLLM_7B)
     out = capsys.readouterr().out
-    assert result.inp.vllm_push.value == "in_process" and result.node_push_bytes == 0
-    assert "vLLM weight push: in_process" in out and out.strip().endswith("verdict: fits")
+    assert result.inp.vllm_push.value == "direct" and result.node_push_bytes == 0
+    assert "vLLM weight push: direct" in out and out.strip().endswith("verdict: fits")
     # the engine's bf16 weights (6,738,415,616 × 2 B) and its 8 GiB budget, per GPU
     assert result.bytes_of(role="actor", part=cli.planner.Part.VLLM_WEIGHTS) == 13_476_831_232
 
@@ -123,18 +123,22 @@ def test_a_file_push_over_the_node_memory_is_refused_in_one_line(vllm_importable
 
     # 4 ranks × 2 × 13.48 GB = 100.4 GiB at each push, over a 64 GiB node
     with pytest.raises(SystemExit) as exc:
-        cli.main([*VLLM_7B, "plan.push=file", "cluster.mem_gb=64"])
+        cli.main([*VLLM_7B, "rollout.push=file", "cluster.mem_gb=64"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert "100.4 GiB per node" in err and "64 GiB" in err and "rollout.engine=hf" in err
     # the same push on a 500 GiB node (the preset's node_mem_gb) plans
-    assert cli.main([*VLLM_7B, "plan.push=file"]).node_push_fits
-    # a CPU cluster (file route by default; 1 rank: 25.1 GiB) is refused at submission too
-    config = cli._compose("remax", [*VLLM_7B, "cluster=local", "cluster.node_mem_gb=16"])
-    assert cli.push_route(config.cluster) == "file" and not config.cluster.gpus
-    assert "25.1 GiB per node" in cli.check_fits("remax", config)
+    assert cli.main([*VLLM_7B, "rollout.push=file"]).node_push_fits
+    # a CPU cluster with 2 ranks (auto: the file route, 2 × 25.1 GiB) is refused at submission too
+    cpu = [*VLLM_7B, "cluster=local", "cluster.node_mem_gb=16"]
+    config = cli._compose("remax", [*cpu, "cluster.tasks_per_node=2"])
+    assert cli.push_route(config) == "file" and not config.cluster.gpus
+    assert "50.2 GiB per node" in cli.check_fits("remax", config)
+    # one CPU rank: auto takes the direct route, which holds no file
+    one = cli._compose("remax", cpu)
+    assert cli.push_route(one) == "direct" and cli.check_fits("remax", one) is None
 
 
 def test_unknown_push_route_fails_in_one_line():
-    out = run_job("jobs.plan", *A800, "plan.push=shm", check=False)
-    assert out.returncode == 2 and "file, in_process" in out.stderr
+    out = run_job("jobs.plan", *A800, "rollout.push=shm", check=False)
+    assert out.returncode == 2 and "rollout.push" in out.stderr and "shm" in out.stderr

@@ -40,6 +40,10 @@ class RolloutConfig:
     samples_per_prompt: int = 1
     """k sampled responses per prompt: the group RLOO and GRPO compare (``algo.baseline``), or k
     samples sharing one greedy baseline (ReMax). The PPO and evaluate stages decode one."""
+    push: PushRoute = PushRoute.auto
+    """vllm only: ``auto`` (direct; file on the CPU build with several ranks), ``direct``, ``file``."""
+    push_chunk_mib: int = 512
+    """vllm, direct route: parameters are gathered (ZeRO-3) and loaded in chunks of this size."""
 
     def require_one_sample(self, stage: str) -> None:
         """Refuses k > 1 in a stage that decodes one answer per prompt (PPO, evaluation)."""
@@ -49,10 +53,6 @@ class RolloutConfig:
             self.samples_per_prompt,
             f"the {stage} stage decodes one answer per prompt: use 1 (k > 1: jobs.remax)",
         )
-    push: PushRoute = PushRoute.auto
-    """vllm only: ``auto`` (direct; file on the CPU build with several ranks), ``direct``, ``file``."""
-    push_chunk_mib: int = 512
-    """vllm, direct route: parameters are gathered (ZeRO-3) and loaded in chunks of this size."""
 
     def __post_init__(self) -> None:
         _require(
