@@ -140,6 +140,25 @@ def push_route(device_type: str, requested: PushRoute = PushRoute.auto, world_si
     return PushRoute.file, f"auto: CPU build, {world_size} ranks, the engine in its own process"
 
 
+def gpu_memory_utilization(free: int, total: int) -> float:
+    """vLLM's ``gpu_memory_utilization`` for an engine colocated with the trainer's models.
+
+    vLLM refuses to start unless ``total × utilization`` bytes are free (``request_memory``), 0.9
+    by default: with the actor, reference and RM already on the GPU it would never start. The KV
+    cache is sized by ``kv_cache_memory_bytes`` instead, so the utilization only has to admit what
+    is free now: 95 % of it (the rest for the allocator's slack), as a share of the device.
+    """
+    return max(0.01, min(0.9, 0.95 * free / total))
+
+
+def _gpu_budget(kv_cache_gib: float, device: str) -> dict:
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return {
+        "kv_cache_memory_bytes": int(kv_cache_gib * GIB),
+        "gpu_memory_utilization": gpu_memory_utilization(free, total),
+    }
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where one rank's engine runs: its device, the environment vLLM reads when it starts, and
@@ -228,7 +247,7 @@ class VLLMEngine:
     def _start(self, config, max_model_len: int, seed: int, placement: Placement):
         from vllm import LLM  # the optional extra: imported only when chosen
 
-        extra = {"kv_cache_memory_bytes": int(self.cfg.kv_cache_gib * GIB)} if self.on_gpu else {}
+        extra = _gpu_budget(self.cfg.kv_cache_gib, placement.device) if self.on_gpu else {}
         # In-process on the CPU build vLLM's worker replaces torch.set_num_threads for the whole
         # process and may change the thread count: give the trainer both back.
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()

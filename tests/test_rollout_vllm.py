@@ -188,6 +188,19 @@ def test_after_an_optimizer_step_the_engine_decodes_with_the_new_weights(setup):
 
 
 # ----------------------------------------------------------------------------- the direct route
+def test_a_colocated_engine_asks_vllm_for_no_more_than_is_free():
+    """vLLM starts only if total × gpu_memory_utilization is free (0.9 by default): beside the
+    trainer's models on an 80 GiB GPU with 30 GiB free, it must ask for at most those 30."""
+    from remax.rollout_vllm import gpu_memory_utilization
+
+    total = 80 * 2**30
+    for free in (30 * 2**30, 79 * 2**30, 2**30):
+        share = gpu_memory_utilization(free, total)
+        assert total * share <= free and share <= 0.9
+    assert gpu_memory_utilization(30 * 2**30, total) == pytest.approx(0.95 * 30 / 80)
+    assert gpu_memory_utilization(80 * 2**30, total) == 0.9  # vLLM's default, never above
+
+
 def test_each_local_rank_places_its_engine_on_its_own_gpu():
     """CUDA, direct route: rank r's engine on cuda:LOCAL_RANK, in the rank's process, through
     vLLM's external launcher (its default executor put every rank's engine on cuda:0)."""
