@@ -47,11 +47,8 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m jobs.pipeline run.root=runs/demo
 
 ## test: the whole test suite (CPU, offline; Slurm tests need scripts/local_slurm.sh up)
-# Two pytest-xdist workers: the Slurm tests (one unit, one worker: tests/conftest.py) mostly wait on
-# the cluster while the other worker runs the CPU suite. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=30
+	$(BIN)/python -m pytest --durations=30
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -96,36 +96,3 @@ def family_checkpoint(tmp_path_factory):
         return saved[name]
 
     return get
-
-
-def _slurm_module(nodeid: str) -> bool:
-    return "slurm" in nodeid.split("::")[0].rsplit("/", 1)[-1]
-
-
-@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without it, never called
-def pytest_xdist_make_scheduler(config, log):
-    """``make test`` runs two pytest-xdist workers; every Slurm test runs in one of them, in file order.
-
-    The Slurm tests share one cluster whose nodes they take down and bring back, and one module's
-    2×2 reference run, so they must not run beside each other. They mostly wait (scheduling, signal
-    windows, real time limits), so the other worker runs the CPU suite meanwhile. xdist hands out
-    the largest unit first, so they start at once. (xdist's own ``--dist loadgroup`` does not group
-    under pytest 9.2, whose node ids it can no longer rewrite.) The controller sees node ids only:
-    a Slurm test's module has "slurm" in its name, which ``pytest_collection_modifyitems`` checks.
-    """
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SlurmTestsInOneWorker(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "slurm" if _slurm_module(nodeid) else nodeid
-
-    return SlurmTestsInOneWorker(config, log)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("slurm") and not _slurm_module(item.nodeid):
-            raise pytest.UsageError(
-                f"{item.nodeid} is marked slurm but its module's name lacks 'slurm': rename it "
-                "so that make test's workers run it with the other Slurm tests (conftest.py)"
-            )
