@@ -60,8 +60,8 @@ def _sacct(job: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.stdout.splitlines()]
 
 
-# Waits are generous: under `make test` the CPU suite runs beside the Slurm tests (two xdist workers
-# on two cores), so a job's steps may take several times their idle time; a hang still fails.
+# Waits are generous: on a loaded 2-core machine a job's steps take several times their idle time
+# (measured up to 5× with a second test run beside them); a hang still fails, only later.
 def _wait_done(job: str, timeout: float = 900) -> list[tuple[str, str]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
