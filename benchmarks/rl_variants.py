@@ -10,15 +10,17 @@ each through its job's own composition (``jobs.remax algo=remax_official|rloo|gr
 every other setting is the preset's). Per algorithm and seed, in one process, one after another:
 
 - train ``--steps`` steps; each ``train_step`` is timed alone (the evaluations are not);
-- every ``--eval-every`` steps (and at step 0) the held-out gold score of the synthetic task
+- every ``--eval-every`` × prompts sampled answers (every ``--eval-every``/k steps: the same sample
+  counts for every algorithm; and at step 0) the held-out gold score of the synthetic task
   (``trainer.evaluate()``: the stage's own evaluation, the demo's 128 held-out prompts by default);
 - model state (parameters, buffers, gradients, optimizer state of every model, counted exactly as
   ``benchmarks.remax_vs_ppo`` counts them), decoded tokens per step (every decoded row: ReMax's
   greedy rows count, they are decode work) and samples per step (sampled answers: prompts × k).
 
 Then, over the seeds: gold mean ± standard error (of the per-seed means) at each evaluation, and at
-equal samples and at equal wall time: each seed's curve interpolated linearly at the smallest final
-sample count (wall time) among the algorithms. Results: ``rl_variants[_<device>].json`` and ``.md``,
+equal samples and at equal wall time: at the smallest final sample count (wall time) among the
+algorithms. Equal samples fall on an evaluation of every algorithm when ``--steps`` is a multiple
+of ``--eval-every``; wall time is interpolated linearly between a seed's evaluations. Results: ``rl_variants[_<device>].json`` and ``.md``,
 and ``.png`` (gold against samples and against wall time).
 """
 
@@ -107,6 +109,11 @@ def run_one(name: str, seed: int, args, sft: Path, rm: Path) -> dict:
     trainer = build(name, seed, args, sft, rm)
     prompts = trainer.cfg.train.batch_size
     k = getattr(trainer.cfg.rollout, "samples_per_prompt", 1)
+    if args.eval_every % k:
+        raise SystemExit(
+            f"error: --eval-every={args.eval_every} must be a multiple of k={k} ({name})"
+        )
+    every = args.eval_every // k  # the same sample counts for every k: equal samples read exactly
     curve = [{"step": 0, "samples": 0, "wall_s": 0.0, "gold": _gold(trainer)}]
     times, decoded, wall = [], [], 0.0
     for step in range(1, args.steps + 1):
@@ -118,7 +125,7 @@ def run_one(name: str, seed: int, args, sft: Path, rm: Path) -> dict:
         trainer.step += 1
         wall += times[-1]
         decoded.append(_decoded_tokens(metrics, prompts * k, prompts))
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % every == 0 or step == args.steps:
             gold = _gold(trainer)
             curve.append(
                 {"step": step, "samples": step * prompts * k, "wall_s": wall, "gold": gold}
@@ -244,7 +251,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--algos", default=",".join(ALGOS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=100, help="the demo's default")
-    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument(
+        "--eval-every", type=int, default=20, help="steps at k = 1 (a multiple of every k)"
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -303,7 +303,10 @@ def check_fits(stage: str, config) -> str | None:
     if config.model.name not in PRESETS and shape_from_path(config.model.path) is None:
         return None
     opts = PlanOptions()
-    result = planner.plan(plan_input(stage, config, opts))
+    try:
+        result = planner.plan(plan_input(stage, config, opts))
+    except ValueError as exc:  # e.g. a push route this cluster cannot take: one line
+        return str(exc)
     refusal = push_refusal(result)  # a CPU cluster's file push too: it needs no GPU
     if refusal or result.fits or not gpus:
         return refusal

@@ -131,6 +131,11 @@ def push_route(device_type: str, requested: PushRoute = PushRoute.auto, world_si
             f"rollout.push=direct on the CPU build runs one rank only, this run has {world_size}: "
             "use rollout.push=auto (file) or one rank"
         )
+    if requested == PushRoute.file and device_type == "cuda" and world_size > 1:
+        raise InputError(  # vLLM's engine processes would all start on cuda:0
+            f"rollout.push=file on CUDA runs one rank only, this run has {world_size}: "
+            "use rollout.push=auto (direct)"
+        )
     if requested != PushRoute.auto:
         return requested, f"rollout.push={requested.value}"
     if device_type == "cuda":

@@ -246,6 +246,8 @@ def test_push_route_is_direct_but_for_several_ranks_on_the_cpu_build():
     with pytest.raises(InputError) as err:
         push_route("cpu", PushRoute.direct, world_size=2)
     assert "rollout.push=direct" in str(err.value) and "2" in str(err.value)
+    with pytest.raises(InputError, match="rollout.push=file on CUDA"):  # engines all on cuda:0
+        push_route("cuda", PushRoute.file, world_size=4)
 
 
 def test_param_chunks_keep_order_and_bound_each_chunk():
