@@ -154,7 +154,7 @@ def _interp(curve: list[dict], key: str, x: float) -> float:
 
 def mean_se(values: list[float]) -> dict:
     n = len(values)
-    se = statistics.stdev(values) / n**0.5 if n > 1 else float("nan")
+    se = statistics.stdev(values) / n**0.5 if n > 1 else None  # one seed: no spread (JSON null)
     return {"mean": statistics.mean(values), "se": se, "n": n}
 
 
@@ -194,7 +194,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def _pm(g: dict) -> str:
-    return f"{g['mean']:.3f} ± {g['se']:.3f}"
+    return f"{g['mean']:.3f}" + ("" if g["se"] is None else f" ± {g['se']:.3f}")
 
 
 def markdown(report: dict) -> str:
@@ -231,7 +231,7 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, a in summary["algos"].items():
         gold = [p["gold"]["mean"] for p in a["curve"]]
-        se = [p["gold"]["se"] for p in a["curve"]]
+        se = [p["gold"]["se"] or 0.0 for p in a["curve"]]
         for ax, key in zip(axes, ("samples", "wall_s")):
             xs = [p[key] for p in a["curve"]]
             ax.errorbar(xs, gold, yerr=se, label=name, capsize=2)

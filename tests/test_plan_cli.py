@@ -121,14 +121,19 @@ def test_vllm_on_the_a800_preset_plans_the_direct_push(vllm_importable, capsys):
 def test_a_file_push_over_the_node_memory_is_refused_in_one_line(vllm_importable, capsys):
     from jobs import plan as cli
 
-    # 4 ranks × 2 × 13.48 GB = 100.4 GiB at each push, over a 64 GiB node
+    # 4 CPU ranks (auto: the file route) × 2 × 13.48 GB = 100.4 GiB at each push, over a 64 GiB node
+    four = [*VLLM_7B, "cluster=local", "cluster.tasks_per_node=4"]
     with pytest.raises(SystemExit) as exc:
-        cli.main([*VLLM_7B, "rollout.push=file", "cluster.mem_gb=64"])
+        cli.main([*four, "cluster.mem_gb=64"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert "100.4 GiB per node" in err and "64 GiB" in err and "rollout.engine=hf" in err
-    # the same push on a 500 GiB node (the preset's node_mem_gb) plans
-    assert cli.main([*VLLM_7B, "rollout.push=file"]).node_push_fits
+    # the same push on a 500 GiB node plans
+    assert cli.main([*four, "cluster.mem_gb=500"]).node_push_fits
+    # on CUDA the file route runs one rank only (vLLM's engine processes would share cuda:0)
+    with pytest.raises(SystemExit):
+        cli.main([*VLLM_7B, "rollout.push=file"])
+    assert "rollout.push=file on CUDA" in capsys.readouterr().err
     # a CPU cluster with 2 ranks (auto: the file route, 2 × 25.1 GiB) is refused at submission too
     cpu = [*VLLM_7B, "cluster=local", "cluster.node_mem_gb=16"]
     config = cli._compose("remax", [*cpu, "cluster.tasks_per_node=2"])
