@@ -112,24 +112,6 @@ def _prefix_mask(response_mask: torch.Tensor, batch: int) -> torch.Tensor:
     return mask
 
 
-def _reward_difference(
-    rewards: torch.Tensor,
-    baseline_rewards: torch.Tensor,
-    reward_clip: float | None,
-    clip_target: ClipTarget,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Returns d = r − r_greedy with the configured clipping, (B,), detached."""
-    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
-    r = rewards.detach().to(dtype)
-    b = baseline_rewards.detach().to(dtype)
-    if reward_clip is None:
-        return r - b
-    if clip_target is ClipTarget.advantage:
-        return (r - b).clamp(-reward_clip, reward_clip)  # the release: subtract, then clip
-    return r.clamp(-reward_clip, reward_clip) - b.clamp(-reward_clip, reward_clip)
-
-
 def _discounted_reverse_cumsum(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """G[:, i] = Σ_{j≥i} γ^(j−i) x[:, j] for (B, T) ``x``.
 
@@ -194,7 +176,9 @@ def remax_advantages(
         raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip} (release: 5.0)")
     _check_rewards(rewards, baseline_rewards)
     dtype = _float_dtype(rewards, baseline_rewards, kl)
-    d = _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype)  # (B,)
+    d = _remax_margins(
+        rewards, baseline_rewards, reward_clip, clip_target, dtype
+    ).advantages  # (B,)
     shaping = dict(kl_coef=kl_coef, gamma=gamma, kl_mode=kl_mode)
     return token_returns(
         d, response_mask, kl=kl, discount_convention=discount_convention, **shaping
@@ -379,10 +363,11 @@ def sequence_advantages(
         :class:`SequenceAdvantages` of detached (B·k,) tensors in the rewards' dtype.
     """
     fn = lookup(BASELINES, as_enum(Baseline, baseline, name="baseline"))
+    clip_target = as_enum(ClipTarget, clip_target, name="clip_target")
     raw = fn(rewards=rewards, k=k, greedy_rewards=greedy_rewards, std_norm=std_norm)
     if reward_clip is None:
         return SequenceAdvantages(raw, raw)
-    if as_enum(ClipTarget, clip_target, name="clip_target") is ClipTarget.advantage:
+    if clip_target is ClipTarget.advantage:
         return SequenceAdvantages(raw.clamp(-reward_clip, reward_clip), raw)
     clip = lambda r: None if r is None else r.detach().clamp(-reward_clip, reward_clip)  # noqa: E731
     clipped = fn(rewards=clip(rewards), k=k, greedy_rewards=clip(greedy_rewards), std_norm=std_norm)
@@ -424,10 +409,11 @@ class RemaxStats(NamedTuple):
 
 
 def _remax_margins(rewards, baseline_rewards, reward_clip, clip_target, dtype):
-    """ReMax's (B,) d = r − r_greedy after and before the clip, as :class:`SequenceAdvantages`."""
-    return SequenceAdvantages(
-        _reward_difference(rewards, baseline_rewards, reward_clip, clip_target, dtype),
-        _reward_difference(rewards, baseline_rewards, None, clip_target, dtype),
+    """ReMax's (B,) d = r − r_greedy after and before the clip, in ``dtype``: the greedy baseline
+    of :func:`sequence_advantages` at k = 1 (one place for the clip conventions)."""
+    r, b = rewards.detach().to(dtype), baseline_rewards.detach().to(dtype)
+    return sequence_advantages(
+        r, b, k=1, baseline=Baseline.greedy, reward_clip=reward_clip, clip_target=clip_target
     )
 
 
