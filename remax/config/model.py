@@ -3,9 +3,41 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from remax.config.base import DType, _require
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters (``model.lora``), on the PEFT library; applied after the model loads."""
+
+    rank: int = 0
+    """Adapter rank r; 0: no adapters, the whole model trains (the default)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / rank) · B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0 keeps a step deterministic given its RNG state)."""
+    target_modules: list[str] | None = None
+    """Module names that get adapters; None: the architecture's default (every attention and
+    MLP projection of Llama/Mistral, the attention and MLP linears of OPT)."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "model.lora.rank", self.rank, "use 0 (off) or a positive rank")
+        _require(self.alpha > 0, "model.lora.alpha", self.alpha, "use a positive scale")
+        _require(
+            0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "use a value in [0, 1)"
+        )
+        _require(
+            self.target_modules is None or len(self.target_modules) > 0,
+            "model.lora.target_modules",
+            self.target_modules,
+            "name at least one module, or leave it unset for the architecture's default",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
 
 
 @dataclass(kw_only=True)
@@ -29,6 +61,8 @@ class ModelConfig:
     """Parameter and compute dtype. bf16 on GPUs; fp16 is not offered (refused by DeepSpeed on CPU)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward (the release turns it on for every trained model)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters; ``model.lora.rank=0`` (the default) trains every weight."""
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
