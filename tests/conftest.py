@@ -108,24 +108,78 @@ def run_job(
 
 
 def _forked(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    import multiprocessing
-    import tempfile
+    import shutil
 
-    with tempfile.TemporaryDirectory(prefix="remax-job-") as tmp:
-        out, err = Path(tmp, "out"), Path(tmp, "err")
-        ctx = multiprocessing.get_context(start_method())
-        child = ctx.Process(
-            target=_run_module, args=(args[2], args[3:], env, str(out), str(err), _base_path())
-        )
-        child.start()
-        child.join(timeout)
-        if child.is_alive():
-            child.kill()
-            child.join()
-            raise subprocess.TimeoutExpired(args, timeout, out.read_text(), err.read_text())
-        return subprocess.CompletedProcess(
-            args, child.exitcode, out.read_text(errors="replace"), err.read_text(errors="replace")
-        )
+    job = StartedJob(args, env)
+    try:
+        if not job.wait(timeout):
+            job.kill()
+            raise subprocess.TimeoutExpired(args, timeout, job.stdout(), job.stderr())
+        return subprocess.CompletedProcess(args, job.returncode, job.stdout(), job.stderr())
+    finally:
+        shutil.rmtree(job._dir, ignore_errors=True)  # noqa: SLF001
+
+
+def start_job(module: str, *overrides: str, env: dict | None = None) -> StartedJob:
+    """``run_job`` without waiting: a handle to poll, signal (``kill -9``) and wait on."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    return StartedJob([sys.executable, "-m", module, *overrides], full_env)
+
+
+class StartedJob:
+    """A running ``python -m`` job: forked from the preloaded server, or a fresh interpreter
+    (``REMAX_TEST_FORKSERVER=0``); output goes to files read with :meth:`stdout`/:meth:`stderr`."""
+
+    def __init__(self, args: list[str], env: dict) -> None:
+        import multiprocessing
+        import tempfile
+
+        self.args, self._dir = args, Path(tempfile.mkdtemp(prefix="remax-job-"))
+        self._out, self._err = self._dir / "out", self._dir / "err"
+        if FORKSERVER:
+            ctx = multiprocessing.get_context(start_method())
+            target_args = (args[2], args[3:], env, str(self._out), str(self._err), _base_path())
+            self._child = ctx.Process(target=_run_module, args=target_args)
+            self._child.start()
+            self.pid = self._child.pid
+        else:
+            with open(self._out, "w") as out, open(self._err, "w") as err:
+                self._popen = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err)
+            self.pid = self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.exitcode if FORKSERVER else self._popen.poll()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it ended within ``timeout``."""
+        if FORKSERVER:
+            self._child.join(timeout)
+        else:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.returncode is not None
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def stdout(self) -> str:
+        return self._out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self._err.read_text(errors="replace")
 
 
 _BASE_PATH: list[str] = []
@@ -190,6 +244,19 @@ def _exit_code(code) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
+
+
+@pytest.fixture(scope="session")
+def slurm_reference(tmp_path_factory):
+    """``(submission record, inputs)`` of one uninterrupted single-task Slurm ReMax run from tiny
+    exports, shared by the requeue tests (USR2, SIGTERM, ``scontrol requeue``): each submits the
+    same inputs, interrupts its own job and compares exports once this one is done. Submitted,
+    not waited for: it runs beside the first test's job."""
+    from test_slurm import _submit, exports_job
+
+    root = tmp_path_factory.mktemp("slurm_reference")
+    inputs = exports_job(root / "exports")
+    return _submit(root, *inputs), inputs
 
 
 @pytest.fixture(scope="session")

@@ -97,9 +97,18 @@ def _status(root: Path) -> list[dict]:
     return json.loads(run_job("jobs.status", str(root), "--json").stdout)
 
 
-def test_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(tmp_path):
-    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
-    rec = _submit(tmp_path / "rq", "log.wandb_mode=disabled")
+def exports_job(root: Path) -> tuple[str, ...]:
+    """The real path's inputs (SFT and RM exports, a seed) of the single-task requeue tests: one
+    uninterrupted run of them (``conftest.slurm_reference``) is what each must equal."""
+    from tiny_exports import save_tiny_exports
+
+    sft, rm = save_tiny_exports(root)
+    return (f"model.path={sft}", f"reward_model.path={rm}", "seed=7", "log.wandb_mode=disabled")
+
+
+def test_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(tmp_path, slurm_reference):
+    ref, inputs = slurm_reference
+    rec = _submit(tmp_path / "rq", *inputs)
     run_dir = Path(rec["run_dir"])
     _wait_for(run_dir, "checkpoints/step_20")
     subprocess.run(["scontrol", "requeue", rec["job_id"]], check=True)
@@ -155,14 +164,15 @@ def test_failed_stage_exits_non_zero_and_later_stages_never_run(tmp_path):
 
 
 def test_second_live_job_and_changed_code_are_refused(tmp_path):
-    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=300", "train.epochs=10")
+    # Live for the refusal: the second command comes seconds after the first (its imports alone
+    # take longer), while the job is pending or starting; short, so the forced resume is quick.
+    rec = _submit(tmp_path, "log.wandb_mode=disabled", "train.max_steps=20")
     again = run_job(
         "jobs.remax",
         f"run.root={tmp_path}",
         *JOB,
         "log.wandb_mode=disabled",
-        "train.max_steps=300",
-        "train.epochs=10",
+        "train.max_steps=20",
         check=False,
     )
     assert again.returncode == 2 and rec["job_id"] in again.stderr and "scancel" in again.stderr
@@ -263,14 +273,12 @@ def test_wandb_key_never_lands_in_pickles_scripts_configs_or_logs(tmp_path):
     assert not leaked, f"W&B key written into {leaked}"
 
 
-def test_usr2_requeue_from_exports_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+def test_usr2_requeue_from_exports_is_bit_identical_to_an_uninterrupted_run(
+    tmp_path, slurm_reference
+):
     """The real path: SFT and RM exports as inputs. Before every RNG was seeded at stage start,
     two such runs already differed, requeued or not."""
-    from tiny_exports import save_tiny_exports
-
-    sft, rm = save_tiny_exports(tmp_path / "exports")
-    inputs = (f"model.path={sft}", f"reward_model.path={rm}", "seed=7", "log.wandb_mode=disabled")
-    ref = _submit(tmp_path / "ref", *inputs)
+    ref, inputs = slurm_reference
     rec = _submit(tmp_path / "usr2", *inputs)
     _wait_for(Path(rec["run_dir"]), "checkpoints/step_10", timeout=600)
     subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)

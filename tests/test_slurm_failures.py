@@ -179,12 +179,12 @@ def _segments(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
 
 
-def test_sigterm_of_a_running_job_checkpoints_and_requeues_bit_identical(tmp_path):
+def test_sigterm_of_a_running_job_checkpoints_and_requeues_bit_identical(tmp_path, slurm_reference):
     """SIGTERM while Slurm still says RUNNING (a preemption's GraceTime signal on sites without
     preempt_send_user_signal; here `scancel --signal=TERM`): checkpoint, requeue, identical run.
     A plain `scancel` (COMPLETING first) still cancels: test_slurm.py, live-job test."""
-    ref = _submit(tmp_path / "ref", "log.wandb_mode=disabled")
-    rec = _submit(tmp_path / "term", "log.wandb_mode=disabled")
+    ref, inputs = slurm_reference
+    rec = _submit(tmp_path / "term", *inputs)
     run_dir = Path(rec["run_dir"])
     _wait_for(run_dir, "checkpoints/step_10")
     subprocess.run(["scancel", "--signal=TERM", rec["job_id"]], check=True)
