@@ -19,7 +19,7 @@ from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
 from remax.log import init_logging
 from remax.preemption import StopRequest
-from remax.rollout_vllm import check_head_dims
+from remax.rollout.vllm import check_head_dims
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
 from remax.watchdog import Watchdog

@@ -17,7 +17,7 @@ per generation), ``plan.prompt_len``, ``plan.response_len``, ``plan.actor_zero``
 ``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``,
 ``plan.node_memory_gib`` (default ``cluster.mem_gb``, or ``cluster.node_mem_gb`` when that is 0 or
 unset). ``rollout.engine=vllm`` is planned with the weight-push route the run takes
-(``rollout.push``, ``remax.rollout_vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
+(``rollout.push``, ``remax.rollout.vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
 on several CPU ranks; CUDA is ``cluster.device``, or for ``auto`` whether the cluster has GPUs). A
 ``file`` push that cannot fit in the node's memory is refused.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
@@ -271,7 +271,7 @@ def _vllm(config, opts: PlanOptions) -> dict:
 def push_route(config):
     """The run's weight-push route (``rollout.push`` on this cluster's device and ranks; the device
     is CUDA for ``cluster.device=cuda``, and for ``auto`` when the cluster has GPUs)."""
-    from remax.rollout_vllm import push_route as route_of  # torch: only for vLLM plans
+    from remax.rollout.vllm import push_route as route_of  # torch: only for vLLM plans
 
     cluster = config.cluster
     cuda = cluster.device == "cuda" or (cluster.device == "auto" and cluster.gpus_per_node > 0)
