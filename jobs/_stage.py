@@ -13,7 +13,7 @@ import torch
 from jobs import _policy
 from jobs._config import fail, stage_spec
 from jobs._lease import QueueError, claim, live_owner, stop_for_good, stop_requested
-from remax import distributed, failure, ledger, preemption, watchdog
+from remax import distributed, failure, ledger, preemption, stages, watchdog
 from remax.config import ConfigError
 from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
@@ -34,13 +34,21 @@ def _load(path: str):
     return getattr(importlib.import_module(module), attribute)
 
 
+def _trainer(stage: str, config):
+    """The trainer of a training stage (the table's ``trainer``), built from ``config``."""
+    spec = stages.stage(stage)
+    if spec.trainer is None:
+        raise ValueError(f"stage {stage!r} has no trainer: it runs {spec.runner}")
+    return _load(spec.trainer)(config)
+
+
 def _runner(spec, config):
     """The stage's run: ``(run_dir, stop, end) -> summary or None``. A trainer is built here,
     reading every input; a runner (evaluate) loads its policies one at a time as it goes."""
     if spec.trainer is None:
         run = _load(spec.runner)
         return lambda run_dir, stop, end: run(config, run_dir, stop)
-    trainer = _load(spec.trainer)(config)
+    trainer = _trainer(spec.name, config)
 
     def train(run_dir, stop, end):
         from remax.trainers import loop
