@@ -106,16 +106,14 @@ def parse(argv: list[str]) -> tuple[list[str], PlanOptions]:
 def stage_of(args: list[str]) -> str:
     """An ``experiment=`` preset's prefix names the stage; else an RL stage's ``algo=`` preset
     (``algo=ppo_*``: PPO), else ReMax."""
-    pairs = [(key.lstrip("+"), value) for key, _, value in (a.partition("=") for a in args)]
-    for group, rl_only in (("experiment", False), ("algo", True)):
-        for key, value in pairs:
-            for name, spec in PLANNED.items():
-                if (
-                    key == group
-                    and (spec.rl or not rl_only)
-                    and value.startswith(spec.preset_prefix)
-                ):
-                    return name
+    given = {key.lstrip("+"): value for key, _, value in (a.partition("=") for a in args)}
+    experiment, algo = given.get("experiment", ""), given.get("algo", "")
+    for name, spec in PLANNED.items():
+        if experiment.startswith(spec.preset_prefix):
+            return name
+    for name, spec in PLANNED.items():
+        if spec.rl and algo.startswith(spec.preset_prefix):
+            return name
     return DEFAULT_STAGE
 
 

@@ -87,3 +87,19 @@ def test_running_an_unknown_stage_is_one_line_and_touches_nothing(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: unknown stage 'rm': valid stages are " + ", ".join(stages.STAGES)]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, stage",
+    [
+        (["experiment=rm_opt_1.3b_official"], "reward_model"),
+        (["experiment=sft_x", "algo=ppo_dschat"], "sft"),  # the experiment names the stage first
+        (["algo=ppo_dschat"], "ppo"),
+        (["algo=rloo"], "remax"),  # the critic-free stage runs RLOO and GRPO
+        (["model=opt_350m"], "remax"),
+    ],
+)
+def test_the_planner_picks_the_stage_from_the_tables_preset_prefixes(args, stage):
+    from jobs.plan import stage_of
+
+    assert stage_of(args) == stage
