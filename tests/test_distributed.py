@@ -40,9 +40,16 @@ def free_port() -> int:
 
 
 def spawn(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, port, *args)`` on ``world`` gloo ranks; raises if any rank fails."""
+    """Run ``fn(rank, world, port, *args)`` on ``world`` gloo ranks; raises if any rank fails.
+
+    The ranks are fresh processes forked by a fork server that imported the heavy modules once
+    (``conftest.start_method``): each rank starts in milliseconds instead of re-importing torch,
+    transformers and DeepSpeed (seconds of CPU each on the 2-core CI machine)."""
+    from conftest import start_method
+
+    env = dict(os.environ)  # as a spawned child would inherit it, not the server's
     mp.start_processes(
-        _entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn"
+        _entry, args=(fn, world, free_port(), args, env), nprocs=world, start_method=start_method()
     )
 
 
@@ -53,7 +60,9 @@ def in_turn(rank: int, world: int, fn, runs: list[tuple]) -> None:
         fn(rank, world, *args)
 
 
-def _entry(rank: int, fn, world: int, port: int, args) -> None:
+def _entry(rank: int, fn, world: int, port: int, args, env: dict) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
