@@ -27,8 +27,8 @@ PARTS = ("decode", "weight_push", "scoring", "forward", "backward", "optimizer",
 
 # (object path on the trainer, method name, part); a missing object or method is skipped.
 _TIMED = (
-    ("engine", "generate", "decode"),
-    ("engine", "_push", "weight_push"),
+    ("rollout_engine", "generate", "decode"),
+    ("rollout_engine", "_push", "weight_push"),
     ("", "rewards", "scoring"),
     ("", "_micro_loss", "forward"),
     ("", "experience", "forward"),

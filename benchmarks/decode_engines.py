@@ -30,7 +30,7 @@ def _decoders(size: str, args):
 
     from benchmarks._models import _tokenizer
     from remax.config import RolloutConfig, RolloutEngine
-    from remax.rollout_engines import as_actor, build_rollout_engine
+    from remax.rollout import as_actor, build_rollout_engine
 
     config = llama_config(size, args.prompt_len + args.response_len)
     torch.manual_seed(0)

@@ -283,7 +283,7 @@ def run_size(
     out["decode"] = decode_benchmark(first, _engine_args(args, args.engines[0]), device)
     out["status"] = "ok"
     for trainer in arms.values():
-        trainer.engine.close()  # vllm: stop the engine
+        trainer.rollout_engine.close()  # vllm: stop the engine
     del arms, first
     return out
 
@@ -319,7 +319,7 @@ def decode_benchmark(trainer, args, device: str) -> dict:
     def engine():
         flags = torch.arange(2 * B, device=trainer.device) >= B
         ids, mask = batch.input_ids.repeat(2, 1), batch.attention_mask.repeat(2, 1)
-        return [trainer.engine.generate(ids, mask, trainer.sampling, greedy=flags)]
+        return [trainer.rollout_engine.generate(ids, mask, trainer.sampling, greedy=flags)]
 
     # No warm-up: the training steps already decoded these shapes (2B flagged rows, B rows).
     fns = {"one_batched_decode": one, "two_generate_calls": two}

@@ -1,6 +1,6 @@
 """Hydra glue: register the dataclass schemas, compose, convert to dataclasses, fail in one line.
 
-The library's schemas (``remax/config.py``) are stored in the ConfigStore as ``<stage>_schema``;
+The stage table's schemas (``remax/stages.py``) are stored in the ConfigStore as ``<stage>_schema``;
 each ``hydra_conf/<stage>.yaml`` starts from its schema, so group files only select and override,
 a misspelt key fails at composition, and ``OmegaConf.to_object`` runs the ``__post_init__`` checks.
 """
@@ -16,23 +16,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from remax.config import (
-    ConfigError,
-    EvaluateJobConfig,
-    PPOJobConfig,
-    RemaxJobConfig,
-    RewardModelJobConfig,
-    SFTJobConfig,
-)
+from remax import stages
+from remax.config import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "hydra_conf")
-SCHEMAS = {
-    "sft": SFTJobConfig,
-    "reward_model": RewardModelJobConfig,
-    "remax": RemaxJobConfig,
-    "ppo": PPOJobConfig,
-    "evaluate": EvaluateJobConfig,
-}
+SCHEMAS = {name: s.schema for name, s in stages.STAGES.items()}
 
 _cs = ConfigStore.instance()
 for _stage, _schema in SCHEMAS.items():
@@ -43,6 +31,14 @@ def fail(message: str, code: int = 2) -> None:
     """One line on stderr and a non-zero exit: the bad-input contract of every job."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def stage_spec(name: str) -> stages.Stage:
+    """The stage table's row of ``name``; an unknown stage exits with one line."""
+    try:
+        return stages.stage(name)
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -81,9 +77,10 @@ def compose_dict(stage: str, overrides: list[str], saved: dict | None = None) ->
     ``saved``: a run dir's ``config.yaml`` to start from instead of ``hydra_conf/<stage>.yaml``
     (``jobs.resume``); ``overrides`` then apply as ``key=value`` on top.
     """
+    schema = stage_spec(stage).schema
     try:
         if saved is not None:
-            cfg = OmegaConf.merge(OmegaConf.structured(SCHEMAS[stage]), saved)
+            cfg = OmegaConf.merge(OmegaConf.structured(schema), saved)
             OmegaConf.set_struct(cfg, True)
             return apply_values(cfg, overrides)
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

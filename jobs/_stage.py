@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -10,15 +11,15 @@ import sys
 import torch
 
 from jobs import _policy
-from jobs._config import fail
+from jobs._config import fail, stage_spec
 from jobs._lease import QueueError, claim, live_owner, stop_for_good, stop_requested
-from remax import distributed, failure, ledger, preemption, watchdog
+from remax import distributed, failure, ledger, preemption, stages, watchdog
 from remax.config import ConfigError
 from remax.engines import close_all
 from remax.inputs import InputError, check_inputs
 from remax.log import init_logging
 from remax.preemption import StopRequest
-from remax.rollout_vllm import check_head_dims
+from remax.rollout.vllm import check_head_dims
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
 from remax.watchdog import Watchdog
@@ -26,23 +27,35 @@ from remax.watchdog import Watchdog
 log = logging.getLogger("remax.jobs")
 
 
+def _load(path: str):
+    """The object a stage-table row names (``module:attribute``). Imported here, on use:
+    ``python -m jobs.remax --help`` should not pay for transformers."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def _trainer(stage: str, config):
-    # Imported here: `python -m jobs.remax --help` should not pay for transformers.
-    if stage == "sft":
-        from remax.trainers.sft import SFTTrainer
+    """The trainer of a training stage (the table's ``trainer``), built from ``config``."""
+    spec = stages.stage(stage)
+    if spec.trainer is None:
+        raise ValueError(f"stage {stage!r} has no trainer: it runs {spec.runner}")
+    return _load(spec.trainer)(config)
 
-        return SFTTrainer(config)
-    if stage == "reward_model":
-        from remax.trainers.reward_model import RewardModelTrainer
 
-        return RewardModelTrainer(config)
-    if stage == "ppo":
-        from remax.trainers.ppo import PPOTrainer
+def _runner(spec, config):
+    """The stage's run: ``(run_dir, stop, end) -> summary or None``. A trainer is built here,
+    reading every input; a runner (evaluate) loads its policies one at a time as it goes."""
+    if spec.trainer is None:
+        run = _load(spec.runner)
+        return lambda run_dir, stop, end: run(config, run_dir, stop)
+    trainer = _trainer(spec.name, config)
 
-        return PPOTrainer(config)
-    from remax.trainers.remax import RemaxTrainer
+    def train(run_dir, stop, end):
+        from remax.trainers import loop
 
-    return RemaxTrainer(config)
+        return loop.run(trainer, config, run_dir, spec.name, stop=stop, end_segment=end)
+
+    return train
 
 
 def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | None:
@@ -53,6 +66,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     watches USR2 and SIGTERM itself and ends a stopped segment with :class:`SegmentEnd`: the
     process then exits (requeued) or returns None (cancelled by ``jobs.cancel --graceful``).
     """
+    spec = stage_spec(stage)  # an unknown stage: one line, before anything is touched
     run_dir = run_dir_for(config, stage)
     in_job = bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"))
     if stop is None and in_job:
@@ -71,14 +85,14 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     # Before any model is built or loaded: a run is a function of its config whatever the model
     # source (a tiny model from config or an export); each rank its own reproducible stream.
     seed_everything(distributed.rank_seed(config.seed))
-    if env.world_size > 1 and stage == "evaluate":
+    if env.world_size > 1 and spec.one_rank:
         # Every training stage is data parallel; evaluation is one process (its resumable
         # partial/*.jsonl files have one writer).
         fail(
-            f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
+            f"{stage} runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
-    trainer = _checked_trainer(stage, config)
+    runner = _checked_runner(spec, config)
     owner = claim(run_dir, stage)
     if owner:
         # Another live job owns this run dir: touching it would delete that job's in-progress
@@ -95,7 +109,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     distributed.barrier()  # rank 0 created (or checked) the run dir
     log.info("%s run dir: %s", stage, run_dir)
     end = SegmentEnd(run_dir, stop) if in_job else None
-    summary = _guarded(stage, config, run_dir, stop, trainer, end)
+    summary = _guarded(stage, config, run_dir, stop, runner, end)
     if summary is None:
         log.info("%s stopped at a checkpoint: %s", stage, run_dir)
         if end is not None:
@@ -108,14 +122,13 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     return summary
 
 
-def _checked_trainer(stage: str, config):
+def _checked_runner(spec, config):
     """Inputs first, run dir second: a missing export or a malformed data file is one line and
-    exit 2 with nothing written (the trainer reads every input when it is built). None for
-    ``evaluate``, which loads its policies one at a time."""
+    exit 2 with nothing written (the trainer reads every input when it is built)."""
     try:
         check_inputs(config)
         check_head_dims(config)  # rollout.engine=vllm on CPU: its kernels' head_dims
-        return None if stage == "evaluate" else _trainer(stage, config)
+        return _runner(spec, config)
     except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
         fail(str(exc))
 
@@ -199,7 +212,7 @@ def _outcome_of_rank0(outcome: str, outcomes: tuple[str, ...]) -> str:
     return outcomes[int(code)]
 
 
-def _guarded(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
+def _guarded(stage: str, config, run_dir, stop, runner, end) -> dict | None:
     """The stage under the failure policy: segment ledger, watchdog, failure classes."""
     main = distributed.is_main()
     ledger.begin()
@@ -207,7 +220,7 @@ def _guarded(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
         ledger.attach(run_dir)
         _policy.check_start(config.cluster, run_dir, ledger.current().restart)
     try:
-        summary = _run(stage, config, run_dir, stop, trainer, end)
+        summary = _run(runner, run_dir, stop, end)
     except Exception as exc:
         if stop is not None:
             stop.failed = True  # a failing segment is never requeued by the stop guard
@@ -246,18 +259,10 @@ def _stop_reason(stop) -> str:
     return reason.value if reason is not None else "stopped"
 
 
-def _run(stage: str, config, run_dir, stop, trainer, end) -> dict | None:
-    from remax.trainers import loop
-
-    if stage == "evaluate":
-        # Not a training loop: answer, score, summarise; resumable batch by batch on its own.
-        from remax.evaluation import run as evaluate
-
-        try:
-            return evaluate(config, run_dir, stop)
-        except preemption.Stopped:  # between two answer batches: the done ones are on disk
-            return None
+def _run(runner, run_dir, stop, end) -> dict | None:
     try:
-        return loop.run(trainer, config, run_dir, stage, stop=stop, end_segment=end)
+        return runner(run_dir, stop, end)
+    except preemption.Stopped:  # a runner's stop between two of its steps: they are on disk
+        return None
     finally:
         close_all()  # DeepSpeed engines alive at exit can abort the task (SIGABRT)

@@ -23,7 +23,7 @@ from pathlib import Path
 import submitit
 
 from jobs._budget import check_segment
-from jobs._config import fail
+from jobs._config import fail, stage_spec
 from jobs._costs import over_budget, read_scope, scope_refusal, write_scope
 from jobs._lease import (
     QueueError,
@@ -47,7 +47,7 @@ def sbatch_params(stage: str, cluster) -> dict:
     """The executor parameters of a stage's job; the dry run and the templates use the same dict."""
     # Evaluation is one process on one GPU (its resumable answer files have one writer): asking
     # for the preset's whole node would bill GPUs it never uses, and two nodes would fail.
-    one = stage == "evaluate"
+    one = stage_spec(stage).one_rank
     params = {
         "job_name": f"remax-{stage}",
         "time": cluster.time_min,

@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from jobs._config import SCHEMAS, compose_stage, fail
+from jobs._config import compose_stage, fail
 from jobs._output import human, wants_json
+from remax import stages
 from remax.config import Backend
 from remax.run_dir import run_dir_for
 
-STAGES = ("sft", "reward_model", "remax", "evaluate")
+STAGES = tuple(name for name, s in stages.STAGES.items() if s.in_pipeline)
 
 
 def run_stage(stage: str, config):
@@ -54,10 +55,11 @@ def split_overrides(argv: list[str]) -> dict[str, list[str]]:
 
 def _has_key(stage: str, arg: str) -> bool:
     """Whether an unprefixed override applies to ``stage`` (evaluate lacks the training keys)."""
-    if stage != "evaluate":
+    spec = stages.stage(stage)
+    if spec.trainer is not None:  # a training stage takes every key (a typo fails there)
         return True
     key = arg.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
-    return key in {f.name for f in dataclasses.fields(SCHEMAS[stage])}
+    return key in {f.name for f in dataclasses.fields(spec.schema)}
 
 
 def _evaluate_overrides(remax: str, sft: str, rm: str, algo=None) -> list[str]:

@@ -17,7 +17,7 @@ per generation), ``plan.prompt_len``, ``plan.response_len``, ``plan.actor_zero``
 ``plan.frozen_zero``, ``plan.reward_model`` (a model preset name), ``plan.gpu_memory_gib``,
 ``plan.node_memory_gib`` (default ``cluster.mem_gb``, or ``cluster.node_mem_gb`` when that is 0 or
 unset). ``rollout.engine=vllm`` is planned with the weight-push route the run takes
-(``rollout.push``, ``remax.rollout_vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
+(``rollout.push``, ``remax.rollout.vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
 on several CPU ranks; CUDA is ``cluster.device``, or for ``auto`` whether the cluster has GPUs). A
 ``file`` push that cannot fit in the node's memory is refused.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from jobs._config import CONF_DIR, compose_dict, fail, to_config
 from remax import plan as planner
 from remax.config import DType, RolloutEngine
+from remax.stages import STAGES
 
 PRESETS = {
     "llama2_7b": planner.ModelShape.llama2_7b,
@@ -48,8 +49,8 @@ PRESETS = {
     "opt_350m": planner.ModelShape.opt_350m,
     "ultrarm_13b": planner.ModelShape.ultrarm_13b,
 }
-RL_STAGES = ("remax", "ppo")
-EXPERIMENT_PREFIXES = {"sft_": "sft", "rm_": "reward_model", "remax_": "remax", "ppo_": "ppo"}
+PLANNED = {name: s for name, s in STAGES.items() if s.plan_models is not None}
+DEFAULT_STAGE = "remax"  # no experiment= preset and no algo= preset of another RL stage
 PLANNED_RM = "planned/reward_model"  # an RL config needs an RM path; the plan needs no weights
 
 
@@ -103,14 +104,17 @@ def parse(argv: list[str]) -> tuple[list[str], PlanOptions]:
 
 
 def stage_of(args: list[str]) -> str:
-    """An ``experiment=`` preset's prefix names the stage; else PPO for ``algo=ppo_*``, else ReMax."""
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") == "experiment":
-            for prefix, stage in EXPERIMENT_PREFIXES.items():
-                if value.startswith(prefix):
-                    return stage
-    return "ppo" if any(a.startswith("algo=ppo") for a in args) else "remax"
+    """An ``experiment=`` preset's prefix names the stage; else an RL stage's ``algo=`` preset
+    (``algo=ppo_*``: PPO), else ReMax."""
+    given = {key.lstrip("+"): value for key, _, value in (a.partition("=") for a in args)}
+    experiment, algo = given.get("experiment", ""), given.get("algo", "")
+    for name, spec in PLANNED.items():
+        if experiment.startswith(spec.preset_prefix):
+            return name
+    for name, spec in PLANNED.items():
+        if spec.rl and algo.startswith(spec.preset_prefix):
+            return name
+    return DEFAULT_STAGE
 
 
 @functools.cache
@@ -211,14 +215,13 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
         dtype_bytes=2 if config.model.dtype == DType.bfloat16 else 4,
         grad_checkpointing=config.model.grad_checkpointing,
     )
-    data, train = config.data, config.train
-    if stage in RL_STAGES:
+    data, train, spec = config.data, config.train, STAGES[stage]
+    if spec.rl:
         n = config.rollout.samples_per_prompt
         per_rank = train.per_rank(ranks)  # prompts per rank and step
         micro, gen = min(train.micro_batch_size, per_rank) * n, per_rank * n
         prompt, response = data.max_prompt_len, data.max_response_len
-        build = planner.ppo_models if stage == "ppo" else planner.remax_models
-        models = build(
+        models = spec.plan_models(
             actor,
             reward_shape(config, opts, actor)[0],
             actor_zero_stage=zero,
@@ -229,11 +232,10 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
             **common,
         )
     else:  # one trained model; an RM step scores chosen and rejected: 2 rows per pair
-        micro = gen = train.micro_batch_size * (2 if stage == "reward_model" else 1)
+        micro = gen = train.micro_batch_size * spec.rows_per_example
         prompt = min(data.max_prompt_len, data.max_seq_len)
         response = data.max_seq_len - prompt
-        build = planner.reward_model_models if stage == "reward_model" else planner.sft_models
-        models = build(actor, zero_stage=zero, offload=offload_optimizer, **common)
+        models = spec.plan_models(actor, zero_stage=zero, offload=offload_optimizer, **common)
     if opts.micro_batch is not None:
         micro = gen = opts.micro_batch
     return planner.PlanInput(
@@ -244,8 +246,8 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
         generation_batch=gen,
         prompt_len=prompt if opts.prompt_len is None else opts.prompt_len,
         response_len=response if opts.response_len is None else opts.response_len,
-        rollout=stage in RL_STAGES,
-        **_vllm(config, opts) if stage in RL_STAGES else {},
+        rollout=spec.rl,
+        **_vllm(config, opts) if spec.rl else {},
     )
 
 
@@ -267,7 +269,7 @@ def _vllm(config, opts: PlanOptions) -> dict:
 def push_route(config):
     """The run's weight-push route (``rollout.push`` on this cluster's device and ranks; the device
     is CUDA for ``cluster.device=cuda``, and for ``auto`` when the cluster has GPUs)."""
-    from remax.rollout_vllm import push_route as route_of  # torch: only for vLLM plans
+    from remax.rollout.vllm import push_route as route_of  # torch: only for vLLM plans
 
     cluster = config.cluster
     cuda = cluster.device == "cuda" or (cluster.device == "auto" and cluster.gpus_per_node > 0)
@@ -298,7 +300,7 @@ def check_fits(stage: str, config) -> str | None:
     """For a submission: None if the RL stage fits (or has no known shape), else why it does not."""
     rollout = getattr(config, "rollout", None)  # SFT and RM stages decode nothing
     gpus, vllm = config.cluster.gpus, rollout is not None and rollout.engine == RolloutEngine.vllm
-    if stage not in RL_STAGES or not (gpus or vllm):  # a CPU cluster: only a vLLM push can fail
+    if not STAGES[stage].rl or not (gpus or vllm):  # a CPU cluster: only a vLLM push can fail
         return None
     if config.model.name not in PRESETS and shape_from_path(config.model.path) is None:
         return None
@@ -320,7 +322,7 @@ def check_fits(stage: str, config) -> str | None:
 def _compose(stage: str, args: list[str]):
     """The stage config; an RL config without an RM path gets a placeholder (no weights needed)."""
     cfg = compose_dict(stage, args)  # the one composition every entry point uses
-    if stage in RL_STAGES and cfg.reward_model.path is None and cfg.reward_model.kind != "function":
+    if STAGES[stage].rl and cfg.reward_model.path is None and cfg.reward_model.kind != "function":
         cfg.reward_model.path = PLANNED_RM
     return to_config(cfg)
 
@@ -360,7 +362,8 @@ def main(argv: list[str]) -> planner.Plan:
         fail(refusal)
     print("\n".join(_describe(stage, config, opts, inp)))
     largest = planner.max_micro_batch(inp)
-    unit = f" rows ({largest // 2} pairs)" if stage == "reward_model" else ""
+    rows = STAGES[stage].rows_per_example
+    unit = f" rows ({largest // rows} pairs)" if rows == 2 else ""
     print(f"largest micro-batch that fits: {largest}{unit}")
     print(result.table())
     return result

@@ -294,24 +294,6 @@ def build_actor(
     )
 
 
-def decode(actor, ids: torch.Tensor, mask: torch.Tensor, sampling, *, greedy, tokenizer):
-    """``remax.rollout.generate`` with the actor: its parameters gathered once under ZeRO-3, and
-    every rank decoding until all are done when forwards are collective."""
-    from remax.rollout import generate
-
-    with actor.generation():
-        return generate(
-            actor.module,
-            ids,
-            mask,
-            sampling,
-            greedy=greedy,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            all_finished=actor.all_finished,
-        )
-
-
 def frozen(model, ds: DeepSpeedConfig, *, train: TrainConfig, dtype: DType):
     """A frozen model (reference, reward model) placed for inference; returns the module to call.
 

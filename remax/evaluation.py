@@ -3,7 +3,7 @@
 What one evaluation computes (``jobs.evaluate``; every number is per prompt, then averaged):
 
 - answers: each policy answers every prompt through its rollout engine (``rollout.engine=hf``:
-  ``remax.rollout.generate``; ``vllm``: ``remax.rollout_vllm``), greedy or sampled,
+  ``remax.rollout.generate``; ``vllm``: ``remax.rollout.vllm``), greedy or sampled,
   in batches of ``batch_size``. Batch ``k`` is decoded under ``torch.manual_seed`` of a hash of
   ``(seed, k)``, so answers do not depend on which batches ran before (a resumed evaluation equals
   an uninterrupted one) and every policy sees the same random stream.
@@ -56,8 +56,7 @@ from remax.log import MetricWriter
 from remax.models.policy import load_policy, response_logprobs
 from remax.preemption import StopRequest
 from remax.rewards import RewardScorer
-from remax.rollout import Rollout, SamplingConfig
-from remax.rollout_engines import HFEngine, as_actor, build_rollout_engine
+from remax.rollout import HFEngine, Rollout, SamplingConfig, as_actor, build_rollout_engine
 from remax.run_dir import to_plain, wandb_id
 from remax.stats import mean_stderr, win_rate
 
@@ -156,7 +155,7 @@ def answer_turns(
 ) -> list[Turn]:
     """Answer every turn of every prompt; turn k sees the conversation with the earlier answers.
 
-    ``engine``: the rollout engine decoding ``model``'s answers (``remax.rollout_engines``);
+    ``engine``: the rollout engine decoding ``model``'s answers (``remax.rollout``);
     None: ``model`` decodes them itself (``hf``)."""
     device = next(model.parameters()).device
     engine = engine or HFEngine(as_actor(model), tokenizer)

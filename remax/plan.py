@@ -69,9 +69,9 @@ vLLM's instead of HF ``generate``'s: its own copy of the actor's weights (N·d) 
 (``rollout.kv_cache_gib``), plus, at ZeRO-3, the whole actor gathered once for the weight push (N·d). With sleep mode
 (``rollout.sleep``, GPUs) both are released while the actor trains, so they are a generation
 transient; without it they are resident. The weights reach the engine by one of two routes
-(``rollout.push``, ``remax.rollout_vllm.push_route``): ``direct`` (CUDA, and one CPU rank: parameter by
+(``rollout.push``, ``remax.rollout.vllm.push_route``): ``direct`` (CUDA, and one CPU rank: parameter by
 parameter from the actor into the engine, no extra buffer beyond the ZeRO-3 gather above) or ``file``
-(the CPU build with several ranks, ``remax.rollout_vllm``:
+(the CPU build with several ranks, ``remax.rollout.vllm``:
 each rank copies its full state dict to the CPU, N·d, and writes it as one safetensors file in
 ``/dev/shm``, N·d more, which stays there between steps). The file route puts nothing on the GPU;
 per node it holds ``ranks_per_node`` × 2·N·d at each push (tmpfs counts against Slurm's memory
@@ -389,7 +389,7 @@ class PlanInput:
     vllm_sleep: bool = True
     """``rollout.sleep``: vLLM releases its memory while the actor trains."""
     vllm_push: PushRoute = PushRoute.direct
-    """How the weights reach vLLM (``remax.rollout_vllm.push_route``): ``direct`` or ``file``."""
+    """How the weights reach vLLM (``remax.rollout.vllm.push_route``): ``direct`` or ``file``."""
     ranks_per_node: int = 1
     """Processes (one engine each) sharing a node's memory: the file route's push buffer × this."""
     node_memory_gib: float | None = None

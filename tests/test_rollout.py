@@ -151,3 +151,50 @@ def test_response_logprobs_match_a_slow_loop(policy, tokenizer):
             assert fast[b, t].item() == pytest.approx(
                 slow.item(), abs=1e-5
             )  # fp32 forward vs fp64 softmax
+
+
+# ---- the rollout engines: one protocol ----
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_every_rollout_engine_provides_the_protocol(engine):
+    """``RolloutEngine``'s calls, with its parameters, on each engine the config can choose."""
+    import inspect
+
+    from remax.rollout import RolloutEngine
+
+    if engine == "hf":
+        from remax.rollout.hf import HFEngine as cls
+    else:  # the module imports vLLM only when an engine is built
+        from remax.rollout.vllm import VLLMEngine as cls
+
+    for name in ("generate", "weights_updated", "close"):
+        want = inspect.signature(getattr(RolloutEngine, name)).parameters
+        got = inspect.signature(getattr(cls, name)).parameters
+        assert [(p.name, p.kind) for p in got.values()] == [
+            (p.name, p.kind) for p in want.values()
+        ], f"{cls.__name__}.{name}"
+
+
+def test_the_hf_engine_decodes_as_the_sampler(policy, tokenizer):
+    """``HFEngine`` is ``generate`` on the actor's module (nothing else: same rows, same RNG)."""
+    from remax.config.rollout import RolloutConfig
+    from remax.rollout import as_actor, build_rollout_engine
+
+    class _Tok:  # the token ids the engine reads off the tokenizer
+        eos_token_id, pad_token_id = 0, 0
+
+    engine = build_rollout_engine(
+        RolloutConfig(), as_actor(policy), _Tok(), max_model_len=32, seed=0
+    )
+    batch = collate_prompts(tokenizer, PROMPTS, 12, "cpu")
+    flags = torch.tensor([True, False, True, False])
+    torch.manual_seed(3)
+    ro = engine.generate(
+        batch.input_ids, batch.attention_mask, SamplingConfig(max_new_tokens=8), greedy=flags
+    )
+    torch.manual_seed(3)
+    want = _decode(policy, tokenizer, PROMPTS, greedy=flags)
+    assert torch.equal(ro.response, want.response) and torch.equal(
+        ro.response_mask, want.response_mask
+    )

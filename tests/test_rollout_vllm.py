@@ -19,7 +19,7 @@ from remax.config import ConfigError, OptimConfig, PushRoute, RolloutConfig, Rol
 from remax.config.sampling import SamplingConfig
 from remax.engines import TorchActor
 from remax.models.policy import response_logprobs
-from remax.rollout_engines import HFEngine, build_rollout_engine, offpolicy_gap
+from remax.rollout import HFEngine, build_rollout_engine, offpolicy_gap
 
 pytestmark = pytest.mark.vllm
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -60,7 +60,7 @@ def test_vllm_on_a_head_dim_the_cpu_kernels_lack_is_an_input_error(monkeypatch):
     itself raised a ValueError only when it started (traceback, exit 1)."""
     from remax.config import ModelConfig, RemaxJobConfig
     from remax.inputs import InputError
-    from remax.rollout_vllm import check_head_dims
+    from remax.rollout.vllm import check_head_dims
 
     _pretend_vllm_is_installed(monkeypatch)
     vllm = RolloutConfig(engine=RolloutEngine.vllm)
@@ -191,7 +191,7 @@ def test_after_an_optimizer_step_the_engine_decodes_with_the_new_weights(setup):
 def test_a_colocated_engine_asks_vllm_for_no_more_than_is_free():
     """vLLM starts only if total × gpu_memory_utilization is free (0.9 by default): beside the
     trainer's models on an 80 GiB GPU with 30 GiB free, it must ask for at most those 30."""
-    from remax.rollout_vllm import gpu_memory_utilization
+    from remax.rollout.vllm import gpu_memory_utilization
 
     total = 80 * 2**30
     for free in (30 * 2**30, 79 * 2**30, 2**30):
@@ -204,7 +204,7 @@ def test_a_colocated_engine_asks_vllm_for_no_more_than_is_free():
 def test_each_local_rank_places_its_engine_on_its_own_gpu():
     """CUDA, direct route: rank r's engine on cuda:LOCAL_RANK, in the rank's process, through
     vLLM's external launcher (its default executor put every rank's engine on cuda:0)."""
-    from remax.rollout_vllm import engine_placement
+    from remax.rollout.vllm import engine_placement
 
     for rank, local_rank in ((0, 0), (1, 1), (2, 2), (3, 3), (5, 1)):
         environ = {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": "8"}
@@ -235,7 +235,7 @@ def test_each_local_rank_places_its_engine_on_its_own_gpu():
 
 def test_push_route_is_direct_but_for_several_ranks_on_the_cpu_build():
     from remax.inputs import InputError
-    from remax.rollout_vllm import push_route
+    from remax.rollout.vllm import push_route
 
     assert push_route("cuda")[0] == PushRoute.direct
     assert push_route("cuda", PushRoute.auto, world_size=8)[0] == PushRoute.direct
@@ -251,7 +251,7 @@ def test_push_route_is_direct_but_for_several_ranks_on_the_cpu_build():
 
 
 def test_param_chunks_keep_order_and_bound_each_chunk():
-    from remax.rollout_vllm import param_chunks
+    from remax.rollout.vllm import param_chunks
 
     sizes = [10, 20, 5, 100, 1, 1, 30]  # fp32 elements: 4 bytes each
     named = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate(sizes)]
@@ -273,13 +273,13 @@ def direct(setup):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("remax.rollout_vllm").addHandler(handler)
-    logging.getLogger("remax.rollout_vllm").setLevel(logging.INFO)
+    logging.getLogger("remax.rollout.vllm").addHandler(handler)
+    logging.getLogger("remax.rollout.vllm").setLevel(logging.INFO)
     try:
         cfg = RolloutConfig(engine=RolloutEngine.vllm)  # auto
         engine = build_rollout_engine(cfg, actor, tokenizer, max_model_len=64, seed=0)
     finally:
-        logging.getLogger("remax.rollout_vllm").removeHandler(handler)
+        logging.getLogger("remax.rollout.vllm").removeHandler(handler)
     yield actor, tokenizer, engine, hf, batch, [r.getMessage() for r in records]
     engine.close()
 
@@ -345,7 +345,7 @@ def _zero3_direct_weights(rank, world, out_dir) -> None:
     from remax.config import DeepSpeedConfig, ModelConfig, RemaxJobConfig, TrainConfig
     from remax.engines import build_actor
     from remax.models.policy import load_policy
-    from remax.rollout_vllm import VLLMEngine
+    from remax.rollout.vllm import VLLMEngine
 
     model, _ = load_policy(ModelConfig(hidden_size=32, intermediate_size=64), seed=0, device="cpu")
     cfg = RemaxJobConfig(

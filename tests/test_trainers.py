@@ -170,13 +170,13 @@ def test_each_sample_gets_its_own_prompts_greedy_baseline():
 def test_group_baselines_decode_no_greedy_row(k, algo):
     """RLOO and GRPO read no greedy reward, so the rollout decodes k sampled rows per prompt only."""
     trainer = _remax(samples_per_prompt=k, **algo)
-    flags, generate = [], trainer.engine.generate
+    flags, generate = [], trainer.rollout_engine.generate
 
     def spy(ids, mask, sampling, *, greedy):
         flags.append(greedy)
         return generate(ids, mask, sampling, greedy=greedy)
 
-    trainer.engine.generate = spy
+    trainer.rollout_engine.generate = spy
     metrics = trainer.train_step()
     assert len(flags) == 1 and flags[0].shape == (8 * k,) and not flags[0].any()
     assert "response/same_as_greedy" not in metrics

@@ -91,7 +91,7 @@ def _remax(root: Path, stop=None):
     try:
         return run_dir, loop.run(trainer, cfg, run_dir, "remax", stop=stop)
     finally:
-        trainer.engine.close()
+        trainer.rollout_engine.close()
 
 
 def test_stop_and_resume_with_vllm_rollouts_is_bit_identical(tmp_path):
@@ -266,7 +266,7 @@ def test_final_evaluation_with_vllm_decodes_the_exported_best_actor(tmp_path, mo
     from transformers import AutoModelForCausalLM
 
     from jobs._stage import _trainer
-    from remax.rollout_engines import HFEngine, as_actor
+    from remax.rollout import HFEngine, as_actor
     from remax.run_dir import prepare
     from remax.trainers import best_actor, loop
 
@@ -298,11 +298,11 @@ def test_final_evaluation_with_vllm_decodes_the_exported_best_actor(tmp_path, mo
     )
     run_dir = prepare(cfg, "remax")
     trainer = _trainer("remax", cfg)
-    _spy_engine(trainer.engine, calls)
+    _spy_engine(trainer.rollout_engine, calls)
     try:
         summary = loop.run(trainer, cfg, run_dir, "remax")
     finally:
-        trainer.engine.close()
+        trainer.rollout_engine.close()
     assert summary["export"]["step"] == 1 and summary["step"] == 2
     best = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
     last = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()

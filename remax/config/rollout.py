@@ -1,7 +1,7 @@
 """The ``rollout`` group: which engine decodes the sampled and greedy responses.
 
 ``hf`` decodes with the trained actor itself (``remax.rollout.generate``). ``vllm`` hands the same
-requests to a vLLM engine colocated in each rank's process (``remax.rollout_vllm``): the actor's
+requests to a vLLM engine colocated in each rank's process (``remax.rollout.vllm``): the actor's
 weights are pushed to it after every optimizer step, and the actor still computes every log-prob
 the loss uses.
 """
@@ -23,7 +23,7 @@ class RolloutEngine(str, enum.Enum):
 class PushRoute(str, enum.Enum):
     """How the ``vllm`` engine receives the actor's weights after each optimizer step."""
 
-    auto = "auto"  # ``remax.rollout_vllm.push_route``: direct, but file on several CPU ranks
+    auto = "auto"  # ``remax.rollout.vllm.push_route``: direct, but file on several CPU ranks
     direct = "direct"  # the engine in the rank's own process, parameters loaded in place
     file = "file"  # the engine in its own process, reloaded from a /dev/shm safetensors file
 

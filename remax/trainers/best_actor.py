@@ -59,4 +59,4 @@ def load_best(trainer) -> None:
     distributed.barrier()  # rank 0 wrote the file
     weights = load_file(Path(trainer.run_dir) / BEST_FILE, device=str(trainer.device))
     trainer.model.load_state_dict(weights)
-    trainer.engine.weights_updated()
+    trainer.rollout_engine.weights_updated()

@@ -22,8 +22,7 @@ from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import frozen
 from remax.fileio import write_json
 from remax.rewards import RewardScorer
-from remax.rollout import Rollout
-from remax.rollout_engines import build_rollout_engine, mark_unsampled
+from remax.rollout import Rollout, build_rollout_engine, mark_unsampled
 from remax.trainers import rl_eval
 
 log = logging.getLogger("remax.trainers")

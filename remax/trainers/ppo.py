@@ -57,8 +57,7 @@ from remax.engines import build_actor
 from remax.models.policy import load_policy, position_ids, response_logits, response_logprobs
 from remax.models.reward import load_reward_model
 from remax.models.reward_adapters import critic_compatible
-from remax.rollout import Rollout
-from remax.rollout_engines import offpolicy_gap
+from remax.rollout import Rollout, offpolicy_gap
 from remax.trainers import conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.ppo")
@@ -116,7 +115,7 @@ class PPOTrainer:
         self.critic_scheduler = self.critic_actor.scheduler
         conventions.place_frozen(self, self.reference, step)
         self.sampling = algo.sampling(cfg.data.max_response_len)
-        self.engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
+        self.rollout_engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
         self.off_policy_sampling = self.sampling.filtered
@@ -215,7 +214,9 @@ class PPOTrainer:
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
-        return self._postprocess(self.engine.generate(ids, mask, self.sampling, greedy=greedy))
+        return self._postprocess(
+            self.rollout_engine.generate(ids, mask, self.sampling, greedy=greedy)
+        )
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
@@ -354,7 +355,7 @@ class PPOTrainer:
                         chunks, n, sampled, mask, old_logprobs, old_values, advantages, returns
                     )
                 )
-        self.engine.weights_updated()  # the next rollout decodes with the stepped actor
+        self.rollout_engine.weights_updated()  # the next rollout decodes with the stepped actor
         for u in updates:
             for k, v in u.items():
                 totals[k] += v / len(updates)

@@ -49,8 +49,7 @@ from remax.engines import build_actor
 from remax.inputs import InputError
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
-from remax.rollout import Rollout
-from remax.rollout_engines import offpolicy_gap
+from remax.rollout import Rollout, offpolicy_gap
 from remax.trainers import best_actor, conventions, rl_eval
 
 log = logging.getLogger("remax.trainers.remax")
@@ -98,7 +97,7 @@ class RemaxTrainer:
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         conventions.place_frozen(self, reference, cfg.train)
         self.sampling = algo.sampling(cfg.data.max_response_len)
-        self.engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
+        self.rollout_engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
         self.off_policy_sampling = self._off_policy_sampling()
         self.space_id = conventions.space_id(self.tokenizer)
         conventions.seed_ranks(cfg.seed, self.world_size)
@@ -185,7 +184,7 @@ class RemaxTrainer:
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
         """One decode by the rollout engine (the actor's: parameters gathered once under ZeRO-3)."""
-        return self.engine.generate(ids, mask, self.sampling, greedy=greedy)
+        return self.rollout_engine.generate(ids, mask, self.sampling, greedy=greedy)
 
     # ----------------------------------------------------------------- update
     def _logprobs(self, model, rollout: Rollout):
@@ -273,7 +272,7 @@ class RemaxTrainer:
             advs.append(advantages)
             gaps.append(gap)
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
-        self.engine.weights_updated()
+        self.rollout_engine.weights_updated()
         # What each sample is compared with; its mean is the greedy reward (ReMax), the group mean
         # (RLOO, GRPO: their advantages average to 0) or 0 (none).
         stats = remax_stats(

