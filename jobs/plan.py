@@ -20,6 +20,9 @@ unset). ``rollout.engine=vllm`` is planned with the weight-push route the run ta
 (``rollout.push``, ``remax.rollout.vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
 on several CPU ranks; CUDA is ``cluster.device``, or for ``auto`` whether the cluster has GPUs). A
 ``file`` push that cannot fit in the node's memory is refused.
+``model.lora.rank`` > 0 plans LoRA (``remax.plan``): the trained model's base frozen and stored
+once, gradients and Adam states for the adapters only, and in RL no reference model (the actor with
+its adapters disabled); PPO's critic trains in full.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
 ``data.max_seq_len``) in the same placement.
 
