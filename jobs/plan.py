@@ -20,6 +20,9 @@ unset). ``rollout.engine=vllm`` is planned with the weight-push route the run ta
 (``rollout.push``, ``remax.rollout.vllm.push_route``: ``direct`` on CUDA and one CPU rank, ``file``
 on several CPU ranks; CUDA is ``cluster.device``, or for ``auto`` whether the cluster has GPUs). A
 ``file`` push that cannot fit in the node's memory is refused.
+``model.lora.rank`` > 0 plans LoRA (``remax.plan``): the trained model's base frozen and stored
+once, gradients and Adam states for the adapters only, and in RL no reference model (the actor with
+its adapters disabled); PPO's critic trains in full.
 SFT and RM stages plan their one trained model (rows: the micro-batch, ×2 for RM pairs; tokens:
 ``data.max_seq_len``) in the same placement.
 
@@ -40,10 +43,13 @@ from omegaconf import OmegaConf
 from jobs._config import CONF_DIR, compose_dict, fail, to_config
 from remax import plan as planner
 from remax.config import DType, RolloutEngine
+from remax.plan_lora import targets_of
 from remax.stages import STAGES
 
 PRESETS = {
     "llama2_7b": planner.ModelShape.llama2_7b,
+    "llama2_13b": planner.ModelShape.llama2_13b,
+    "llama2_70b": planner.ModelShape.llama2_70b,
     "mistral_7b": planner.ModelShape.mistral_7b,
     "opt_1.3b": planner.ModelShape.opt_1_3b,
     "opt_350m": planner.ModelShape.opt_350m,
@@ -211,9 +217,12 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
     if opts.offload is not None:  # the release's three flags; the actor's parameters stay on GPU
         offload_optimizer = offload_frozen = opts.offload
         offload_params = False
+    lora = config.model.lora  # rank 0: every weight trains
     common = dict(
         dtype_bytes=2 if config.model.dtype == DType.bfloat16 else 4,
         grad_checkpointing=config.model.grad_checkpointing,
+        lora_rank=lora.rank,
+        lora_targets=lora.target_modules,
     )
     data, train, spec = config.data, config.train, STAGES[stage]
     if spec.rl:
@@ -338,10 +347,25 @@ def _describe(stage: str, config, opts: PlanOptions, inp: planner.PlanInput) -> 
         f"parameter offload {on[m.offload_params]}",
     ]
     if inp.rollout:
-        ref = inp.models[1]
+        frozen = next(x for x in inp.models if x.role == "reward")
         shape, source = reward_shape(config, opts, shape_of(config.model))
-        lines[-1] += f"; reference and RM ZeRO-{ref.zero_stage}, offload {on[ref.offload_params]}"
+        held = "RM" if m.lora else "reference and RM"
+        lines[-1] += f"; {held} ZeRO-{frozen.zero_stage}, offload {on[frozen.offload_params]}"
         lines.append(f"reward model: {shape.name} ({source})")
+        if m.lora and any(x.role == "critic" for x in inp.models):
+            lines.append("critic: trained in full (no critic LoRA switch)")
+    if m.lora:
+        lora = config.model.lora
+        lines.append(
+            f"LoRA rank {lora.rank} on {', '.join(targets_of(m.shape, lora.target_modules))}: "
+            f"{m.adapter_params:,} adapter parameters train, the {m.shape.n_params:,} base "
+            "weights are frozen"
+            + (
+                "; the reference is the actor with its adapters disabled (no copy)"
+                if inp.rollout
+                else ""
+            )
+        )
     return lines
 
 

@@ -80,16 +80,27 @@ that with ``node_memory_gib``; the rest of the node's CPU memory is not modelled
 lower bound.
 
 Not modelled: DeepSpeed hybrid-engine inference workspaces, HF ``generate``'s KV-cache concatenation
-copies, CPU memory, pipeline/tensor parallelism, LoRA.
+copies, CPU memory, pipeline/tensor parallelism.
+
+LoRA (``model.lora.rank`` > 0, ``remax.plan_lora``): the trained model's base weights are frozen and
+stored once in the model dtype (partitioned at ZeRO-3 like any parameter), the adapters are stored
+beside them (r·(in + out) per targeted linear, in the model dtype: DeepSpeed casts the module), and
+gradients, Adam states, the step transient and the reduce bucket count only the trainable
+parameters (the adapters, plus the score head of a trained RM). Activations are as without
+adapters (their r-wide intermediates are ignored). The reference policy is the actor with its
+adapters disabled: an RL plan with a LoRA actor has no ``reference`` model, but the experience
+phase still holds the reference's logits (counted on the actor). PPO's critic is trained in full
+(there is no critic LoRA switch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
 from remax.config.rollout import PushRoute
+from remax.plan_lora import adapter_params
 
 GIB = 1024**3
 
@@ -176,6 +187,17 @@ _LLAMA2_13B = {
     "vocab_size": 32000,
     "tie_word_embeddings": False,
 }
+# Llama-2-70B, meta-llama/Llama-2-70b-hf config.json (Touvron et al. 2023, Table 1: 70B with GQA).
+_LLAMA2_70B = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +214,8 @@ class ModelShape:
     tie_word_embeddings: bool = False
     lm_head: bool = True
     name: str = ""
+    model_type: str = "llama"
+    """``llama``, ``mistral`` or ``opt``: which linears a decoder layer has (LoRA targets)."""
 
     def __post_init__(self) -> None:
         for f in (
@@ -242,6 +266,14 @@ class ModelShape:
     @classmethod
     def llama2_7b(cls) -> ModelShape:
         return cls.from_hf_config(_LLAMA2_7B, name="llama2-7b")
+
+    @classmethod
+    def llama2_13b(cls) -> ModelShape:
+        return cls.from_hf_config(_LLAMA2_13B, name="llama2-13b")
+
+    @classmethod
+    def llama2_70b(cls) -> ModelShape:
+        return cls.from_hf_config(_LLAMA2_70B, name="llama2-70b")
 
     @classmethod
     def mistral_7b(cls) -> ModelShape:
@@ -302,6 +334,7 @@ class ModelShape:
                 intermediate_size=inter,
                 tie_word_embeddings=tied,
                 name=name,
+                model_type="opt",
             )
         inter = int(config["intermediate_size"])
         n_kv = int(config.get("num_key_value_heads") or n_heads)
@@ -322,6 +355,7 @@ class ModelShape:
             intermediate_size=inter,
             tie_word_embeddings=tied,
             name=name,
+            model_type=str(config.get("model_type") or "llama"),
         )
 
 
@@ -342,8 +376,16 @@ class ModelPlacement:
     offload_optimizer: bool = False
     dtype_bytes: int = 2
     grad_checkpointing: bool = False
+    adapter_params: int = 0
+    """LoRA: parameters the adapters add; > 0 freezes the shape's own weights."""
+    base_trainable_params: int = 0
+    """LoRA: weights of the shape that still train (a trained RM's score head)."""
 
     def __post_init__(self) -> None:
+        if self.adapter_params < 0 or self.base_trainable_params < 0:
+            raise ValueError("adapter_params and base_trainable_params must be ≥ 0")
+        if self.adapter_params and not self.trainable:
+            raise ValueError(f"the {self.role} model is frozen: it has no adapters to train")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.role in FROZEN_ROLES and self.trainable:
@@ -362,6 +404,25 @@ class ModelPlacement:
             raise ValueError("offload_optimizer needs a trainable model")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("DeepSpeed offloads the optimizer only at ZeRO-1/2/3")
+
+    @property
+    def lora(self) -> bool:
+        return self.adapter_params > 0
+
+    @property
+    def stored_params(self) -> int:
+        """Parameters held: the shape's, plus LoRA adapters."""
+        return self.shape.n_params + self.adapter_params
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters with gradients and Adam states: all of them, or with LoRA the adapters
+        (+ ``base_trainable_params``); 0 for a frozen model."""
+        if not self.trainable:
+            return 0
+        if self.lora:
+            return self.adapter_params + self.base_trainable_params
+        return self.shape.n_params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -431,42 +492,46 @@ class PlanInput:
 
 
 def parameter_bytes(m: ModelPlacement, world_size: int) -> int:
+    n = m.stored_params
     if m.zero_stage == 3:
-        return 0 if m.offload_params else m.dtype_bytes * _ceil_div(m.shape.n_params, world_size)
-    return m.dtype_bytes * m.shape.n_params
+        return 0 if m.offload_params else m.dtype_bytes * _ceil_div(n, world_size)
+    return m.dtype_bytes * n
 
 
 def gradient_bytes(m: ModelPlacement, world_size: int) -> int:
-    if not m.trainable or m.offload_optimizer:
+    n = m.trainable_params
+    if not n or m.offload_optimizer:
         return 0
     if m.zero_stage >= 2:
-        return m.dtype_bytes * _ceil_div(m.shape.n_params, world_size)
-    return m.dtype_bytes * m.shape.n_params
+        return m.dtype_bytes * _ceil_div(n, world_size)
+    return m.dtype_bytes * n
 
 
 def optimizer_bytes(m: ModelPlacement, world_size: int) -> int:
-    if not m.trainable or m.offload_optimizer:
+    n = m.trainable_params
+    if not n or m.offload_optimizer:
         return 0
     per_param = ADAM_BYTES_MIXED if m.dtype_bytes == 2 else ADAM_BYTES_FP32
     if m.zero_stage >= 1:
-        return per_param * _ceil_div(m.shape.n_params, world_size)
-    return per_param * m.shape.n_params
+        return per_param * _ceil_div(n, world_size)
+    return per_param * n
 
 
 def step_gradient_bytes(m: ModelPlacement, world_size: int) -> int:
     """Transient of the on-GPU optimizer step: 16-bit flat gradient partition + its fp32 cast."""
-    if not m.trainable or m.offload_optimizer or m.dtype_bytes != 2:
+    n = m.trainable_params
+    if not n or m.offload_optimizer or m.dtype_bytes != 2:
         return 0
-    partition = m.shape.n_params if m.zero_stage == 0 else _ceil_div(m.shape.n_params, world_size)
+    partition = n if m.zero_stage == 0 else _ceil_div(n, world_size)
     if m.zero_stage == 3:
         partition = min(partition, ZERO3_SUB_GROUP_ELEMENTS)
     return STEP_BYTES_PER_ELEMENT * partition
 
 
 def reduce_bucket_bytes(m: ModelPlacement) -> int:
-    if not m.trainable or m.zero_stage < 2:
+    if not m.trainable_params or m.zero_stage < 2:
         return 0
-    return m.dtype_bytes * min(m.shape.n_params, REDUCE_BUCKET_ELEMENTS)
+    return m.dtype_bytes * min(m.trainable_params, REDUCE_BUCKET_ELEMENTS)
 
 
 def gathered_bytes(m: ModelPlacement) -> int:
@@ -740,6 +805,9 @@ def _add_rollout(inp: PlanInput, add) -> None:
         else EXPERIENCE_EXTRA_COPIES_GATHER
     )
     vocab_models = [m for m in inp.models if m.role in VOCAB_ROLES and m.shape.lm_head]
+    roles = {m.role for m in inp.models}
+    # a LoRA actor is also the reference (adapters disabled): its logits are held all the same
+    vocab_models += [m for m in vocab_models if m.lora and "reference" not in roles]
     for i, m in enumerate(vocab_models):
         add(
             m.role,
@@ -839,6 +907,8 @@ def remax_models(
     offload_optimizer: bool | None = None,
     offload_frozen_params: bool | None = None,
     offload_actor_params: bool = False,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] | None = None,
 ) -> tuple[ModelPlacement, ...]:
     """ReMax: trainable actor (ZeRO-2, grad-ckpt) + frozen reference (actor-sized) + frozen RM.
 
@@ -847,6 +917,8 @@ def remax_models(
     ``offload_optimizer`` / ``offload_frozen_params`` set the two halves separately (None: ``offload``);
     ``offload_actor_params`` offloads a ZeRO-3 actor's parameters too (``deepspeed.offload_params``).
     The RM shape is converted to a value model (no LM head, h→1 head).
+    ``lora_rank`` > 0: the actor trains LoRA adapters on ``lora_targets`` (None: the
+    architecture's default) and is also the reference (adapters disabled), so no reference copy.
     """
     optimizer_offload = offload if offload_optimizer is None else offload_optimizer
     frozen_offload = offload if offload_frozen_params is None else offload_frozen_params
@@ -859,6 +931,7 @@ def remax_models(
         offload_params=offload_actor_params,
         dtype_bytes=dtype_bytes,
         grad_checkpointing=grad_checkpointing,
+        adapter_params=adapter_params(actor_shape, lora_rank, lora_targets),
     )
     reference = ModelPlacement(
         role="reference",
@@ -869,7 +942,7 @@ def remax_models(
         dtype_bytes=dtype_bytes,
     )
     reward = replace(reference, role="reward", shape=rm_shape.as_value_model())
-    return (actor, reference, reward)
+    return (actor, reward) if actor.lora else (actor, reference, reward)
 
 
 def ppo_models(
@@ -885,8 +958,12 @@ def ppo_models(
     offload_optimizer: bool | None = None,
     offload_frozen_params: bool | None = None,
     offload_actor_params: bool = False,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] | None = None,
 ) -> tuple[ModelPlacement, ...]:
-    """PPO: the ReMax models + a critic with the actor's settings, initialised from the RM (RM-sized)."""
+    """PPO: the ReMax models + a critic with the actor's settings, initialised from the RM (RM-sized).
+    With LoRA the actor trains adapters and serves as the reference; the critic trains in full
+    (there is no critic LoRA switch)."""
     base = remax_models(
         actor_shape,
         rm_shape,
@@ -898,8 +975,11 @@ def ppo_models(
         offload_optimizer=offload_optimizer,
         offload_frozen_params=offload_frozen_params,
         offload_actor_params=offload_actor_params,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
     )
-    critic = replace(base[0], role="critic", shape=(critic_shape or rm_shape).as_value_model())
+    critic_shape = (critic_shape or rm_shape).as_value_model()
+    critic = replace(base[0], role="critic", shape=critic_shape, adapter_params=0)
     return base + (critic,)
 
 
@@ -910,9 +990,11 @@ def sft_models(
     offload: bool = False,
     dtype_bytes: int = 2,
     grad_checkpointing: bool = True,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] | None = None,
 ) -> tuple[ModelPlacement, ...]:
     """SFT (release step 1): one trained LM; ``offload`` is ``--offload`` (optimizer to CPU).
-    Plan it with ``PlanInput(rollout=False)``."""
+    ``lora_rank`` > 0 trains adapters only. Plan it with ``PlanInput(rollout=False)``."""
     return (
         ModelPlacement(
             role="sft",
@@ -922,6 +1004,7 @@ def sft_models(
             offload_optimizer=offload,
             dtype_bytes=dtype_bytes,
             grad_checkpointing=grad_checkpointing,
+            adapter_params=adapter_params(shape, lora_rank, lora_targets),
         ),
     )
 
@@ -933,17 +1016,23 @@ def reward_model_models(
     offload: bool = False,
     dtype_bytes: int = 2,
     grad_checkpointing: bool = True,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] | None = None,
 ) -> tuple[ModelPlacement, ...]:
     """RM training (release step 2): one trained value model (backbone + h→1 head, no LM logits).
-    A step scores chosen and rejected answers, so its micro-batch in rows is 2 × pairs."""
+    A step scores chosen and rejected answers, so its micro-batch in rows is 2 × pairs.
+    With LoRA the score head (h weights) trains in full beside the adapters."""
     (model,) = sft_models(
         shape.as_value_model(),
         zero_stage=zero_stage,
         offload=offload,
         dtype_bytes=dtype_bytes,
         grad_checkpointing=grad_checkpointing,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
     )
-    return (replace(model, role="rm"),)
+    head = shape.hidden_size if model.lora else 0
+    return (replace(model, role="rm", base_trainable_params=head),)
 
 
 __all__ = [

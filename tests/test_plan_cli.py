@@ -147,3 +147,47 @@ def test_a_file_push_over_the_node_memory_is_refused_in_one_line(vllm_importable
 def test_unknown_push_route_fails_in_one_line():
     out = run_job("jobs.plan", *A800, "rollout.push=shm", check=False)
     assert out.returncode == 2 and "rollout.push" in out.stderr and "shm" in out.stderr
+
+
+# LoRA verdicts on one 4×A800 node at the release's micro-batch 1 and 256 + 256 tokens (README table).
+LORA = ["cluster=slurm_a800", "model.lora.rank=8", *RELEASE_INPUTS]
+
+
+@pytest.mark.parametrize(
+    "model,algo,placement,verdict,full_verdict",
+    [
+        ("llama2_7b", "remax_official", ["deepspeed=zero2"], "fits", "fits"),
+        ("llama2_7b", "ppo_dschat", ["deepspeed=zero2"], "fits", "OOM"),  # full PPO: OOM
+        ("llama2_13b", "remax_official", ["deepspeed=zero2"], "fits", "OOM"),
+        ("llama2_13b", "ppo_dschat", ["deepspeed=zero3"], "fits", "OOM"),
+        ("llama2_70b", "remax_official", ["deepspeed=zero3"], "fits", "OOM"),  # no offload
+        ("llama2_70b", "ppo_dschat", ["deepspeed=zero3"], "OOM", "OOM"),  # the full critic
+        ("llama2_70b", "ppo_dschat", ["deepspeed=zero3", "plan.offload=true"], "fits", "fits"),
+    ],
+)
+def test_lora_verdicts_on_the_a800_node(model, algo, placement, verdict, full_verdict, capsys):
+    from jobs import plan as cli
+
+    args = [f"model={model}", f"algo={algo}", *placement, *LORA]
+    result = cli.main(args)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == f"verdict: {verdict}"
+    roles = [m.role for m in result.inp.models]
+    assert "reference" not in roles and ("critic" in roles) == algo.startswith("ppo")
+    assert "LoRA rank 8 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in out
+    assert "adapters disabled (no copy)" in out
+    full = cli.main([*args, "model.lora.rank=0"])
+    assert full.fits == (full_verdict == "fits") and "reference" in [
+        m.role for m in full.inp.models
+    ]
+    assert result.total_bytes < full.total_bytes
+
+
+def test_an_unknown_lora_target_fails_in_one_line(capsys):
+    from jobs import plan as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*A800, "model.lora.rank=8", "model.lora.target_modules=[q_proj,wq]"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "['wq']" in err and "q_proj, k_proj" in err
