@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from remax.preemption import StopRequest
 from remax.rollout_vllm import check_head_dims
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
+from remax.trainers.checkpointer import check_resumable
 from remax.watchdog import Watchdog
 
 log = logging.getLogger("remax.jobs")
@@ -78,7 +80,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
             f"evaluate runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
-    trainer = _checked_trainer(stage, config)
+    trainer = _checked_trainer(stage, config, run_dir)
     owner = claim(run_dir, stage)
     if owner:
         # Another live job owns this run dir: touching it would delete that job's in-progress
@@ -108,14 +110,19 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     return summary
 
 
-def _checked_trainer(stage: str, config):
+def _checked_trainer(stage: str, config, run_dir):
     """Inputs first, run dir second: a missing export or a malformed data file is one line and
-    exit 2 with nothing written (the trainer reads every input when it is built). None for
-    ``evaluate``, which loads its policies one at a time."""
+    exit 2 with nothing written (the trainer reads every input when it is built), and so is a
+    checkpoint whose LoRA adapters fit another base model. None for ``evaluate``, which loads
+    its policies one at a time."""
     try:
         check_inputs(config)
         check_head_dims(config)  # rollout.engine=vllm on CPU: its kernels' head_dims
-        return None if stage == "evaluate" else _trainer(stage, config)
+        if stage == "evaluate":
+            return None
+        trainer = _trainer(stage, config)
+        check_resumable(trainer, Path(run_dir) / "checkpoints")
+        return trainer
     except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
         fail(str(exc))
 
