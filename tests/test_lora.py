@@ -226,3 +226,23 @@ def test_zero2_and_zero3_lora_step_matches_plain_one_rank(tmp_path, monkeypatch)
         assert diff <= 1e-7  # test_deepspeed's bound for one Adam step at lr 1e-3 in fp32
         for key in ("reward/mean", "loss/policy", "optim/grad_norm", "kl/mean"):
             assert ds["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5), key
+
+
+def test_vllm_push_hands_over_the_merged_weights(tmp_path):
+    """rollout.engine=vllm serves the plain model: both push routes (file, direct) hand it the
+    adapters merged under the base's own keys, as export/ holds them (no vLLM needed here)."""
+    from remax.engines import TorchActor
+    from remax.rollout_vllm import VLLMEngine
+
+    cfg = _lora(_config("remax", tmp_path))
+    model = _adapt_moved(_base(cfg), cfg.model.lora, seed=0)
+    engine = object.__new__(VLLMEngine)  # the push paths alone, without starting vLLM
+    engine.actor, engine.weights_dir = TorchActor(model, cfg.optim, 1), tmp_path
+    want, _ = lora.export_weights(model, None)
+    assert want.keys() == _base(cfg).state_dict().keys()
+    engine._write_weights()
+    pushed = {"file": load_file(tmp_path / "model.safetensors"), "direct": {}}
+    pushed["direct"] = dict(engine._direct_weights())
+    for route, got in pushed.items():
+        assert got.keys() == want.keys(), route
+        assert all(torch.equal(got[k], want[k]) for k in want), route
