@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from remax import distributed
 from remax.fileio import replace_dir
+from remax.models import lora
 
 log = logging.getLogger("remax.checkpoint")
 
@@ -368,8 +369,6 @@ def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -
     best actor kept on disk). An adapted model (``model.lora``) is saved merged, as the plain HF
     model the next stage loads, with the adapter alone in ``export/adapter/`` (PEFT's format).
     """
-    from remax.models import lora
-
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(f".tmp_{export_dir.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

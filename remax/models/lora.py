@@ -191,8 +191,9 @@ def _merged(state: dict, key: str, weight: torch.Tensor, scale: float) -> torch.
 def save_adapter(module: torch.nn.Module, adapter: dict, directory: Path) -> None:
     """``directory``: PEFT's ``adapter_config.json`` and ``adapter_model.safetensors``, which
     ``peft.PeftModel.from_pretrained(<base>, directory)`` loads."""
-    from remax.checkpoint import save_weights
+    from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     module.remax_lora_config.save_pretrained(directory)
-    save_weights(adapter, directory / "adapter_model.safetensors")
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in adapter.items()}
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
