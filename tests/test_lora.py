@@ -246,3 +246,32 @@ def test_vllm_push_hands_over_the_merged_weights(tmp_path):
     for route, got in pushed.items():
         assert got.keys() == want.keys(), route
         assert all(torch.equal(got[k], want[k]) for k in want), route
+
+
+@pytest.mark.parametrize("critic_lora", [False, True])
+def test_ppo_actor_gets_adapters_and_the_critic_behind_its_switch(tmp_path, critic_lora):
+    """PPO: the actor trains adapters and its reference is the actor with them off (no copy); the
+    critic trains every weight, or with ``algo.critic_lora`` adapters plus its full value head."""
+    from test_ppo_trainer import _cfg
+
+    from remax.config import PPOAlgoConfig
+    from remax.engines import trained_state
+    from remax.trainers.ppo import PPOTrainer
+
+    algo = PPOAlgoConfig(kl_coef=0.05, critic_lora=critic_lora)
+    cfg = _lora(_cfg(tmp_path, algo=algo), lr=1e-2)
+    trainer = PPOTrainer(cfg)
+    assert isinstance(trainer.reference, lora.AdaptersOff)
+    assert trainer.reference.model is trainer.model
+    assert all(".lora_" in k for k in trained_state(trainer.model))
+    critic = set(trained_state(trainer.critic))
+    if critic_lora:
+        assert "score.weight" in critic and all(".lora_" in k for k in critic - {"score.weight"})
+    else:
+        assert critic == set(trainer.critic.state_dict())  # every weight
+    ids = torch.randint(3, len(trainer.tokenizer), (2, 8))
+    base = _logits(_base(cfg), ids)
+    for _ in range(2):
+        trainer.train_step()
+    assert torch.equal(_logits(trainer.reference, ids), base)
+    assert (_logits(trainer.model, ids) - base).abs().max() > 1e-4
