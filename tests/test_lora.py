@@ -107,9 +107,12 @@ def test_checkpoint_holds_the_adapters_and_resume_is_bit_identical(tmp_path):
     step3 = run_dir / "checkpoints" / "step_3"
     saved = load_file(step3 / "model.safetensors")
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
-    # A full checkpoint holds every weight (4 bytes each) and Adam's two moments of each.
+    # The engine's files (weights, optimizer) against a full checkpoint's: every weight (4 bytes
+    # each) and Adam's two moments of each. state.pt (RNG, counters) is the same for both.
     full = 3 * 4 * sum(p.numel() for p in _base(cfg).parameters())
-    lora_bytes = sum(p.stat().st_size for p in step3.rglob("*") if p.is_file())
+    lora_bytes = sum(
+        (step3 / f).stat().st_size for f in ("model.safetensors", "actor_optimizer.pt")
+    )
     print(f"checkpoint bytes: LoRA {lora_bytes}, a full one at least {full}")
     assert lora_bytes < full / 3
     _, summary = _run("remax", cfg)
