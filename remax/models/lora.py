@@ -98,7 +98,9 @@ def _without_heads(config):
 
 
 def lora_layers(model: torch.nn.Module) -> list:
-    """The LoRA layers of ``model`` (empty without adapters)."""
+    """The LoRA layers of ``model`` (empty without adapters; then PEFT is not imported)."""
+    if getattr(model, "remax_lora_config", None) is None:
+        return []
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
