@@ -120,16 +120,32 @@ def test_checkpoint_holds_the_adapters_and_resume_is_bit_identical(tmp_path):
     _assert_identical(ref_dir, run_dir)
 
 
-def test_reward_model_checkpoint_trains_the_score_head_fully(tmp_path):
-    """RM stage: adapters on the backbone, the new ``score`` head trained whole (and in the
-    checkpoint and export/adapter/)."""
-    from jobs._stage import _trainer
-    from remax.engines import trained_state
+def test_reward_model_trains_the_score_head_fully(tmp_path):
+    """RM stage (with gradient checkpointing): adapters on the backbone, the new ``score`` head
+    trained whole; both are in the checkpoint and in export/adapter/, which PEFT merges into the
+    base to equal export/ (loaded with AutoModelForSequenceClassification)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
 
-    trainer = _trainer("reward_model", _lora(_config("reward_model", tmp_path)))
-    keys = set(trained_state(trainer.model))
-    assert "score.weight" in keys
-    assert all(".lora_" in k for k in keys - {"score.weight"}) and len(keys) > 1
+    from remax.models.reward import load_reward_model
+
+    cfg = _lora(_config("reward_model", tmp_path), lr=1e-2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_checkpointing=True))
+    run_dir, _ = _run("reward_model", cfg)
+    saved = load_file(run_dir / "checkpoints" / f"step_{STEPS}" / "model.safetensors")
+    assert "score.weight" in saved and all(".lora_" in k for k in set(saved) - {"score.weight"})
+    export = AutoModelForSequenceClassification.from_pretrained(run_dir / "export", num_labels=1)
+    export = export.state_dict()
+    plain = dataclasses.replace(cfg.model, lora=LoraConfig(), grad_checkpointing=False)
+    base = load_reward_model(plain, seed=cfg.seed, device=CPU)[0]
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, run_dir / "export" / "adapter").merge_and_unload()
+    merged = merged.state_dict()
+    assert export.keys() == merged.keys()
+    assert max(float((export[k] - merged[k]).abs().max()) for k in export) < 1e-6
+    for key in ("score.weight", "model.layers.0.self_attn.q_proj.weight"):  # head, adapted
+        assert (export[key] - before[key]).abs().max() > 1e-4, key
+    assert torch.equal(export["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
 
 
 def test_resume_on_another_base_is_refused(tmp_path, capsys):

@@ -85,7 +85,10 @@ def adapt(
         getattr(model, name).requires_grad_(True)
     model.remax_lora_config = config
     setattr(model, BASE_HASH, base_sha256(model))
-    if getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         # Reentrant checkpointing skips a block whose inputs need no grad (frozen embeddings).
         model.enable_input_require_grads()
     return model
