@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from remax.preemption import StopRequest
 from remax.rollout.vllm import check_head_dims
 from remax.run_dir import RunDirError, prepare, run_dir_for
 from remax.seeding import seed_everything
+from remax.trainers.checkpointer import check_resumable
 from remax.watchdog import Watchdog
 
 log = logging.getLogger("remax.jobs")
@@ -42,13 +44,14 @@ def _trainer(stage: str, config):
     return _load(spec.trainer)(config)
 
 
-def _runner(spec, config):
+def _runner(spec, config, run_dir: Path):
     """The stage's run: ``(run_dir, stop, end) -> summary or None``. A trainer is built here,
     reading every input; a runner (evaluate) loads its policies one at a time as it goes."""
     if spec.trainer is None:
         run = _load(spec.runner)
         return lambda run_dir, stop, end: run(config, run_dir, stop)
     trainer = _trainer(spec.name, config)
+    check_resumable(trainer, run_dir / "checkpoints")
 
     def train(run_dir, stop, end):
         from remax.trainers import loop
@@ -92,7 +95,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
             f"{stage} runs on one rank only, this launch has {env.world_size}: start it with one "
             "task (cluster.tasks_per_node=1, nodes=1)"
         )
-    runner = _checked_runner(spec, config)
+    runner = _checked_runner(spec, config, run_dir)
     owner = claim(run_dir, stage)
     if owner:
         # Another live job owns this run dir: touching it would delete that job's in-progress
@@ -122,13 +125,14 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     return summary
 
 
-def _checked_runner(spec, config):
+def _checked_runner(spec, config, run_dir):
     """Inputs first, run dir second: a missing export or a malformed data file is one line and
-    exit 2 with nothing written (the trainer reads every input when it is built)."""
+    exit 2 with nothing written (the trainer reads every input when it is built), and so is a
+    checkpoint whose LoRA adapters fit another base model."""
     try:
         check_inputs(config)
         check_head_dims(config)  # rollout.engine=vllm on CPU: its kernels' head_dims
-        return _runner(spec, config)
+        return _runner(spec, config, Path(run_dir))
     except (InputError, ConfigError) as exc:  # e.g. a reward function that cannot be imported
         fail(str(exc))
 

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from remax import distributed
 from remax.fileio import replace_dir
+from remax.models import lora
 
 log = logging.getLogger("remax.checkpoint")
 
@@ -365,12 +366,16 @@ def export_hf(model, tokenizer, export_dir: Path, meta: dict, state_dict=None) -
     """``save_pretrained`` (safetensors) of weights and tokenizer plus ``meta.json``, atomically.
 
     ``state_dict``: weights to save instead of the module's own (a ZeRO-3 consolidation, or the
-    best actor kept on disk).
+    best actor kept on disk). An adapted model (``model.lora``) is saved merged, as the plain HF
+    model the next stage loads, with the adapter alone in ``export/adapter/`` (PEFT's format).
     """
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(f".tmp_{export_dir.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    state_dict, adapter = lora.export_weights(model, state_dict)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    if adapter is not None:
+        lora.save_adapter(model, adapter, tmp / "adapter")
     tokenizer.save_pretrained(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     return replace_dir(tmp, export_dir)

@@ -127,7 +127,7 @@ class TorchActor:
         if distributed.rank():  # weights and optimizer are identical on every rank
             return
         weights, optimizer = self._files(directory)
-        save_weights(self.module.state_dict(), weights)
+        save_weights(trained_state(self.module), weights)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.master.active:  # the fp32 copies: not derivable from the bf16 weights
             state["master"] = self.master.state_dict()
@@ -141,7 +141,7 @@ class TorchActor:
                 "written with deepspeed.enabled=true; resume with the same deepspeed setting"
             )
         device = next(self.module.parameters()).device
-        self.module.load_state_dict(load_file(weights, device=str(device)))
+        load_trained_state(self.module, load_file(weights, device=str(device)))
         state = torch.load(optimizer, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -245,7 +245,10 @@ class DeepSpeedActor:
     def save(self, directory: Path) -> None:
         """Every rank writes its shards into ``directory/deepspeed/`` (collective)."""
         self.engine.save_checkpoint(
-            str(Path(directory) / ENGINE_DIR), tag=self.name, save_latest=False
+            str(Path(directory) / ENGINE_DIR),
+            tag=self.name,
+            save_latest=False,
+            exclude_frozen_parameters=_has_frozen(self.module),  # LoRA: the adapters alone
         )
 
     def load(self, directory: Path) -> None:
@@ -258,12 +261,39 @@ class DeepSpeedActor:
         loaded, _ = self.engine.load_checkpoint(
             str(path),
             tag=self.name,
-            load_module_strict=True,
+            load_module_strict=not _has_frozen(self.module),  # frozen weights: from the base
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         if loaded is None:
             raise ValueError(f"DeepSpeed could not load its engine state from {path / self.name}")
+
+
+def _has_frozen(module: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``module``: its whole state, or with frozen weights (LoRA's
+    base) the trainable parameters alone (adapters and head): the base is loaded from
+    ``model.path``, and its hash in the checkpoint says it is the same one (``remax.models.lora``)."""
+    if not _has_frozen(module):
+        return module.state_dict()
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trained_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`trained_state` saved; every trainable tensor must be there."""
+    if not _has_frozen(module):
+        module.load_state_dict(state)
+        return
+    wanted = set(trained_state(module))
+    if set(state) != wanted:
+        raise ValueError(
+            f"checkpoint holds {len(state)} trainable tensors, the model has {len(wanted)} "
+            f"(differing: {sorted(set(state) ^ wanted)[:3]}): resume with the same model.lora"
+        )
+    module.load_state_dict(state, strict=False)
 
 
 def build_actor(
@@ -302,6 +332,8 @@ def frozen(model, ds: DeepSpeedConfig, *, train: TrainConfig, dtype: DType):
     run the same number of forwards. Stages 0–2 hold nothing to shard without an optimizer: the
     model stays replicated as it is.
     """
+    if not isinstance(model, torch.nn.Module):
+        return model  # a view of the actor (LoRA's reference: adapters off), placed with it
     model.eval().requires_grad_(False)
     if not ds.enabled or ds.inference_zero_stage != 3:
         return model

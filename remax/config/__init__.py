@@ -44,6 +44,7 @@ from remax.config.data import DataConfig
 from remax.config.deepspeed import DeepSpeedConfig, deepspeed_json
 from remax.config.evaluate import AnswerFormat, EvaluateJobConfig, PromptFormat, ReferenceConfig
 from remax.config.model import (
+    LoraConfig,
     ModelConfig,
     RewardKind,
     RewardNormalization,
@@ -81,6 +82,7 @@ __all__ = [
     "KLMode",
     "LogConfig",
     "LogprobDist",
+    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "PPOAlgoConfig",

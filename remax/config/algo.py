@@ -138,6 +138,9 @@ class PPOAlgoConfig(SamplingFields):
     ReMax release: 1)."""
     eval_decoding: EvalDecoding = EvalDecoding.sampled
     """Decoding of evaluation answers (the same as the ReMax run's for a fair comparison)."""
+    critic_lora: bool = False
+    """With ``model.lora.rank`` > 0: the critic gets the same adapters (its value head trained
+    fully); false: the critic trains every weight while the actor trains adapters."""
 
     def __post_init__(self) -> None:
         _require(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "use a value >= 0, e.g. 0.1")

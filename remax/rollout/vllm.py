@@ -53,6 +53,7 @@ from remax import distributed
 from remax.config.rollout import PushRoute, RolloutConfig, RolloutEngine
 from remax.config.sampling import SamplingConfig
 from remax.inputs import InputError
+from remax.models import lora
 from remax.rollout.sampler import Rollout
 
 log = logging.getLogger("remax.rollout.vllm")
@@ -288,11 +289,20 @@ class VLLMEngine:
                 k: v.detach().to("cpu", copy=True).contiguous()
                 for k, v in self.actor.module.state_dict().items()
             }
+        # LoRA: vLLM serves the plain model, so it gets the adapters merged (as export/ holds).
+        weights, _ = lora.export_weights(self.actor.module, weights)
         save_file(weights, self.weights_dir / "model.safetensors")
 
     def _direct_weights(self):
         """Direct route: the actor's parameters as ``(name, tensor)``, chunk by chunk (each chunk
-        gathered once under ZeRO-3 while vLLM copies it in)."""
+        gathered once under ZeRO-3 while vLLM copies it in); with LoRA the merged weights."""
+        if lora.lora_layers(self.actor.module):
+            with self.actor.generation():
+                # Cloned inside: ZeRO-3 frees the gathered tensors when the context exits.
+                state = {k: v.detach().clone() for k, v in self.actor.module.state_dict().items()}
+                merged, _ = lora.export_weights(self.actor.module, state)
+            yield from merged.items()
+            return
         named = list(self.actor.module.named_parameters())
         for chunk in param_chunks(named, self.cfg.push_chunk_mib << 20):
             with _gathered(self.actor, [p for _, p in chunk]):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from remax import distributed, ledger, watchdog
 from remax.checkpoint import CheckpointManager, rng_state, set_rng_state
+from remax.inputs import InputError
+from remax.models.lora import BASE_HASH
 from remax.preemption import StopRequest
 
 log = logging.getLogger("remax.loop")
@@ -70,6 +72,7 @@ class Checkpointer:
                 f"{latest} was written by {state.get('world_size', 1)} ranks, this run has {world}: "
                 "resume with the same number of ranks (each rank's RNG stream is in the checkpoint)"
             )
+        check_base(self.trainer, state)  # LoRA: the adapters fit only the base they were trained on
         for engine in self.trainer.engines():  # weights, optimizer and scheduler (own shards)
             engine.load(latest)
         self.trainer.load_state_dict(state["trainer"])
@@ -156,9 +159,36 @@ class Checkpointer:
             return
         state = {"trainer": self.trainer.state_dict(), "rng": rng_state(), "timing": self.timing()}
         state["world_size"] = distributed.world_size()
+        state["base_sha256"] = base_hashes(self.trainer)
         self.manager.save(step, None, state, write=write)
 
     def _measured(self, seconds: float) -> None:
         self.save_s = seconds
         watchdog.expect("save", seconds)  # a resumed segment's first save has a budget too
         self.stop.observe_save(seconds)
+
+
+def base_hashes(trainer) -> dict[str, str]:
+    """``{engine name: SHA-256 of its frozen base}`` of each adapted engine (``model.lora``)."""
+    hashes = {e.name: getattr(e.module, BASE_HASH, None) for e in trainer.engines()}
+    return {name: h for name, h in hashes.items() if h is not None}
+
+
+def check_base(trainer, state: dict) -> None:
+    """Raise InputError when a checkpoint's adapters were trained on another base model."""
+    saved, now = state.get("base_sha256", {}), base_hashes(trainer)
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            raise InputError(
+                f"checkpoint adapters of {name!r} were trained on base weights with SHA-256 "
+                f"{str(saved.get(name))[:12]}, model.path now loads {str(now.get(name))[:12]}: "
+                "resume with the same base model, or start a new run (run.attempt=<n>)"
+            )
+
+
+def check_resumable(trainer, root: Path) -> None:
+    """``check_base`` against the newest complete checkpoint under ``root``, reading only (a job
+    calls it before it writes anything)."""
+    latest = CheckpointManager(root).latest() if Path(root).is_dir() else None
+    if latest is not None:
+        check_base(trainer, CheckpointManager.load_state(latest, 0))

@@ -39,7 +39,6 @@ Notation: B batch, P prompt length, T response length, V vocab.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from dataclasses import replace
@@ -50,10 +49,11 @@ from remax import distributed
 from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
-from remax.config import PPOJobConfig
+from remax.config import LoraConfig, PPOJobConfig
 from remax.data.batching import EpochSampler
 from remax.distributed import select_device
 from remax.engines import build_actor
+from remax.models import lora
 from remax.models.policy import load_policy, position_ids, response_logits, response_logprobs
 from remax.models.reward import load_reward_model
 from remax.models.reward_adapters import critic_compatible
@@ -85,14 +85,19 @@ class PPOTrainer:
         self.cfg, algo = cfg, cfg.algo
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        lora.adapt(self.model, cfg.model.lora, seed=cfg.seed)  # model.lora.rank=0: unchanged
         distributed.broadcast_params(self.model)  # rank 0's weights, before an engine shards them
-        self.reference = copy.deepcopy(self.model)
+        # A frozen copy of the initial policy; with adapters the policy itself, adapters off.
+        self.reference = lora.reference(self.model)
         # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
         # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
         self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)
         self.reward_model = self.scorer.model if self.scorer is not None else None
         self.critic = self._critic()
         self.critic.requires_grad_(True)
+        # algo.critic_lora: the actor's adapter config on the critic too (score head trained fully).
+        critic_lora = cfg.model.lora if algo.critic_lora else LoraConfig()
+        lora.adapt(self.critic, critic_lora, seed=cfg.seed + 1, train=("score",))
         distributed.broadcast_params(self.critic)
         sets = conventions.prompt_sets(cfg, self.tokenizer)
         self.train_prompts, self.train_raw_prompts = sets.train, sets.train_raw

@@ -11,14 +11,14 @@ The same trainer runs the other critic-free algorithms: ``algo.baseline`` picks 
 k = ``rollout.samples_per_prompt`` samples of a prompt, which decode no greedy response), and
 ``algo.clip_ratio``, ``algo.kl_loss_coef`` are GRPO's loss switches (``algo=rloo``, ``algo=grpo``).
 
-The reference model is a frozen copy of the initial policy (the SFT export). Experience-time and
+The reference model is a frozen copy of the initial policy (the SFT export); with LoRA adapters
+(``model.lora``) it is the policy with its adapters disabled, no second copy. Experience-time and
 training-time log-probs are one forward: with dropout off and one on-policy pass they are equal
 (spec test 18), so the KL penalty uses the detached training log-probs instead of a second forward.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -47,6 +47,7 @@ from remax.data.batching import EpochSampler
 from remax.distributed import select_device
 from remax.engines import build_actor
 from remax.inputs import InputError
+from remax.models import lora
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.rollout import Rollout, offpolicy_gap
@@ -67,9 +68,11 @@ class RemaxTrainer:
         self.cfg, algo = cfg, cfg.algo
         self.device = select_device(cfg.cluster.device)
         model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        lora.adapt(model, cfg.model.lora, seed=cfg.seed)  # model.lora.rank=0: unchanged
         # Rank 0's weights everywhere, before any engine shards them.
         distributed.broadcast_params(model)
-        reference = copy.deepcopy(model)
+        # A frozen copy of the initial policy; with adapters the policy itself, adapters off.
+        reference = lora.reference(model)
         # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
         # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
         self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)

@@ -18,6 +18,7 @@ from remax.data.batching import EpochSampler, PairBatch, collate_pairs
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
 from remax.engines import build_actor
+from remax.models import lora
 from remax.models.reward import hf_pooling_at_end, load_reward_model, score
 
 
@@ -26,6 +27,8 @@ class RewardModelTrainer:
         self.cfg = cfg
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_reward_model(cfg.model, seed=cfg.seed, device=self.device)
+        # With adapters the score head is new, not a low-rank update: it trains fully.
+        lora.adapt(self.model, cfg.model.lora, seed=cfg.seed, train=("score",))
         train, held_out = stage_records("preference", cfg.data)
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)

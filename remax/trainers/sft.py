@@ -20,6 +20,7 @@ from remax.data.batching import EpochSampler, SFTBatch, collate_sft
 from remax.data.stage_data import format_prompts, stage_records
 from remax.distributed import select_device
 from remax.engines import build_actor
+from remax.models import lora
 from remax.models.policy import load_policy, token_logprobs
 
 
@@ -28,6 +29,7 @@ class SFTTrainer:
         self.cfg = cfg
         self.device = select_device(cfg.cluster.device)
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
+        lora.adapt(self.model, cfg.model.lora, seed=cfg.seed)  # model.lora.rank=0: unchanged
         train, held_out = stage_records("sft", cfg.data)
         self.train_records = format_prompts(train, cfg.data, self.tokenizer)
         self.eval_records = format_prompts(held_out, cfg.data, self.tokenizer)
