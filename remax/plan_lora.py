@@ -21,7 +21,9 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
-DEFAULT_TARGETS["mistral"] = DEFAULT_TARGETS["llama"]
+DEFAULT_TARGETS["mistral"] = DEFAULT_TARGETS["qwen2"] = DEFAULT_TARGETS["llama"]
+"""Every attention and MLP projection (LoRA paper; QLoRA: all linear layers do best), per HF
+``model_type``: the planner's count and the adapters ``remax.models.lora`` injects."""
 
 
 def _family(model_type: str) -> str:

@@ -27,14 +27,8 @@ import torch
 
 from remax.config.model import LoraConfig
 from remax.inputs import InputError
+from remax.plan_lora import DEFAULT_TARGETS
 
-# Every attention and MLP projection (LoRA paper; QLoRA: all linear layers do best).
-_DEFAULT_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
 ADAPTER = "default"  # PEFT's adapter name; one adapter per model
 BASE_HASH = "remax_base_sha256"  # attribute of an adapted model: its frozen base weights' hash
 
@@ -44,13 +38,13 @@ def target_modules(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     if cfg.target_modules is not None:
         return list(cfg.target_modules)
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind not in _DEFAULT_TARGETS:
+    if kind not in DEFAULT_TARGETS:
         raise InputError(
             f"model.lora.target_modules: no default for architecture {kind!r} (defaults: "
-            f"{', '.join(sorted(_DEFAULT_TARGETS))}); name its linear layers, e.g. "
+            f"{', '.join(sorted(DEFAULT_TARGETS))}); name its linear layers, e.g. "
             "model.lora.target_modules=[q_proj,v_proj]"
         )
-    return _DEFAULT_TARGETS[kind]
+    return list(DEFAULT_TARGETS[kind])
 
 
 def adapt(
