@@ -131,6 +131,7 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
         DataConfig,
         DType,
         LogConfig,
+        LoraConfig,
         ModelConfig,
         OptimConfig,
         PPOJobConfig,
@@ -150,6 +151,7 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
             path=policy_path,
             dtype=DType(dtype_name),
             grad_checkpointing=device == "cuda",
+            lora=LoraConfig(rank=getattr(args, "lora_rank", 0)),
         ),
         data=DataConfig(
             max_prompt_len=args.prompt_len,

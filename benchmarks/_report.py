@@ -58,9 +58,13 @@ def _decode_and_ratio(d: dict, ratio: dict) -> list[str]:
             if "vllm_decode" in d["median_s"]
             else ""
         ),
-        f"Model-state ratio ReMax/PPO {ratio['model_state_remax_over_ppo']:.3f} measured; "
-        f"{ratio['model_state_remax_over_ppo_mixed_precision_analytic']:.3f} analytic for "
-        "DeepSpeed-style mixed precision (16 B per trained, 2 B per frozen parameter).",
+        f"Model-state ratio ReMax/PPO {ratio['model_state_remax_over_ppo']:.3f} measured"
+        + (
+            f"; {ratio['model_state_remax_over_ppo_mixed_precision_analytic']:.3f} analytic for "
+            "DeepSpeed-style mixed precision (16 B per trained, 2 B per frozen parameter)."
+            if "model_state_remax_over_ppo_mixed_precision_analytic" in ratio
+            else " (LoRA actors: the reference is the actor with its adapters off)."
+        ),
     ]
 
 

@@ -122,12 +122,18 @@ def model_state(model, optimizer=None) -> dict[str, int]:
 def arm_state(trainer) -> dict[str, dict]:
     models = {
         "actor": model_state(trainer.model, trainer.optimizer),
-        "reference": model_state(trainer.reference),
+        # With LoRA the reference is the actor with its adapters off: no tensor of its own.
+        "reference": model_state(trainer.reference) if _is_module(trainer.reference) else {},
         "reward_model": model_state(trainer.reward_model),
     }
+    models = {k: v for k, v in models.items() if v}
     if hasattr(trainer, "critic"):
         models["critic"] = model_state(trainer.critic, trainer.critic_optimizer)
     return {"models": models, "total": sum(m["total"] for m in models.values())}
+
+
+def _is_module(model) -> bool:
+    return isinstance(model, torch.nn.Module)
 
 
 def resident_bytes(trainer) -> int:
@@ -220,16 +226,18 @@ def _arm_result(args, trainer, rec: dict, device: str) -> dict:
     return out
 
 
-def _ratios(remax: dict, ppo: dict, n: int, r: int, device: str) -> dict:
+def _ratios(remax: dict, ppo: dict, n: int, r: int, device: str, lora: bool = False) -> dict:
     ratios = {
         "model_state_remax_over_ppo": remax["model_state"]["total"] / ppo["model_state"]["total"],
         "step_time_remax_over_ppo": remax["step_s_median"] / ppo["step_s_median"],
         "samples_per_s_remax_over_ppo": remax["samples_per_s"] / ppo["samples_per_s"],
+    }
+    if not lora:
         # Not measured: the same models under DeepSpeed bf16 (trained: bf16 weight + grad, fp32
         # master + Adam moments = 16 B/parameter; frozen: 2 B), the paper's accounting.
-        "model_state_remax_over_ppo_mixed_precision_analytic": (16 * n + 2 * n + 2 * r)
-        / (16 * n + 2 * n + 2 * r + 16 * r),
-    }
+        ratios["model_state_remax_over_ppo_mixed_precision_analytic"] = (16 * n + 2 * n + 2 * r) / (
+            16 * n + 2 * n + 2 * r + 16 * r
+        )
     if device == "cuda":
         ratios["cuda_peak_own_remax_over_ppo"] = (
             remax["cuda_peak_own_bytes"] / ppo["cuda_peak_own_bytes"]
@@ -272,7 +280,7 @@ def run_size(
         res = {
             a: _arm_result(args, arms[spec, a], steps[spec, a], device) for a in ("remax", "ppo")
         }
-        res["ratios"] = _ratios(res["remax"], res["ppo"], n, r, device)
+        res["ratios"] = _ratios(res["remax"], res["ppo"], n, r, device, lora=args.lora_rank > 0)
         by_engine[spec] = res
     out["rollout_engine"] = args.engines[0]
     out.update(by_engine[args.engines[0]])  # remax, ppo, ratios: the first engine's
@@ -369,6 +377,12 @@ def parse_args(argv):
     p.add_argument("--response-len", type=int)
     p.add_argument("--reps", type=int, help="decode benchmark repeats")
     p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="model.lora.rank of both actors (0: full fine-tuning; PPO's critic stays full)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -441,6 +455,7 @@ def main(argv=None) -> dict:
             "sizes": args.sizes,
             "rm_sizes": args.rm_sizes or args.sizes,
             "engine": args.engine,
+            "lora_rank": args.lora_rank,
             "remax_algo": "remax_official",
             "ppo_algo": "ppo_matched",
         },

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from jobs._config import CONF_DIR, compose_dict, fail, to_config
 from remax import plan as planner
-from remax.config import DType, RolloutEngine
+from remax.config import DType, PPOAlgoConfig, RolloutEngine
 from remax.plan_lora import targets_of
 from remax.stages import STAGES
 
@@ -207,6 +207,13 @@ def _placement(config) -> tuple[int, int, bool, bool, bool]:
     )
 
 
+def _critic(config) -> dict:
+    """PPO's critic LoRA switch (``algo.critic_lora``) for its planner builder; none elsewhere."""
+    if isinstance(config.algo, PPOAlgoConfig):
+        return {"critic_lora": config.algo.critic_lora}
+    return {}
+
+
 def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
     """The planner's input for a composed stage config, ``plan.*`` keys over its values."""
     ranks = config.cluster.ranks
@@ -239,6 +246,7 @@ def plan_input(stage: str, config, opts: PlanOptions) -> planner.PlanInput:
             offload_frozen_params=offload_frozen and frozen_zero == 3,
             offload_actor_params=offload_params and zero == 3,
             **common,
+            **_critic(config),
         )
     else:  # one trained model; an RM step scores chosen and rejected: 2 rows per pair
         micro = gen = train.micro_batch_size * spec.rows_per_example
@@ -352,8 +360,13 @@ def _describe(stage: str, config, opts: PlanOptions, inp: planner.PlanInput) -> 
         held = "RM" if m.lora else "reference and RM"
         lines[-1] += f"; {held} ZeRO-{frozen.zero_stage}, offload {on[frozen.offload_params]}"
         lines.append(f"reward model: {shape.name} ({source})")
-        if m.lora and any(x.role == "critic" for x in inp.models):
-            lines.append("critic: trained in full (no critic LoRA switch)")
+        critic = next((x for x in inp.models if x.role == "critic"), None)
+        if m.lora and critic is not None:
+            lines.append(
+                "critic: LoRA adapters and its value head (algo.critic_lora=true)"
+                if critic.lora
+                else "critic: trained in full (algo.critic_lora=false)"
+            )
     if m.lora:
         lora = config.model.lora
         lines.append(

@@ -960,10 +960,11 @@ def ppo_models(
     offload_actor_params: bool = False,
     lora_rank: int = 0,
     lora_targets: Sequence[str] | None = None,
+    critic_lora: bool = False,
 ) -> tuple[ModelPlacement, ...]:
     """PPO: the ReMax models + a critic with the actor's settings, initialised from the RM (RM-sized).
-    With LoRA the actor trains adapters and serves as the reference; the critic trains in full
-    (there is no critic LoRA switch)."""
+    With LoRA the actor trains adapters and serves as the reference; the critic trains in full,
+    or (``critic_lora``, ``algo.critic_lora``) the same adapters plus its value head (h → 1)."""
     base = remax_models(
         actor_shape,
         rm_shape,
@@ -979,7 +980,14 @@ def ppo_models(
         lora_targets=lora_targets,
     )
     critic_shape = (critic_shape or rm_shape).as_value_model()
-    critic = replace(base[0], role="critic", shape=critic_shape, adapter_params=0)
+    lora = critic_lora and lora_rank > 0  # its value head (h → 1) trains in full
+    critic = replace(
+        base[0],
+        role="critic",
+        shape=critic_shape,
+        adapter_params=adapter_params(critic_shape, lora_rank, lora_targets) if lora else 0,
+        base_trainable_params=critic_shape.hidden_size if lora else 0,
+    )
     return base + (critic,)
 
 

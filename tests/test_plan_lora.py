@@ -143,3 +143,17 @@ def test_a_lora_reward_model_trains_its_score_head_in_full():
     (rm,) = reward_model_models(LLAMA, lora_rank=8)
     # the value model has Llama's decoder layers, so the same adapters, + the 4096 → 1 head
     assert rm.adapter_params == 19_988_480 and rm.trainable_params == 19_988_480 + 4096
+
+
+def test_a_lora_critic_trains_the_adapters_and_its_value_head():
+    """``algo.critic_lora=true``: PPO's critic gets the actor's adapters + its h → 1 head."""
+    lora = plan(_rl(ppo_models, lora_rank=8, critic_lora=True))
+    critic = lora.inp.models[2]
+    assert critic.lora and critic.trainable_params == 19_988_480 + 4096
+    full_critic = plan(_rl(ppo_models, lora_rank=8))
+    assert (
+        lora.bytes_of("critic", Part.OPTIMIZER)
+        < full_critic.bytes_of("critic", Part.OPTIMIZER) / 300
+    )
+    # the switch means nothing without actor adapters: the critic trains in full
+    assert not plan(_rl(ppo_models, critic_lora=True)).inp.models[2].lora
