@@ -27,9 +27,17 @@ def exports(tmp_path_factory):
 
 
 def _cmd(stage: str, root: Path, exports, steps: int) -> list[str]:
+    """``stage`` is a job (``remax``, ``ppo``) with options: ``+lora`` (rank-8 adapters on the
+    actor and PPO's critic: checkpoints hold only them), ``+grpo`` (``algo=grpo``: 4 samples a
+    prompt, group-normalised)."""
     sft, rm = exports
+    job, *options = stage.split("+")
+    lora = "lora" in options
     return [
-        f"jobs.{stage}",
+        f"jobs.{job}",
+        *(["model.lora.rank=8", "optim.lr=1e-3"] if lora else []),
+        *(["algo.critic_lora=true"] if lora and job == "ppo" else []),
+        *(["algo=grpo"] if "grpo" in options else []),
         f"run.root={root}",
         f"model.path={sft}",
         f"reward_model.path={rm}",
@@ -49,7 +57,7 @@ def _cmd(stage: str, root: Path, exports, steps: int) -> list[str]:
 
 def _run(stage: str, root: Path, exports, steps: int) -> Path:
     run_job(*_cmd(stage, root, exports, steps))
-    return next((root / stage).iterdir())
+    return next((root / stage.split("+")[0]).iterdir())
 
 
 def _assert_same_export(a: Path, b: Path) -> None:
@@ -62,23 +70,23 @@ def _assert_same_export(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["remax", "ppo"])
+@pytest.mark.parametrize("stage", ["remax", "remax+grpo", "ppo", "ppo+lora"])
 def test_repeated_kill_9_restarts_from_exports_give_the_same_export(tmp_path, exports, stage):
     """Killed at any moment, twice, a run loses only the steps since its last checkpoint: the
     restart equals the uninterrupted run bit for bit and logs every step once."""
-    steps = 8
+    steps, job = 8, stage.split("+")[0]
     ref = _run(stage, tmp_path / "ref", exports, steps)
     root = tmp_path / "killed"
     for ckpt in ("step_2", "step_4"):  # killed twice, each time after a later checkpoint
         proc = start_job(*_cmd(stage, root, exports, steps))
         deadline = time.monotonic() + 300
-        while not list(root.glob(f"{stage}/*/checkpoints/{ckpt}")):
+        while not list(root.glob(f"{job}/*/checkpoints/{ckpt}")):
             assert proc.poll() is None, proc.stderr()[-2000:]
             assert time.monotonic() < deadline, f"{ckpt} never appeared"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    run_dir = next((root / stage).iterdir())
+    run_dir = next((root / job).iterdir())
     assert not (run_dir / "summary.json").exists(), "killed too late to test anything"
     # Leftovers a kill during a save can leave: a temp dir and a step dir without its marker.
     (run_dir / "checkpoints" / ".tmp_step_99_1").mkdir()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import start_method
 from test_distributed import _entry, free_port, spawn
 from test_resume import _config, _trainer
 from test_stop_path import _stop_after
@@ -187,8 +188,8 @@ def test_a_peer_that_vanishes_mid_collective_is_a_node_failure_not_an_exception(
 
     out, port = tmp_path / "class", free_port()
     # Not spawn(): it would SIGTERM rank 0 as soon as rank 1 dies, before rank 0 sees the loss.
-    ctx = mp.get_context("spawn")
-    args = (_collective_with_a_vanishing_peer, 2, port, (str(out),))
+    ctx = mp.get_context(start_method())
+    args = (_collective_with_a_vanishing_peer, 2, port, (str(out),), dict(os.environ))
     ranks = [ctx.Process(target=_entry, args=(r, *args)) for r in range(2)]
     for p in ranks:
         p.start()

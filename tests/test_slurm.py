@@ -99,11 +99,19 @@ def _status(root: Path) -> list[dict]:
 
 def exports_job(root: Path) -> tuple[str, ...]:
     """The real path's inputs (SFT and RM exports, a seed) of the single-task requeue tests: one
-    uninterrupted run of them (``conftest.slurm_reference``) is what each must equal."""
+    uninterrupted run of them (``conftest.slurm_reference``) is what each must equal. The actor
+    trains LoRA adapters (its checkpoints hold only them); the 2×2 tests train every weight."""
     from tiny_exports import save_tiny_exports
 
     sft, rm = save_tiny_exports(root)
-    return (f"model.path={sft}", f"reward_model.path={rm}", "seed=7", "log.wandb_mode=disabled")
+    return (
+        f"model.path={sft}",
+        f"reward_model.path={rm}",
+        "seed=7",
+        "log.wandb_mode=disabled",
+        "model.lora.rank=8",
+        "optim.lr=1e-3",
+    )
 
 
 def test_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(tmp_path, slurm_reference):
