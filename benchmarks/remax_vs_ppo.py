@@ -376,12 +376,7 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--response-len", type=int)
     p.add_argument("--reps", type=int, help="decode benchmark repeats")
-    p.add_argument(
-        "--lora-rank",
-        type=int,
-        default=0,
-        help="model.lora.rank of both actors (0: full fine-tuning; PPO's critic stays full)",
-    )
+    p.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank of both actors")
     p.add_argument(
         "--threads",
         type=int,
