@@ -93,8 +93,7 @@ def run_job(
     with this environment (``None`` removes a variable), its own ``sys.path`` (the repo,
     ``PYTHONPATH``, the interpreter's), exit status and output. Forked from the preloaded server
     (``start_method``) unless ``fresh`` or ``REMAX_TEST_FORKSERVER=0``."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}
+    full_env = _job_env(env)
     args = [sys.executable, "-m", module, *overrides]
     if fresh or not FORKSERVER:
         proc = subprocess.run(
@@ -105,6 +104,12 @@ def run_job(
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def _job_env(env: dict | None) -> dict:
+    """This process's environment with ``env`` over it (``None`` removes a variable)."""
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return {k: v for k, v in full.items() if v is not None}
 
 
 def _forked(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -122,8 +127,7 @@ def _forked(args: list[str], env: dict, timeout: float) -> subprocess.CompletedP
 
 def start_job(module: str, *overrides: str, env: dict | None = None) -> StartedJob:
     """``run_job`` without waiting: a handle to poll, signal (``kill -9``) and wait on."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}
+    full_env = _job_env(env)
     return StartedJob([sys.executable, "-m", module, *overrides], full_env)
 
 

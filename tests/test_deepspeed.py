@@ -224,27 +224,14 @@ def test_deepspeed_trainer_step_matches_plain_one_rank(tmp_path, stage, extra):
     alike, but not give the same norm. Micro-batches of B/4 per rank: two accumulation steps, the
     case ZeRO-3 gets wrong when the bare module (not the engine) is called.
     """
-    from test_distributed import config, one_step, shorten
-
-    from remax.trainers.remax import RemaxTrainer
+    from test_distributed import config, single_rank_side
 
     # Adam's eps at 1e-3 (not 1e-8): its first step moves a weight by lr·g/(|g| + eps), which for
     # |g| near 1e-8 flips with the last bit of g; a larger eps keeps the comparison about the
     # gradient, not about rounding in elements whose gradient is nearly zero.
     cfg = config(Aggregation.token_mean, micro=B // 4)
     cfg = dataclasses.replace(cfg, optim=OptimConfig(lr=1e-3, grad_clip=0.0, eps=1e-3))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        probe = RemaxTrainer(cfg)
-        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            sampled, greedy = probe.rollout(prompts)
-        sampled = shorten(sampled, probe.tokenizer, {0: 2, 1: 3, 2: 5})
-        single = one_step(cfg, sampled, greedy)
-    finally:
-        torch.set_num_threads(threads)
+    _, sampled, greedy, single = single_rank_side(cfg)
     spawn(_ds_trainer_step, 2, _ds_config(cfg, stage, **extra), sampled, greedy, str(tmp_path))
     ds = torch.load(tmp_path / f"ds_{stage}.pt", weights_only=True)
     diff = max(float((ds["params"][k] - single["params"][k]).abs().max()) for k in single["params"])

@@ -130,6 +130,27 @@ def one_step(cfg, sampled, greedy, per_rank_norm: bool = False) -> dict:
     }
 
 
+def single_rank_side(cfg, step=None):
+    """The one-rank side of a ranks-against-one check, at 1 thread (the ranks' setting: same
+    kernels, same summation order): a fixed rollout of the first batch (seed 123; rows 0–2 cut to
+    2, 3 and 5 tokens, so rank blocks hold unequal token counts) and ``step`` (default
+    :func:`one_step`) on it. Returns ``(probe trainer, sampled, greedy, step's result)``."""
+    from remax.trainers.remax import RemaxTrainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe = RemaxTrainer(cfg)
+        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            sampled, greedy = probe.rollout(prompts)
+        sampled = shorten(sampled, probe.tokenizer, {0: 2, 1: 3, 2: 5})
+        return probe, sampled, greedy, (step or one_step)(cfg, sampled, greedy)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _two_rank_step(rank, world, cfg, sampled, greedy, out_dir) -> None:
     for per_rank in (False, True):
         result = one_step(cfg, sampled, greedy, per_rank_norm=per_rank)
@@ -142,21 +163,9 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("aggregation", [Aggregation.token_mean, Aggregation.seq_sum])
 def test_two_ranks_match_one_rank(tmp_path, aggregation):
-    from remax.trainers.remax import RemaxTrainer
 
     cfg = config(aggregation)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        probe = RemaxTrainer(cfg)
-        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            sampled, greedy = probe.rollout(prompts)
-        sampled = shorten(sampled, probe.tokenizer, {0: 2, 1: 3, 2: 5})
-        single = one_step(cfg, sampled, greedy)
-    finally:
-        torch.set_num_threads(threads)
+    probe, sampled, greedy, single = single_rank_side(cfg)
     advantages = probe.rewards(sampled) - probe.rewards(greedy)
     assert advantages.abs().sum() > 0, "a zero-advantage rollout would make the check vacuous"
 

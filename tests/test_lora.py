@@ -217,24 +217,11 @@ def _ds_lora_steps(rank, world, cfg, sampled, greedy, out_dir) -> None:
 def test_zero2_and_zero3_lora_step_matches_plain_one_rank(tmp_path, monkeypatch):
     """One ReMax LoRA step (KL to the adapters-off reference in the reward) on 2 gloo ranks at
     ZeRO-2 and at ZeRO-3 equals 1 plain rank's: test_deepspeed's pattern and tolerance."""
-    from test_distributed import B, config, shorten, spawn
-
-    from remax.trainers.remax import RemaxTrainer
+    from test_distributed import B, config, single_rank_side, spawn
 
     monkeypatch.setattr(lora, "adapt", _adapt_moved)
     cfg = _lora(config(Aggregation.token_mean, micro=B // 4), lr=1e-3, grad_clip=0.0, eps=1e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        probe = RemaxTrainer(cfg)
-        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            sampled, greedy = probe.rollout(prompts)
-        sampled = shorten(sampled, probe.tokenizer, {0: 2, 1: 3, 2: 5})
-        single = _lora_step(cfg, sampled, greedy)
-    finally:
-        torch.set_num_threads(threads)
+    _, sampled, greedy, single = single_rank_side(cfg, _lora_step)
     assert single["metrics"]["kl/mean"] != 0  # the reference is not the actor
     spawn(_ds_lora_steps, 2, cfg, sampled, greedy, str(tmp_path))
     for zero in (2, 3):
