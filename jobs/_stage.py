@@ -69,9 +69,17 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     watches USR2 and SIGTERM itself and ends a stopped segment with :class:`SegmentEnd`: the
     process then exits (requeued) or returns None (cancelled by ``jobs.cancel --graceful``).
     """
+    in_job = bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"))
+    try:
+        return _run_stage(stage, config, stop, in_job)
+    finally:
+        if in_job:  # the outcome is decided: a late USR2 must not kill the task in its teardown
+            preemption.ignore_late_signals()
+
+
+def _run_stage(stage: str, config, stop: StopRequest | None, in_job: bool) -> dict | None:
     spec = stage_spec(stage)  # an unknown stage: one line, before anything is touched
     run_dir = run_dir_for(config, stage)
-    in_job = bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_ID"))
     if stop is None and in_job:
         stop = preemption.install(stop_request(config.cluster, run_dir))
     init_logging()

@@ -36,6 +36,7 @@ from jobs._lease import (
 from jobs._output import emit
 from jobs._snapshot import REPO, check_running_code, code_hash, package_versions, setup_lines
 from jobs._snapshot import snapshot as code_snapshot
+from remax import preemption
 from remax.fileio import write_json
 from remax.run_dir import prepare, run_dir_for, to_plain, wandb_id
 
@@ -392,6 +393,8 @@ class StageJob(submitit.helpers.Checkpointable):
         self.code_hash, self.packages = code_hash(), package_versions()
 
     def __call__(self):
+        # submitit's own USR2 handler (one unretried requeue) replaced ours after the unpickling.
+        preemption.note_early_signals()
         from jobs._stage import run_stage
 
         reason = check_running_code(self.code_hash, self.packages)

@@ -165,12 +165,36 @@ class StopRequest:
         return kill is None or time.time() + self.save_s + self.margin_s < kill
 
 
+_early: list[tuple[int, float]] = []  # (signal, when) noted before install()
+
+
+def note_early_signals() -> None:
+    """From a job task's first moment (``jobs/__init__``, and again where submitit replaced it):
+    note a USR2 until :func:`install` takes it over. Its default action kills the task, and a
+    preemption's or a time limit's warning during the imports of four ranks would end the job
+    FAILED and cancel the chain instead of requeueing it."""
+    signal.signal(signal.SIGUSR2, lambda signum, _frame: _early.append((signum, time.time())))
+
+
 def install(stop: StopRequest) -> StopRequest:
-    """USR2 and SIGTERM set ``stop``; a guard thread watches it."""
+    """USR2 and SIGTERM set ``stop``; a guard thread watches it. A USR2 noted since the task
+    started (:func:`note_early_signals`) is the stop's, its clock counted from its arrival."""
     signal.signal(signal.SIGUSR2, stop.on_signal)
     signal.signal(signal.SIGTERM, lambda *_: _triage_sigterm(stop))
+    while _early:
+        signum, at = _early.pop(0)
+        stop.on_signal(signum)
+        stop.signalled_at = min(stop.signalled_at, at)
     threading.Thread(target=_guard, args=(stop,), name="remax-stop-guard", daemon=True).start()
     return stop
+
+
+def ignore_late_signals() -> None:
+    """The segment's outcome is decided (completed, requeued or failed): a USR2 now (the time
+    limit's warning as the last step ends) has nothing left to stop. Python drops its handlers
+    while the interpreter shuts down, and the signal's default action there turned a finished
+    segment into FAILED (the task "killed by USR2" after the summary, its chain cancelled)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 # What Slurm says about a job that just got SIGTERM (measured on slurm-wlm 22.05): a preemption's

@@ -11,11 +11,13 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import start_method
+from conftest import REPO, start_method
 from test_distributed import _entry, free_port, spawn
 from test_resume import _config, _trainer
 from test_stop_path import _stop_after
@@ -64,6 +66,36 @@ def test_usr2_with_no_end_time_and_no_gracetime_falls_back_to_the_signal_delay()
     stop = StopRequest(None, 5, 120)  # squeue failed and the partition preempts nothing
     stop.on_signal(signal.SIGUSR2)
     assert stop.kill_time() == pytest.approx(stop.signalled_at + 120)
+
+
+# A task of a job step, in a fresh interpreter: what Slurm's USR2 does to it before its stop path
+# exists (still importing) and after its outcome is decided (tearing down).
+_TASK = """
+import os, signal, sys, time
+import jobs  # a task's first import of ours
+os.kill(os.getpid(), signal.SIGUSR2)  # a preemption's warning while four ranks import torch
+sent = time.time()
+time.sleep(0.2)
+from remax import preemption
+stop = preemption.install(preemption.StopRequest(end_time=sent + 600, signal_delay_s=120))
+print(stop.reason.value, stop.signalled_at <= sent)
+preemption.ignore_late_signals()  # what run_stage does once the segment's outcome is decided
+os.kill(os.getpid(), signal.SIGUSR2)  # the time limit's warning during the teardown
+time.sleep(0.2)
+print("alive")
+"""
+
+
+def test_usr2_while_a_task_imports_is_its_stop_and_after_its_outcome_is_ignored():
+    """On the two-node Slurm a USR2 arriving as a segment ended killed a task in the
+    interpreter's teardown (Python drops its handlers there): a COMPLETED segment became FAILED
+    and its chain was cancelled. Before the stop path was installed it killed the task too."""
+    env = {**os.environ, "SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", _TASK], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split() == ["usr2", "True", "alive"]
 
 
 def test_partition_gracetime_is_read_from_scontrol(tmp_path, monkeypatch):

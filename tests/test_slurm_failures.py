@@ -43,6 +43,22 @@ def test_usr2_during_the_final_evaluation_requeues_instead_of_timing_out(tmp_pat
     assert row["top_waste"] is not None and row["failure_class"] is None
 
 
+def test_usr2_as_the_job_finishes_leaves_it_completed(tmp_path):
+    """The time limit's USR2 lands as the last segment ends: once while the export and the
+    summary are written, once in the interpreter's teardown. Found by the 2×2 time-limit test:
+    the task died of the second ("killed by USR2"), the finished job ended FAILED."""
+    rec = _submit(tmp_path, "train.max_steps=4", "log.wandb_mode=offline")
+    run_dir = Path(rec["run_dir"])
+    _wait_for(run_dir, "summary.json", timeout=600)
+    for _ in range(2):
+        subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+        time.sleep(0.5)
+    assert [s for s, _ in _wait_done(rec["job_id"], timeout=600)] == ["COMPLETED"]
+    segments = [json.loads(line) for line in (run_dir / "segments.jsonl").read_text().splitlines()]
+    assert [s["stop_reason"] for s in segments] == ["completed"], segments
+    assert not (run_dir / "failure.json").exists()
+
+
 def test_exception_fails_once_with_failure_json_and_no_requeue(tmp_path):
     args = [a for a in JOB if not a.startswith("eval_prompts")]  # a remax-only key
     out = run_job(
