@@ -85,8 +85,9 @@ def _run_stage(stage: str, config, stop: StopRequest | None, in_job: bool) -> di
     init_logging()
     if not in_job:
         _refuse_live_owner(run_dir)  # a local run must not resume into a live job's files
-    if config.cluster.num_threads:
-        torch.set_num_threads(config.cluster.num_threads)
+    threads = config.cluster.num_threads or (in_job and os.environ.get("SLURM_CPUS_PER_TASK"))
+    if threads:
+        torch.set_num_threads(int(threads))
     # Watched from the first moment: a rendezvous, an input read or a model load that never
     # returns (a stuck NFS mount) must not keep the node billed until the time limit. The
     # watchdog writes into the run dir only when it fires.

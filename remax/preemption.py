@@ -166,23 +166,30 @@ class StopRequest:
 
 
 _early: list[tuple[int, float]] = []  # (signal, when) noted before install()
+_STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 def note_early_signals() -> None:
     """From a job task's first moment (``jobs/__init__``, and again where submitit replaced it):
-    note a USR2 until :func:`install` takes it over. Its default action kills the task, and a
-    preemption's or a time limit's warning during the imports of four ranks would end the job
-    FAILED and cancel the chain instead of requeueing it."""
-    signal.signal(signal.SIGUSR2, lambda signum, _frame: _early.append((signum, time.time())))
+    note USR2 and SIGTERM until :func:`install` takes them over. Their default action kills the
+    task: a preemption's or a time limit's warning while four ranks import, or the retried kill
+    of a lost node's old incarnation reaching the new one, would end the job FAILED and cancel
+    its chain instead of requeueing it. A cancel's SIGTERM is then obeyed at :func:`install`
+    (or by Slurm's SIGKILL, KillWait later)."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda sig, _frame: _early.append((sig, time.time())))
 
 
 def install(stop: StopRequest) -> StopRequest:
-    """USR2 and SIGTERM set ``stop``; a guard thread watches it. A USR2 noted since the task
-    started (:func:`note_early_signals`) is the stop's, its clock counted from its arrival."""
+    """USR2 and SIGTERM set ``stop``; a guard thread watches it. A signal noted since the task
+    started (:func:`note_early_signals`) is handled now, a USR2's clock counted from its arrival."""
     signal.signal(signal.SIGUSR2, stop.on_signal)
     signal.signal(signal.SIGTERM, lambda *_: _triage_sigterm(stop))
     while _early:
         signum, at = _early.pop(0)
+        if signum == signal.SIGTERM:
+            _triage_sigterm(stop)  # a preemption (the job RUNNING) or a cancel
+            continue
         stop.on_signal(signum)
         stop.signalled_at = min(stop.signalled_at, at)
     threading.Thread(target=_guard, args=(stop,), name="remax-stop-guard", daemon=True).start()
@@ -190,11 +197,14 @@ def install(stop: StopRequest) -> StopRequest:
 
 
 def ignore_late_signals() -> None:
-    """The segment's outcome is decided (completed, requeued or failed): a USR2 now (the time
-    limit's warning as the last step ends) has nothing left to stop. Python drops its handlers
-    while the interpreter shuts down, and the signal's default action there turned a finished
-    segment into FAILED (the task "killed by USR2" after the summary, its chain cancelled)."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    """The segment's outcome is decided (completed, requeued or failed) and the task is leaving:
+    a USR2 or SIGTERM now (the time limit's warning as the last step ends, the retried kill of a
+    lost node's old incarnation) has nothing left to stop. Python drops its handlers while the
+    interpreter shuts down, and the default action there turned a finished segment into FAILED
+    (tasks "killed by USR2" or "Terminated" after the summary, the chain cancelled). A task
+    stuck in its teardown still gets Slurm's SIGKILL, KillWait after the SIGTERM."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # What Slurm says about a job that just got SIGTERM (measured on slurm-wlm 22.05): a preemption's

@@ -37,6 +37,24 @@ def slow_topic_margin(prompts: list[str], responses: list[str]) -> list[float]:
     return topic_margin(prompts, responses)
 
 
+def paced_topic_margin(prompts: list[str], responses: list[str]) -> list[float]:
+    """:func:`topic_margin`, 2 s late: a 2×2 run long enough for a real time limit or a
+    preemption to land mid-run (its steps otherwise take 0.2 s); the same rewards, so the same
+    export as an unpaced run."""
+    import time
+
+    time.sleep(2)
+    return topic_margin(prompts, responses)
+
+
+def lightly_paced_topic_margin(prompts: list[str], responses: list[str]) -> list[float]:
+    """:func:`topic_margin`, 0.5 s late: a node can be taken down between two checkpoints."""
+    import time
+
+    time.sleep(0.5)
+    return topic_margin(prompts, responses)
+
+
 def fails_on_rank_3(prompts: list[str], responses: list[str]) -> list[float]:
     """Raises on the fourth rank only: the failure record must name that rank."""
     import os

@@ -68,34 +68,49 @@ def test_usr2_with_no_end_time_and_no_gracetime_falls_back_to_the_signal_delay()
     assert stop.kill_time() == pytest.approx(stop.signalled_at + 120)
 
 
-# A task of a job step, in a fresh interpreter: what Slurm's USR2 does to it before its stop path
-# exists (still importing) and after its outcome is decided (tearing down).
+# A task of a job step, in a fresh interpreter: what Slurm's USR2 or SIGTERM (argv[1]) does to it
+# before its stop path exists (still importing) and after its outcome is decided (tearing down).
 _TASK = """
 import os, signal, sys, time
 import jobs  # a task's first import of ours
-os.kill(os.getpid(), signal.SIGUSR2)  # a preemption's warning while four ranks import torch
+signum = getattr(signal, sys.argv[1])
+os.kill(os.getpid(), signum)  # a preemption's warning, a stale kill, while four ranks import torch
 sent = time.time()
 time.sleep(0.2)
 from remax import preemption
 stop = preemption.install(preemption.StopRequest(end_time=sent + 600, signal_delay_s=120))
-print(stop.reason.value, stop.signalled_at <= sent)
+while stop.reason is None and time.time() < sent + 30:  # SIGTERM: triaged by squeue, off-thread
+    time.sleep(0.1)
+print(stop.reason.value, stop.signalled_at <= time.time())
 preemption.ignore_late_signals()  # what run_stage does once the segment's outcome is decided
-os.kill(os.getpid(), signal.SIGUSR2)  # the time limit's warning during the teardown
+os.kill(os.getpid(), signum)  # the time limit's warning, or a stale kill, during the teardown
 time.sleep(0.2)
 print("alive")
 """
 
 
-def test_usr2_while_a_task_imports_is_its_stop_and_after_its_outcome_is_ignored():
+@pytest.mark.parametrize("name", ["SIGUSR2", "SIGTERM"])
+def test_a_signal_while_a_task_imports_is_its_stop_and_after_its_outcome_is_ignored(name, tmp_path):
     """On the two-node Slurm a USR2 arriving as a segment ended killed a task in the
-    interpreter's teardown (Python drops its handlers there): a COMPLETED segment became FAILED
-    and its chain was cancelled. Before the stop path was installed it killed the task too."""
-    env = {**os.environ, "SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0", "PYTHONPATH": str(REPO)}
+    interpreter's teardown (Python drops its handlers there), and so did the retried kill of a
+    lost node's old incarnation (SIGTERM): a COMPLETED segment became FAILED and its chain was
+    cancelled. Before the stop path was installed either signal killed the task too. Here the
+    job is RUNNING (a fake squeue): the SIGTERM is a preemption's."""
+    (tmp_path / "squeue").write_text("#!/bin/sh\necho RUNNING\n")
+    (tmp_path / "squeue").chmod(0o755)
+    env = {
+        **os.environ,
+        "SLURM_JOB_ID": "1",
+        "SLURM_STEP_ID": "0",
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+    }
     out = subprocess.run(
-        [sys.executable, "-c", _TASK], capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, "-c", _TASK, name], capture_output=True, text=True, env=env, cwd=REPO
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
-    assert out.stdout.split() == ["usr2", "True", "alive"]
+    reason = "usr2" if name == "SIGUSR2" else "sigterm"
+    assert out.stdout.split() == [reason, "True", "alive"]
 
 
 def test_partition_gracetime_is_read_from_scontrol(tmp_path, monkeypatch):

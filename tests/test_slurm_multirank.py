@@ -15,19 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_job
-from test_slurm import (
-    JOB,
-    _assert_same_export,
-    _sacct,
-    _status,
-    _submit,
-    _wait_done,
-    _wait_for,
-)
+from test_slurm import JOB, _assert_same_export, _sacct, _status, _wait_done, _wait_for
 
 pytestmark = pytest.mark.slurm
 
-# Four ranks on the 2-core machine: ~2 s a step. A checkpoint every 8 steps.
+# Four ranks on the 2-core machine, one thread each (cpus_per_task=1): ~0.2 s a step. A checkpoint
+# every 8 steps. The reward is a function of the tests (PYTHONPATH: _repo_path) that the paced
+# runs (PACED, LIGHTLY_PACED) return as late as they need, with the same rewards: every 2×2 run
+# ends in the same export.
 TWO_BY_TWO = (
     "cluster.nodes=2",
     "cluster.tasks_per_node=2",
@@ -35,7 +30,17 @@ TWO_BY_TWO = (
     "train.max_steps=24",
     "checkpoint.every_steps=8",
     "log.wandb_mode=disabled",
+    "reward_model.kind=function",
+    "reward_model.function=tests.reward_functions:topic_margin",
 )
+PACED = ("reward_model.function=tests.reward_functions:paced_topic_margin",)
+LIGHTLY_PACED = ("reward_model.function=tests.reward_functions:lightly_paced_topic_margin",)
+
+
+def _submit(root: Path, *extra: str) -> dict:
+    """Submit a 2×2 ReMax job (``TWO_BY_TWO`` is the caller's to pass, like ``test_slurm._submit``)."""
+    out = run_job("jobs.remax", "--json", f"run.root={root}", *JOB, *extra, env=_repo_path())
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _nodes(job: str) -> set[str]:
@@ -80,6 +85,7 @@ def test_time_limits_with_time_based_saves_and_a_failing_squeue_in_the_job(tmp_p
     rec = _submit(
         tmp_path,
         *TWO_BY_TWO,
+        *PACED,  # ~4 s a step: 24 steps outlast the first USR2 (60 to 90 s into a segment)
         "checkpoint.every_steps=0",
         "checkpoint.every_minutes=0.2",
         "cluster.time_min=3",
@@ -198,14 +204,14 @@ def test_usr2_then_a_preemption_each_requeue_and_a_local_run_on_the_live_run_dir
     USR2 from the test (after a local run of the same command on its run dir is refused); its
     second is preempted by a `high` job that needs whole nodes, whose kill comes GraceTime after
     the signal: each save fits, one requeue each, and the export is the uninterrupted one."""
-    rec = _submit(tmp_path, *TWO_BY_TWO, "cluster.partition=low")
+    rec = _submit(tmp_path, *TWO_BY_TWO, *PACED, "cluster.partition=low")
     run_dir = Path(rec["run_dir"])
     _wait_for(run_dir, "checkpoints/step_8", timeout=600)
     # The same command without cluster= maps to the same run dir (cluster keys are not part of
     # the signature): it must exit 2 naming the job, touching nothing.
-    local = [a for a in (*JOB, *TWO_BY_TWO) if not a.startswith("cluster")]
+    local = [a for a in (*JOB, *TWO_BY_TWO, *PACED) if not a.startswith("cluster")]
     before = sorted(p.name for p in run_dir.iterdir())
-    out = run_job("jobs.remax", f"run.root={tmp_path}", *local, check=False)
+    out = run_job("jobs.remax", f"run.root={tmp_path}", *local, check=False, env=_repo_path())
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"live Slurm job {rec['job_id']}" in out.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in run_dir.iterdir()) == before
@@ -268,8 +274,9 @@ def test_a_lost_node_requeues_waits_for_it_and_finishes_identically(tmp_path, re
     with the uninterrupted run's export. The surviving ranks record one ``node_failure``; Slurm
     requeues the job (NODE_FAIL). Seen here: ~30 s after the node returns, slurmctld's retried
     kill of the lost incarnation reaches it and SIGTERMs the new one (same job id), which then
-    checkpoints and requeues like any SIGTERM: NODE_FAIL, REQUEUED, COMPLETED."""
-    rec = _submit(tmp_path, *TWO_BY_TWO)
+    checkpoints and requeues like any SIGTERM: NODE_FAIL, REQUEUED, COMPLETED; or, once the new
+    one has finished, finds it leaving and is ignored: NODE_FAIL, COMPLETED."""
+    rec = _submit(tmp_path, *TWO_BY_TWO, *LIGHTLY_PACED)
     run_dir = Path(rec["run_dir"])
     _wait_for(run_dir, "checkpoints/step_8", timeout=600)
     second = sorted(_nodes(rec["job_id"]))[1]  # the batch script runs on the first
