@@ -240,7 +240,7 @@ def test_one_hung_rank_is_one_hang_record_one_requeue_then_completion(tmp_path):
     second segment finishes the run identically."""
     hang = (
         *TWO_BY_TWO,
-        "cluster.watchdog_s=45",  # startup gets twice that: 4 ranks load on 2 cores
+        "cluster.watchdog_s=25",  # startup gets twice that (4 ranks load on 2 cores in ~20 s)
         "reward_model.kind=function",
         "reward_model.function=tests.reward_functions:hangs_on_rank_3_once",
     )
