@@ -73,7 +73,7 @@ def run_stage(stage: str, config, stop: StopRequest | None = None) -> dict | Non
     try:
         return _run_stage(stage, config, stop, in_job)
     finally:
-        if in_job:  # the outcome is decided: a late USR2 must not kill the task in its teardown
+        if in_job:  # the outcome is decided: a late USR2/SIGTERM must not fail the teardown
             preemption.ignore_late_signals()
 
 
