@@ -7,6 +7,7 @@ process at an arbitrary moment, with leftovers of half-written checkpoints on di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,14 +18,17 @@ from safetensors.torch import load_file
 
 from remax.config import (
     Aggregation,
+    Baseline,
     CheckpointConfig,
     DataConfig,
     EmptyResponse,
+    KLEstimator,
     LogConfig,
     ModelConfig,
     RemaxAlgoConfig,
     RemaxJobConfig,
     RewardModelJobConfig,
+    RolloutConfig,
     RunConfig,
     SFTJobConfig,
     TrainConfig,
@@ -119,6 +123,44 @@ def test_stop_and_resume_is_bit_identical(tmp_path, stage):
     assert summary["step"] == STEPS
     _assert_identical(ref_dir, run_dir)
     assert _steps_logged(run_dir) == list(range(1, STEPS + 1))  # continuous, no step twice
+
+
+# hydra_conf/algo/rloo.yaml and grpo.yaml on the release's conventions of _config.
+VARIANTS = {
+    "rloo": (dict(baseline=Baseline.leave_one_out), 2),
+    "grpo": (
+        dict(
+            baseline=Baseline.group_norm,
+            group_std_norm=True,
+            clip_ratio=0.2,
+            kl_coef=0.0,
+            kl_loss_coef=0.04,
+            kl_estimator=KLEstimator.k3,
+        ),
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rloo_and_grpo_stop_and_resume_bit_identical(tmp_path, variant):
+    """The USR2 path (a stop at a step boundary, a new trainer resuming) for the k-sample
+    baselines: their group of samples per prompt, sampler position and RNG resume exactly."""
+    changes, k = VARIANTS[variant]
+
+    def config(root: Path):
+        cfg = _config("remax", root)
+        algo = dataclasses.replace(cfg.algo, **changes)
+        return dataclasses.replace(cfg, algo=algo, rollout=RolloutConfig(samples_per_prompt=k))
+
+    ref_dir, _ = _run("remax", config(tmp_path / "a"))
+    cfg = config(tmp_path / "b")
+    run_dir, summary = _run("remax", cfg, stop=StopAt(3))
+    assert summary is None and (run_dir / "checkpoints" / "step_3").is_dir()
+    _, summary = _run("remax", cfg)
+    assert summary["step"] == STEPS
+    _assert_identical(ref_dir, run_dir)
+    assert _steps_logged(run_dir) == list(range(1, STEPS + 1))
 
 
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
