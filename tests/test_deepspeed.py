@@ -250,6 +250,38 @@ def _ds_run(rank, world, cfg, stop_after) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_lora_adapters_under_zero_stop_and_resume_bit_identical(tmp_path, stage):
+    """LoRA adapters on a 2-rank DeepSpeed actor (#22): a run stopped after step 3 and resumed
+    exports bit-identically to an uninterrupted one, and its merged export differs from the
+    base (the adapters trained and were merged)."""
+    from safetensors.torch import load_file
+    from test_distributed import _resume_config
+
+    from remax.config import LoraConfig
+    from remax.run_dir import run_dir_for
+
+    def lora(cfg):
+        cfg = _ds_config(cfg, stage)
+        return dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, lora=LoraConfig(rank=8))
+        )
+
+    ref_cfg, cfg = lora(_resume_config(tmp_path / "a")), lora(_resume_config(tmp_path / "b"))
+    spawn(_ds_run, 2, ref_cfg, 0)
+    spawn(_ds_run, 2, cfg, 3)
+    run_dir = run_dir_for(cfg, "remax")
+    assert (run_dir / "checkpoints" / "step_3" / "COMPLETE").is_file()
+    assert not (run_dir / "summary.json").exists()
+    spawn(_ds_run, 2, cfg, 0)
+    ref_dir = run_dir_for(ref_cfg, "remax")
+    wa, wb = (load_file(d / "export" / "model.safetensors") for d in (ref_dir, run_dir))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any("lora_" in k for k in wb), "the export is the merged model"
+    base = _policy()[0].state_dict()
+    assert any(not torch.equal(base[k], wb[k]) for k in wb if k in base)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_run_stop_resume_is_bit_identical_and_exports(tmp_path, stage):
     """A 2-rank DeepSpeed run stopped after step 3 (engine shards in step_3/deepspeed/) and resumed
     finishes bit-identical to an uninterrupted one; its export loads with ``from_pretrained``."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_job
+from safetensors.torch import load_file
 from test_slurm import JOB, _assert_same_export, _sacct, _status, _wait_done, _wait_for
 
 pytestmark = pytest.mark.slurm
@@ -116,9 +117,11 @@ def test_time_limits_with_time_based_saves_and_a_failing_squeue_in_the_job(tmp_p
 def test_graceful_cancel_with_steps_longer_than_the_signal_window(tmp_path):
     """``jobs.cancel --graceful`` while a step takes longer than ``signal_delay_s``: the job
     finishes its step, writes exactly one checkpoint and ends CANCELLED; ``jobs.resume`` then
-    finishes the run."""
+    finishes the run. The actor trains LoRA adapters (#22): the four ranks' checkpoint holds
+    only them, and the resumed job loads them onto its base."""
     slow = (
         *TWO_BY_TWO,
+        "model.lora.rank=8",
         "train.max_steps=6",
         "checkpoint.every_steps=100",  # no periodic save: the cancel's is the only one
         "cluster.signal_delay_s=5",  # the old guard would requeue 5 s after the signal
@@ -134,6 +137,8 @@ def test_graceful_cancel_with_steps_longer_than_the_signal_window(tmp_path):
     assert [s.split()[0] for s, _ in states] == ["CANCELLED"], states  # "CANCELLED by 0"
     [step] = [p.name for p in (run_dir / "checkpoints").glob("step_*")]
     assert (run_dir / "checkpoints" / step / "COMPLETE").exists()
+    saved = load_file(run_dir / "checkpoints" / step / "model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:4]
     out = run_job("jobs.resume", str(run_dir), "--json", env=_repo_path())
     again = json.loads(out.stdout.strip().splitlines()[-1])
     states = _wait_done(again["job_id"], timeout=600)
