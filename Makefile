@@ -40,7 +40,7 @@ vllm: $(VENV)/.installed-vllm
 
 ## test-vllm: the vLLM engine's tests (fail, not skip, when vLLM is missing)
 test-vllm: $(VENV)/.installed-vllm
-	REMAX_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(VLLM_TESTS)
+	REMAX_REQUIRE_VLLM=1 $(BIN)/python -m pytest --durations=15 $(VLLM_TESTS)
 
 ## demo: SFT → reward model → ReMax on the tiny CPU default, then a summary (runs/demo/)
 demo: $(VENV)/.installed
