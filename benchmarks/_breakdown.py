@@ -5,7 +5,7 @@ benchmark import it). Parts, each exclusive of the parts nested in it:
 
 - ``decode``: the rollout engine's ``generate`` (its weight push excluded);
 - ``weight_push``: the ``vllm`` engine's push of the actor's weights (``hf``: 0, nothing to push);
-- ``scoring``: the frozen reward (``trainer.rewards``);
+- ``scoring``: the frozen reward (``trainer.setup.rewards``);
 - ``forward``: the loss's forwards: ReMax's ``_micro_loss`` (actor with grad, reference), PPO's
   ``experience`` (old log-probs, reference, values) and ``_update`` (its backward and optimizer
   steps excluded);
@@ -25,11 +25,11 @@ import torch
 
 PARTS = ("decode", "weight_push", "scoring", "forward", "backward", "optimizer", "other")
 
-# (object path on the trainer, method name, part); a missing object or method is skipped.
+# (dotted object path on the trainer, method name, part); a missing object or method is skipped.
 _TIMED = (
-    ("rollout_engine", "generate", "decode"),
-    ("rollout_engine", "_push", "weight_push"),
-    ("", "rewards", "scoring"),
+    ("setup.rollout_engine", "generate", "decode"),
+    ("setup.rollout_engine", "_push", "weight_push"),
+    ("setup", "rewards", "scoring"),
     ("", "_micro_loss", "forward"),
     ("", "experience", "forward"),
     ("", "_update", "forward"),
@@ -79,7 +79,9 @@ def _instrument(trainer, device: str) -> _PartTimer:
         return timer
     timer = _PartTimer(device)
     for path, name, part in _TIMED:
-        obj = getattr(trainer, path, None) if path else trainer
+        obj = trainer
+        for attr in path.split(".") if path else ():
+            obj = getattr(obj, attr, None)
         fn = getattr(obj, name, None) if obj is not None else None
         if callable(fn):
             setattr(obj, name, timer.wrap(part, fn))

@@ -178,10 +178,10 @@ def build_trainers(args, policy_path: str, rm_path: str, dtype_name: str, device
     rng = random.Random(0)  # the same long prompts for both arms
     prompts = [
         "".join(rng.choice("abcdefghijklmnop") for _ in range(args.prompt_len))
-        for _ in remax.train_prompts
+        for _ in remax.setup.prompts.train
     ]
     for trainer in (remax, ppo):
-        trainer.train_prompts = list(prompts)
+        trainer.setup.prompts = trainer.setup.prompts._replace(train=list(prompts))
         # Both trainers load the RM in fp32: hold it in the model dtype, as the paper's runs do.
-        trainer.reward_model.to(next(trainer.model.parameters()).dtype)
+        trainer.setup.reward_model.to(next(trainer.model.parameters()).dtype)
     return remax, ppo

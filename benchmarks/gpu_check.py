@@ -86,10 +86,10 @@ def push_seconds(trainer, args) -> dict:
     """vLLM's weight push: a 1-token decode after ``weights_updated()`` minus one without."""
     from remax.data.batching import collate_prompts
 
-    engine = trainer.rollout_engine
-    prompts = trainer.train_prompts[: args.batch]
+    engine = trainer.setup.rollout_engine
+    prompts = trainer.setup.prompts.train[: args.batch]
     batch = collate_prompts(trainer.tokenizer, prompts, args.prompt_len, trainer.device)
-    one_token = dataclasses.replace(trainer.sampling, max_new_tokens=1)
+    one_token = dataclasses.replace(trainer.setup.sampling, max_new_tokens=1)
 
     def decode() -> float:
         _sync(args.device)
@@ -125,7 +125,7 @@ def measure(args, size: str, engine: str, paths, counts: dict, push: bool) -> di
         return out
     finally:
         for trainer in arms.values():
-            trainer.rollout_engine.close()  # vllm: stop the engine process
+            trainer.setup.rollout_engine.close()  # vllm: stop the engine process
 
 
 def _predicted_over_budget(args, engine: str, n: int) -> str | None:

@@ -89,10 +89,11 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     trainer = RemaxTrainer(cfg)
     rng = random.Random(0)  # the same long prompts for every variant
-    trainer.train_prompts = [
+    long_prompts = [
         "".join(rng.choice("abcdefghijklmnop") for _ in range(args.prompt_len))
-        for _ in trainer.train_prompts
+        for _ in trainer.setup.prompts.train
     ]
+    trainer.setup.prompts = trainer.setup.prompts._replace(train=long_prompts)
     times, metrics = [], []
     for step in range(args.steps + 1):
         torch.cuda.synchronize()

@@ -123,8 +123,10 @@ def arm_state(trainer) -> dict[str, dict]:
     models = {
         "actor": model_state(trainer.model, trainer.optimizer),
         # With LoRA the reference is the actor with its adapters off: no tensor of its own.
-        "reference": model_state(trainer.reference) if _is_module(trainer.reference) else {},
-        "reward_model": model_state(trainer.reward_model),
+        "reference": model_state(trainer.setup.reference)
+        if _is_module(trainer.setup.reference)
+        else {},
+        "reward_model": model_state(trainer.setup.reward_model),
     }
     models = {k: v for k, v in models.items() if v}
     if hasattr(trainer, "critic"):
@@ -291,7 +293,7 @@ def run_size(
     out["decode"] = decode_benchmark(first, _engine_args(args, args.engines[0]), device)
     out["status"] = "ok"
     for trainer in arms.values():
-        trainer.rollout_engine.close()  # vllm: stop the engine
+        trainer.setup.rollout_engine.close()  # vllm: stop the engine
     del arms, first
     return out
 
@@ -309,7 +311,7 @@ def decode_benchmark(trainer, args, device: str) -> dict:
 
     tok = trainer.tokenizer
     batch = collate_prompts(
-        tok, trainer.train_prompts[: args.batch], args.prompt_len, trainer.device
+        tok, trainer.setup.prompts.train[: args.batch], args.prompt_len, trainer.device
     )
     B = batch.input_ids.shape[0]
     kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -317,17 +319,20 @@ def decode_benchmark(trainer, args, device: str) -> dict:
     def one():
         flags = torch.arange(2 * B, device=trainer.device) >= B
         ids, mask = batch.input_ids.repeat(2, 1), batch.attention_mask.repeat(2, 1)
-        return [generate(trainer.model, ids, mask, trainer.sampling, greedy=flags, **kw)]
+        return [generate(trainer.model, ids, mask, trainer.setup.sampling, greedy=flags, **kw)]
 
     def two():
         return [
-            generate(trainer.model, *batch, trainer.sampling, greedy=g, **kw) for g in (False, True)
+            generate(trainer.model, *batch, trainer.setup.sampling, greedy=g, **kw)
+            for g in (False, True)
         ]
 
     def engine():
         flags = torch.arange(2 * B, device=trainer.device) >= B
         ids, mask = batch.input_ids.repeat(2, 1), batch.attention_mask.repeat(2, 1)
-        return [trainer.rollout_engine.generate(ids, mask, trainer.sampling, greedy=flags)]
+        return [
+            trainer.setup.rollout_engine.generate(ids, mask, trainer.setup.sampling, greedy=flags)
+        ]
 
     # No warm-up: the training steps already decoded these shapes (2B flagged rows, B rows).
     fns = {"one_batched_decode": one, "two_generate_calls": two}

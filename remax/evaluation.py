@@ -9,12 +9,14 @@ What one evaluation computes (``jobs.evaluate``; every number is per prompt, the
   an uninterrupted one) and every policy sees the same random stream.
 - multi-turn prompts (MT-bench): turn k's input is the whole conversation so far, the policy's own
   earlier answers included, rendered by ``remax.data.templates.format_conversation``.
-- reward: the RL stages' reward (``remax.rewards.RewardScorer``: any reward model kind or
-  tokenizer, or a reward function), or the synthetic task's gold score when none is given; gold: the synthetic task's
-  programmatic score (held-out synthetic prompts only); KL: Σ_t log π(a_t) − log π_ref(a_t) over
-  the decoded answer, the k1 estimate the ReMax stage logs (an unbiased KL estimate for sampled
-  answers; for greedy ones it is the log-ratio of the one answer each policy gives); length:
-  generated tokens, EOS included. Multi-turn rows average each of these over their turns.
+- scores (``remax.answer_metrics``, the code of the RL stages' ``eval_after.json`` too): reward,
+  the RL stages' reward (``remax.rewards.RewardScorer``: any reward model kind or tokenizer, or a
+  reward function), or the synthetic task's gold score when none is given; gold: the synthetic
+  task's programmatic score (held-out synthetic prompts only); with a reference, ``kl`` (per answer)
+  and ``kl_token`` (per token): the exact full-vocabulary KL(π‖π_ref) along the decoded answer,
+  and ``kl_sampled``, ``kl_sampled_token``: the k1 estimate Σ_t log π(a_t) − log π_ref(a_t)
+  (for greedy answers, the log-ratio of the one answer each policy gives), both of the raw
+  softmax; length: generated tokens, EOS included. Multi-turn rows average each over their turns.
 - win rate of policy A (the first) against B (the second) on the same prompts: a win counts 1, a
   tie ½, a loss 0 (AlpacaEval's convention); identical answers are ties whatever float noise the
   batched reward forward adds. The interval is Wilson's score interval (`wilson_interval`).
@@ -28,6 +30,7 @@ Notation: B batch, P prompt length (left-padded), T response length.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +41,8 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from remax import ledger, watchdog
+from remax import answer_metrics, ledger, watchdog
+from remax.answer_metrics import decode_answers
 from remax.config import (
     AnswerFormat,
     EvalDecoding,
@@ -46,14 +50,14 @@ from remax.config import (
     ModelConfig,
     PromptFormat,
 )
-from remax.data import judge_formats, synthetic
+from remax.data import judge_formats
 from remax.data.batching import collate_prompts
 from remax.data.stage_data import stage_records
 from remax.data.templates import format_conversation, format_prompt
 from remax.distributed import select_device
 from remax.fileio import atomic_write_text, write_json
 from remax.log import MetricWriter
-from remax.models.policy import load_policy, response_logprobs
+from remax.models.policy import load_policy
 from remax.preemption import StopRequest
 from remax.rewards import RewardScorer
 from remax.rollout import HFEngine, Rollout, SamplingConfig, as_actor, build_rollout_engine
@@ -61,6 +65,12 @@ from remax.run_dir import to_plain, wandb_id
 from remax.stats import mean_stderr, win_rate
 
 log = logging.getLogger("remax.evaluation")
+
+# What each answer gets (``remax.answer_metrics``): the RL stages' eval_after.json measures the same.
+SCORES = ("reward", "gold", "kl", "kl_token", "kl_sampled", "kl_sampled_token", "length")
+# Answers whose KLs are scored at once: the policy's and the reference's (rows, T, V) logits live
+# together (8 × 1024 tokens × 32k vocabulary in fp32: 1 GiB each).
+KL_ROWS = 8
 
 # --------------------------------------------------------------------------- prompt sets
 
@@ -129,15 +139,6 @@ class Turn(NamedTuple):
     texts: list[str]
     rollout: Rollout
     answers: list[str]
-
-
-def decode_answers(tokenizer, rollout: Rollout) -> list[str]:
-    """Each row's generated tokens up to its first EOS, as text without special tokens."""
-    lengths = rollout.lengths.tolist()
-    return [
-        tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-        for row, n in zip(rollout.response, lengths)
-    ]
 
 
 @torch.no_grad()
@@ -209,23 +210,20 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, policy, tokenizer, turn: Turn, raw: list[str]) -> dict[str, list[float]]:
-        """Per-row ``reward``, ``gold``, ``kl`` (None where not computed) and ``length``."""
-        ro = turn.rollout
-        gold = (
-            [synthetic.gold_score(p, a) for p, a in zip(raw, turn.answers)] if self.gold else None
+        """Per-row ``reward``, ``gold``, the four KLs (``remax.answer_metrics``; None where not
+        computed) and ``length``: the RL stages' evaluation code, on the raw softmax."""
+        reward = None if self.reward is None else self.reward.for_policy(tokenizer)
+        gold = functools.partial(answer_metrics.gold_scores, tokenizer)  # (rollout, raw prompts)
+        scores = answer_metrics.measure(
+            turn.rollout,
+            raw,
+            reward=gold if reward is None else reward,
+            gold=gold if self.gold else None,
+            policy=policy,
+            reference=self.reference,
+            micro=KL_ROWS,
         )
-        reward = gold if self.reward is None else self.reward.for_policy(tokenizer)(ro, raw)
-        kl = None
-        if self.reference is not None:
-            logp = response_logprobs(policy, ro.sequences, ro.attention_mask, ro.prompt_len)
-            ref = response_logprobs(self.reference, ro.sequences, ro.attention_mask, ro.prompt_len)
-            kl = ((logp - ref) * ro.response_mask).sum(-1)  # (B,)
-        return {
-            "reward": _floats(reward),
-            "gold": gold,
-            "kl": _floats(kl),
-            "length": _floats(ro.lengths),
-        }
+        return {key: _floats(scores.get(key)) for key in SCORES}
 
 
 def _floats(values) -> list[float] | None:
@@ -257,7 +255,7 @@ def answer_rows(
             "prompt": prompt.turns[0] if single else prompt.turns,
             "response": answered[0][0] if single else [a for a, _ in answered],
         }
-        for key in ("reward", "gold", "kl", "length"):
+        for key in SCORES:
             values = [v[key] for _, v in answered]
             row[key] = None if values[0] is None else sum(values) / len(values)
         rows.append(row)
@@ -340,7 +338,7 @@ def _policy_rows(cfg, path, name, prompts, scorer, device, partial: Path, stop) 
 
 def _stats(rows: list[dict]) -> dict[str, dict]:
     out = {}
-    for key in ("reward", "gold", "kl", "length"):
+    for key in SCORES:
         if rows and rows[0][key] is not None:
             out[key] = mean_stderr(torch.tensor([r[key] for r in rows], dtype=torch.float64))
     return out

@@ -404,7 +404,7 @@ def test_ppo_on_deepspeed_matches_plain_one_rank(tmp_path, zero):
     torch.set_num_threads(1)
     try:
         probe = PPOTrainer(cfg)
-        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
+        prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
         with torch.random.fork_rng():
             torch.manual_seed(123)
             rollout = probe.rollout(prompts)

@@ -126,7 +126,7 @@ def one_step(cfg, sampled, greedy, per_rank_norm: bool = False) -> dict:
             n: state[p]["exp_avg"].clone() / 0.1 for n, p in trainer.model.named_parameters()
         },
         "metrics": metrics,
-        "tokens": int(trainer.train_mask(sampled.select(block)).sum()),
+        "tokens": int(trainer.setup.train_mask(sampled.select(block)).sum()),
     }
 
 
@@ -141,7 +141,7 @@ def single_rank_side(cfg, step=None):
     torch.set_num_threads(1)
     try:
         probe = RemaxTrainer(cfg)
-        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
+        prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
         with torch.random.fork_rng():
             torch.manual_seed(123)
             sampled, greedy = probe.rollout(prompts)
@@ -166,7 +166,7 @@ def test_two_ranks_match_one_rank(tmp_path, aggregation):
 
     cfg = config(aggregation)
     probe, sampled, greedy, single = single_rank_side(cfg)
-    advantages = probe.rewards(sampled) - probe.rewards(greedy)
+    advantages = probe.setup.rewards(sampled) - probe.setup.rewards(greedy)
     assert advantages.abs().sum() > 0, "a zero-advantage rollout would make the check vacuous"
 
     spawn(_two_rank_step, 2, cfg, sampled, greedy, str(tmp_path))

@@ -183,7 +183,7 @@ def test_ppo_two_ranks_match_one_rank(tmp_path):
     torch.set_num_threads(1)
     try:
         probe = PPOTrainer(cfg)
-        prompts = [probe.train_prompts[i] for i in probe.sampler.next_indices()]
+        prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
         with torch.random.fork_rng():
             torch.manual_seed(123)
             rollout = probe.rollout(prompts)
@@ -192,7 +192,7 @@ def test_ppo_two_ranks_match_one_rank(tmp_path):
     # Unequal lengths inside each rank's block of each minibatch, so per-rank and global token
     # counts disagree (minibatch 0 = rows 0–3: rank 0 gets rows 0, 1 and rank 1 rows 2, 3).
     rollout = shorten(rollout, probe.tokenizer, {0: 2, 1: 3, 4: 5})
-    mask = probe.train_mask(rollout)
+    mask = probe.setup.train_mask(rollout)
     assert mask[[0, 1, 4, 5]].sum() != mask[[2, 3, 6, 7]].sum()
 
     single, ranks, per_rank = single_and_two_ranks(cfg, tmp_path, rollout)

@@ -67,27 +67,27 @@ def test_early_stop_reads_the_exact_full_vocab_kl_along_the_eval_answers():
     # A tiny LM (vocabulary of a few dozen tokens, 5-token answers): the KL over the vocabulary is
     # enumerated exactly. Answers are drawn with top-p 0.9, as the release's eval.
     trainer = _trainer(top_p=0.9, eval_decoding=EvalDecoding.sampled, early_stop_kl=1e3)
-    trainer.eval_prompts, trainer.eval_raw_prompts = (
-        trainer.eval_prompts[:16],
-        trainer.eval_raw_prompts[:16],
+    setup = trainer.setup
+    setup.prompts = setup.prompts._replace(
+        eval=setup.prompts.eval[:16], eval_raw=setup.prompts.eval_raw[:16]
     )
     with torch.no_grad():  # move the policy away from the reference
         head = trainer.model.get_output_embeddings().weight
         head.add_(0.5 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
-    answers, decode = [], trainer.decode
-    trainer.decode = lambda *args: answers.append(decode(*args)) or answers[-1]
+    answers, decode = [], setup.decode
+    setup.decode = lambda *args: answers.append(decode(*args)) or answers[-1]
     trainer.step = 1
     assert trainer.should_stop_early(StopRequest()) is False
     per_answer = torch.cat(
-        [_exact_kl_per_token(trainer.model, trainer.reference, a) for a in answers]
+        [_exact_kl_per_token(trainer.model, setup.reference, a) for a in answers]
     )
-    assert per_answer.numel() == len(trainer.eval_prompts)
+    assert per_answer.numel() == len(setup.prompts.eval)
     expected = float(per_answer.mean())
     assert expected > 0.05, "the perturbed head is measurably away from the reference"
     # fp32 logits, the KL summed over ~30 tokens in float32: ~1e-7 relative error.
     assert abs(trainer.last_eval_kl - expected) <= 1e-5
     # The sampled estimate (kept as a metric) is another number on these answers.
-    sampled = float(rl_eval.evaluate_policy(trainer)["kl_sampled_token"].mean())
+    sampled = float(rl_eval.evaluate_policy(setup, trainer.model)["kl_sampled_token"].mean())
     assert abs(sampled - expected) > 1e-3
 
 
@@ -109,7 +109,7 @@ def _force_outside_nucleus(trainer, ro):
 
 def test_sampling_adjusted_in_bf16_counts_tokens_outside_the_nucleus_and_stays_finite():
     trainer = _trainer(dtype=DType.bfloat16, top_p=0.9, logprob_dist=LogprobDist.sampling_adjusted)
-    prompts, raw = trainer.train_prompts[:8], trainer.train_raw_prompts[:8]
+    prompts, raw = trainer.setup.prompts.train[:8], trainer.setup.prompts.train_raw[:8]
     _, greedy = trainer.rollout(prompts)
     forced, n_forced = _force_outside_nucleus(trainer, greedy)
     assert n_forced >= 1, "some greedy answer runs to max_response_len"
@@ -118,7 +118,7 @@ def test_sampling_adjusted_in_bf16_counts_tokens_outside_the_nucleus_and_stays_f
     assert metrics["rollout/outside_nucleus"] == n_forced
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     # The eval scores the forced answers: today's (log π − log π_ref)·mask is −inf − (−inf) = NaN.
-    trainer.decode = lambda ids, mask, greedy: forced
-    ev = rl_eval.evaluate_policy(trainer, prompts, raw)
+    trainer.setup.decode = lambda ids, mask, greedy: forced
+    ev = rl_eval.evaluate_policy(trainer.setup, trainer.model, prompts, raw)
     for key in ("kl", "kl_token", "kl_sampled", "kl_sampled_token"):
         assert torch.isfinite(ev[key]).all(), key

@@ -17,7 +17,7 @@ from jobs._stage import run_stage
 from remax import ledger
 from remax.data.judge_formats import validate_alpaca_eval, validate_mt_bench_answers
 from remax.data.templates import format_conversation
-from remax.evaluation import Prompt, answer_turns, load_prompt_set
+from remax.evaluation import SCORES, Prompt, answer_turns, load_prompt_set
 from remax.rollout import SamplingConfig
 from remax.stats import wilson_interval, win_rate
 
@@ -154,10 +154,11 @@ def test_evaluate_job_writes_summary_and_answers(exports, tmp_path):
     assert ev["win_rate"] == (counts["wins"] + counts["ties"] / 2) / 64
     assert ev["reward_source"] == "reward_model" and ev["policies"] == ["a", "b"]
     for name in ("a", "b"):
-        assert set(ev["by_policy"][name]) == {"reward", "gold", "kl", "length"}
+        assert set(ev["by_policy"][name]) == set(SCORES)  # the RL stages' eval keys
         assert ev["by_policy"][name]["reward"]["n"] == 64
-    assert ev["by_policy"]["b"]["kl"]["mean"] == 0.0  # B is its own reference
-    assert ev["by_policy"]["a"]["kl"]["mean"] != 0.0
+    for kl in ("kl", "kl_token", "kl_sampled", "kl_sampled_token"):
+        assert ev["by_policy"]["b"][kl]["mean"] == 0.0  # B is its own reference
+        assert ev["by_policy"]["a"][kl]["mean"] != 0.0
     assert 0.0 <= ev["gold_win_rate"] <= 1.0
     rows = _rows(run_dir)
     assert len(rows) == 2 * 64
@@ -165,7 +166,7 @@ def test_evaluate_job_writes_summary_and_answers(exports, tmp_path):
     assert [r["id"] for r in rows[:64]] == list(range(64))
     assert [r["prompt"] for r in rows[:64]] == [r["prompt"] for r in rows[64:]]  # same prompts
     row = rows[0]
-    assert set(row) == {"policy", "id", "prompt", "response", "reward", "gold", "kl", "length"}
+    assert set(row) == {"policy", "id", "prompt", "response", *SCORES}
     assert row["prompt"].endswith("=") and isinstance(row["response"], str)
     assert not (run_dir / "partial").exists()
 

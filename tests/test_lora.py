@@ -65,7 +65,7 @@ def _remax_trainer(cfg):
 def _tensors(trainer) -> set[int]:
     """data_ptr of every parameter the trainer's models and reference hold."""
     modules = [v for v in vars(trainer).values() if isinstance(v, torch.nn.Module)]
-    ref = trainer.reference
+    ref = trainer.setup.reference
     modules.append(ref.model if isinstance(ref, lora.AdaptersOff) else ref)
     return {p.data_ptr() for m in modules for p in m.parameters()}
 
@@ -88,11 +88,11 @@ def test_reference_is_the_actor_with_adapters_off(tmp_path):
 
     ids = torch.randint(3, len(trainer.tokenizer), (4, 10))
     base = _logits(_base(cfg), ids)
-    assert torch.equal(_logits(trainer.reference, ids), base)
+    assert torch.equal(_logits(trainer.setup.reference, ids), base)
     assert torch.equal(_logits(trainer.model, ids), base)  # B = 0: adapters start as identity
     for _ in range(2):  # the first step moves B only; the second moves the output
         trainer.train_step()
-    assert torch.equal(_logits(trainer.reference, ids), base)
+    assert torch.equal(_logits(trainer.setup.reference, ids), base)
     assert (_logits(trainer.model, ids) - base).abs().max() > 1e-4
     assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
 
@@ -267,8 +267,8 @@ def test_ppo_actor_gets_adapters_and_the_critic_behind_its_switch(tmp_path, crit
     algo = PPOAlgoConfig(kl_coef=0.05, critic_lora=critic_lora)
     cfg = _lora(_cfg(tmp_path, algo=algo), lr=1e-2)
     trainer = PPOTrainer(cfg)
-    assert isinstance(trainer.reference, lora.AdaptersOff)
-    assert trainer.reference.model is trainer.model
+    assert isinstance(trainer.setup.reference, lora.AdaptersOff)
+    assert trainer.setup.reference.model is trainer.model
     assert all(".lora_" in k for k in trained_state(trainer.model))
     critic = set(trained_state(trainer.critic))
     if critic_lora:
@@ -279,5 +279,5 @@ def test_ppo_actor_gets_adapters_and_the_critic_behind_its_switch(tmp_path, crit
     base = _logits(_base(cfg), ids)
     for _ in range(2):
         trainer.train_step()
-    assert torch.equal(_logits(trainer.reference, ids), base)
+    assert torch.equal(_logits(trainer.setup.reference, ids), base)
     assert (_logits(trainer.model, ids) - base).abs().max() > 1e-4

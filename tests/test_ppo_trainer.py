@@ -84,16 +84,18 @@ def test_critic_starts_as_a_trainable_copy_of_the_reward_model(tmp_path):
             algo=PPOAlgoConfig(),
         )
     )
-    rm_state = trainer.reward_model.state_dict()
+    rm_state = trainer.setup.reward_model.state_dict()
     critic_state = trainer.critic.state_dict()
     assert rm_state.keys() == critic_state.keys()
     assert all(torch.equal(rm_state[k], critic_state[k]) for k in rm_state)
     assert all(p.requires_grad for p in trainer.critic.parameters())
-    assert not any(p.requires_grad for p in trainer.reward_model.parameters())
+    assert not any(p.requires_grad for p in trainer.setup.reward_model.parameters())
     before = {k: v.clone() for k, v in rm_state.items()}
     trainer.train_step()
-    assert all(torch.equal(before[k], v) for k, v in trainer.reward_model.state_dict().items())
-    assert not torch.equal(trainer.critic.score.weight, trainer.reward_model.score.weight)
+    assert all(
+        torch.equal(before[k], v) for k, v in trainer.setup.reward_model.state_dict().items()
+    )
+    assert not torch.equal(trainer.critic.score.weight, trainer.setup.reward_model.score.weight)
 
 
 def test_resume_is_bit_identical_for_actor_and_critic(tmp_path):

@@ -59,11 +59,11 @@ def test_early_stop_compares_the_per_token_kl_as_the_release(tmp_path, limit, st
         logp = torch.full(ro.response.shape, 0.0 if model is trainer.model else -0.75)
         return logp, logits
 
-    trainer.score = score
-    trainer.run_dir, trainer.step = tmp_path, 1
+    trainer.setup.score = score
+    trainer.step = 1
     from remax.trainers import rl_eval
 
-    ev = rl_eval.evaluate_policy(trainer)
+    ev = rl_eval.evaluate_policy(trainer.setup, trainer.model)
     assert float(ev["kl"].mean()) > 1.0, (
         "answers of several tokens: the per-answer sum is above both limits"
     )
@@ -260,7 +260,8 @@ def test_best_eval_reward_export_is_what_the_summary_describes(
         eval_prompts=64,
     )
     trainer = RemaxTrainer(cfg)
-    assert not set(trainer.select_prompts) & set(trainer.eval_prompts), "chosen on unseen prompts"
+    chosen_on = set(trainer.select_prompts)
+    assert not chosen_on & set(trainer.setup.prompts.eval), "chosen on unseen prompts"
 
     # The actor after step k scores rewards[k-1] on every prompt (the step-0 actor 0), whatever
     # prompts it is asked about: weights are recognised by a fingerprint taken after each step.
@@ -278,8 +279,8 @@ def test_best_eval_reward_export_is_what_the_summary_describes(
     trainer.train_step = train_step
     real = rl_eval.evaluate_policy
 
-    def evaluate_policy(t, prompts=None, raw=None, stop=None):
-        out = real(t, prompts, raw, stop)
+    def evaluate_policy(setup, model, prompts=None, raw=None, stop=None):
+        out = real(setup, model, prompts, raw, stop)
         out["reward"] = torch.full_like(out["reward"], table[fingerprint()])
         return out
 

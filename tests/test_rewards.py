@@ -426,7 +426,7 @@ def test_remax_learns_from_an_rm_of_another_tokenizer_and_architecture(
     cfg = remax_config(source, steps=steps)
     trainer = RemaxTrainer(cfg)
     assert trainer.tokenizer.get_vocab() == tokenizer.get_vocab()  # the policy's char tokenizer
-    trainer.scorer = recorder = Recorder(trainer.scorer)
+    trainer.setup.scorer = recorder = Recorder(trainer.setup.scorer)
     (tmp_path / "run").mkdir()
     summary = loop.run(trainer, cfg, tmp_path / "run", "remax")
     assert summary["reward_source"] == "reward_model"
@@ -631,7 +631,7 @@ def test_ppo_critic_starts_from_the_policy_when_the_rm_has_another_tokenizer(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("critic:")]
     assert len(lines) == 1 and "another tokenizer" in lines[0] and "policy" in lines[0]
     assert type(trainer.critic).__name__ == "LlamaForSequenceClassification"
-    assert type(trainer.reward_model).__name__ == "GPT2ForSequenceClassification"
+    assert type(trainer.setup.reward_model).__name__ == "GPT2ForSequenceClassification"
     metrics = trainer.train_step()
     assert math.isfinite(metrics["reward/mean"]) and metrics["reward/mean"] != 0.0
 
@@ -668,9 +668,9 @@ def test_ppo_trains_on_a_reward_function(tmp_path, caplog):
         for r in caplog.records
     )
     rows = trainer.shard(trainer.sampler.next_indices())
-    sampled = trainer.rollout([trainer.train_prompts[i] for i in rows])
-    raw = [trainer.train_raw_prompts[i] for i in rows]
-    gold = trainer.gold(sampled)
+    sampled = trainer.rollout([trainer.setup.prompts.train[i] for i in rows])
+    raw = [trainer.setup.prompts.train_raw[i] for i in rows]
+    gold = trainer.setup.gold(sampled)
     metrics = trainer.update(sampled, raw)
     assert metrics["reward/mean"] == pytest.approx(float(2 * gold.mean() - 1), abs=1e-6)
 

@@ -32,6 +32,7 @@ from remax.trainers import rl_eval
 from remax.trainers.ppo import PPOTrainer
 from remax.trainers.remax import RemaxTrainer
 from remax.trainers.reward_model import RewardModelTrainer
+from remax.trainers.rl_setup import RLSetup
 from remax.trainers.sft import SFTTrainer
 
 PROMPT = "Why is the sky blue?"
@@ -64,19 +65,24 @@ def stage(tok, data: DataConfig, recorder: Recorder) -> SimpleNamespace:
         train=SimpleNamespace(batch_size=4, micro_batch_size=4),
     )
     zeros = lambda ro, *a: torch.zeros(ro.response.shape[0], ro.response.shape[1])  # noqa: E731
+    setup = SimpleNamespace(
+        cfg=cfg,
+        tokenizer=tok,
+        device=torch.device("cpu"),
+        rank=0,
+        reference=None,
+        decode=lambda ids, mask, greedy: recorder.generate(ids, mask),
+        score=lambda model, ro: (zeros(ro), zeros(ro)[..., None]),  # (log π, logits)
+        rewards=lambda ro, raw: zeros(ro)[:, 0],
+    )
+    setup.prompt_batch = lambda prompts: RLSetup.prompt_batch(setup, prompts)
     return SimpleNamespace(
         cfg=cfg,
         tokenizer=tok,
         device=torch.device("cpu"),
         rank=0,
         model=torch.nn.Linear(1, 1),
-        reference=None,
-        _generate=lambda ids, mask, greedy: recorder.generate(ids, mask),
-        _postprocess=lambda ro: ro,
-        decode=lambda ids, mask, greedy: recorder.generate(ids, mask),
-        logprobs=lambda model, ro: zeros(ro),
-        score=lambda model, ro: (zeros(ro), zeros(ro)[..., None]),  # (log π, logits)
-        rewards=lambda ro, raw: zeros(ro)[:, 0],
+        setup=setup,
     )
 
 
@@ -91,7 +97,7 @@ def stage_prompts(tok, data: DataConfig, raw: str) -> dict[str, list[int]]:
     pairs = RewardModelTrainer._batch(trainer, [rec])
     RemaxTrainer.rollout(trainer, [text])  # n sampled rows, then the greedy row
     PPOTrainer.rollout(trainer, [text])
-    rl_eval.evaluate_policy(trainer, [text], [raw])
+    rl_eval.evaluate_policy(trainer.setup, trainer.model, [text], [raw])
     answer_turns(
         torch.nn.Linear(1, 1),
         tok,
@@ -147,7 +153,8 @@ def test_a_truncated_prompt_keeps_its_bos(family_checkpoint, family):
 
 def _rollout(tok, prompts: list[str], data: DataConfig) -> Rollout:
     """Prompts as the RL stage batches them; responses of several lengths, one without EOS."""
-    batch = rl_eval.prompt_batch(SimpleNamespace(data=data), tok, prompts, "cpu")
+    setup = SimpleNamespace(cfg=SimpleNamespace(data=data), tokenizer=tok, device="cpu")
+    batch = RLSetup.prompt_batch(setup, prompts)
     rows = [encode(tok, r) + [tok.eos_token_id] for r in RESPONSES[:-1]] + [
         encode(tok, RESPONSES[-1])
     ]

@@ -117,7 +117,7 @@ def test_sample_equal_to_greedy_gives_exactly_zero_gradient():
 def test_with_kl_only_the_kl_term_remains_when_sample_equals_greedy():
     trainer = _remax(top_k=1, kl_coef=0.1)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term is non-zero
-        for p in trainer.reference.parameters():
+        for p in trainer.setup.reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
     trainer.optimizer.step = lambda: None
     trainer.optimizer.zero_grad = lambda set_to_none=True: None
@@ -133,10 +133,10 @@ def test_empty_answers_are_handled_without_nan(mode):
     eos_bias[0] = 1e4
     handle = trainer.model.lm_head.register_forward_hook(lambda m, i, out: out + eos_bias)
     try:
-        sampled, greedy = trainer.rollout(trainer.train_prompts[:4])
-        mask = trainer.train_mask(sampled)
+        sampled, greedy = trainer.rollout(trainer.setup.prompts.train[:4])
+        mask = trainer.setup.train_mask(sampled)
         if mode == EmptyResponse.space_token:
-            assert (sampled.response[:, 0] == trainer.space_id).all()
+            assert (sampled.response[:, 0] == trainer.setup.ids.space).all()
             assert mask[:, :2].all() and sampled.lengths.eq(2).all()
         elif mode == EmptyResponse.mask:
             assert not mask.any()
@@ -151,7 +151,7 @@ def test_empty_answers_are_handled_without_nan(mode):
 def test_each_sample_gets_its_own_prompts_greedy_baseline():
     """Spec test 7: with n samples per prompt, sample i·n + j is scored against prompt i's greedy."""
     trainer = _remax(samples_per_prompt=3)
-    prompts = trainer.train_prompts[:4]
+    prompts = trainer.setup.prompts.train[:4]
     sampled, greedy = trainer.rollout(prompts)
     assert sampled.prompt_ids.shape[0] == 12 and greedy.prompt_ids.shape[0] == 4
     assert torch.equal(sampled.prompt_ids, greedy.prompt_ids.repeat_interleave(3, 0))
@@ -170,13 +170,13 @@ def test_each_sample_gets_its_own_prompts_greedy_baseline():
 def test_group_baselines_decode_no_greedy_row(k, algo):
     """RLOO and GRPO read no greedy reward, so the rollout decodes k sampled rows per prompt only."""
     trainer = _remax(samples_per_prompt=k, **algo)
-    flags, generate = [], trainer.rollout_engine.generate
+    flags, generate = [], trainer.setup.rollout_engine.generate
 
     def spy(ids, mask, sampling, *, greedy):
         flags.append(greedy)
         return generate(ids, mask, sampling, greedy=greedy)
 
-    trainer.rollout_engine.generate = spy
+    trainer.setup.rollout_engine.generate = spy
     metrics = trainer.train_step()
     assert len(flags) == 1 and flags[0].shape == (8 * k,) and not flags[0].any()
     assert "response/same_as_greedy" not in metrics
@@ -236,7 +236,7 @@ def test_sampling_other_than_the_scored_softmax_is_flagged(caplog):
 def test_sampling_adjusted_scores_the_filtered_distribution():
     trainer = _remax(top_k=2, logprob_dist=LogprobDist.sampling_adjusted)
     raw = _remax(top_k=2)
-    sampled, _ = trainer.rollout(trainer.train_prompts[:4])
+    sampled, _ = trainer.rollout(trainer.setup.prompts.train[:4])
     adj, _, _ = trainer._logprobs(trainer.model, sampled)
     plain, _, _ = raw._logprobs(trainer.model, sampled)
     m = sampled.response_mask
@@ -252,10 +252,9 @@ def test_remax_holds_exactly_three_models_and_no_value_model(tmp_path, tokenizer
         **SMALL, reward_model=RewardSourceConfig(path=str(tmp_path / "rm")), eval_prompts=64
     )
     trainer = RemaxTrainer(cfg)
-    models = [v for v in vars(trainer).values() if isinstance(v, PreTrainedModel)]
-    assert len(models) == 3
-    assert {id(trainer.model), id(trainer.reference), id(trainer.reward_model)} == {
-        id(m) for m in models
-    }
-    assert not any(p.requires_grad for p in trainer.reference.parameters())
-    assert not any(p.requires_grad for p in trainer.reward_model.parameters())
+    setup = trainer.setup  # the frozen models are the RL setup's (rl_setup.RLSetup)
+    held = [*vars(trainer).values(), *vars(setup).values(), setup.reward_model]
+    models = {id(v) for v in held if isinstance(v, PreTrainedModel)}
+    assert models == {id(trainer.model), id(setup.reference), id(setup.reward_model)}
+    assert not any(p.requires_grad for p in trainer.setup.reference.parameters())
+    assert not any(p.requires_grad for p in trainer.setup.reward_model.parameters())

@@ -91,7 +91,7 @@ def _remax(root: Path, stop=None):
     try:
         return run_dir, loop.run(trainer, cfg, run_dir, "remax", stop=stop)
     finally:
-        trainer.rollout_engine.close()
+        trainer.setup.rollout_engine.close()
 
 
 def test_stop_and_resume_with_vllm_rollouts_is_bit_identical(tmp_path):
@@ -258,9 +258,9 @@ def _spy_engine(engine, calls: list) -> None:
 
 
 def test_final_evaluation_with_vllm_decodes_the_exported_best_actor(tmp_path, monkeypatch):
-    """``export_policy=best_eval_reward``: ``load_best`` puts an older actor back into the model,
+    """``export_policy=best_eval_reward``: ``BestActor.load_into`` puts an older actor back into the model,
     so vLLM must be pushed it again. The selection is forced onto step 1 of 2 (reward −step), and
-    every greedy answer of the final evaluation (decoded by vLLM after ``load_best``) equals the
+    every greedy answer of the final evaluation (decoded by vLLM after ``load_into``) equals the
     ``hf`` engine's greedy answer of ``export/``; the final actor answers differently (else the
     test could not tell the two apart)."""
     from transformers import AutoModelForCausalLM
@@ -270,16 +270,19 @@ def test_final_evaluation_with_vllm_decodes_the_exported_best_actor(tmp_path, mo
     from remax.run_dir import prepare
     from remax.trainers import best_actor, loop
 
-    consider, load_best = best_actor.consider, best_actor.load_best
-    monkeypatch.setattr(best_actor, "consider", lambda t, reward: consider(t, -float(t.step)))
+    kept = best_actor.BestActor
+    consider, load_into = kept.consider, kept.load_into
+    monkeypatch.setattr(
+        kept, "consider", lambda b, step, reward, actor: consider(b, step, -float(step), actor)
+    )
     calls, final = [], {}
 
-    def spy_load_best(trainer):
-        final["weights"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    def spy_load_into(b, model, engine, device):
+        final["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
         final["calls"] = len(calls)  # the decodes after this one are the final evaluation's
-        load_best(trainer)
+        load_into(b, model, engine, device)
 
-    monkeypatch.setattr(best_actor, "load_best", spy_load_best)
+    monkeypatch.setattr(kept, "load_into", spy_load_into)
     cfg = compose_stage(
         "remax",
         [
@@ -298,11 +301,11 @@ def test_final_evaluation_with_vllm_decodes_the_exported_best_actor(tmp_path, mo
     )
     run_dir = prepare(cfg, "remax")
     trainer = _trainer("remax", cfg)
-    _spy_engine(trainer.rollout_engine, calls)
+    _spy_engine(trainer.setup.rollout_engine, calls)
     try:
         summary = loop.run(trainer, cfg, run_dir, "remax")
     finally:
-        trainer.rollout_engine.close()
+        trainer.setup.rollout_engine.close()
     assert summary["export"]["step"] == 1 and summary["step"] == 2
     best = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
     last = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()

@@ -38,25 +38,42 @@ def selection_prompts(held_out: list[str], eval_prompts: int) -> list[str]:
     return rest
 
 
-def consider(trainer, reward: float) -> bool:
-    """Keep the current actor when its selection reward beats the best so far (collective)."""
-    if trainer.best_eval_reward is not None and reward <= trainer.best_eval_reward:
-        return False
-    trainer.best_eval_reward, trainer.best_step = reward, trainer.step
-    weights = trainer.actor.full_state_dict()  # collective under ZeRO-3
-    if distributed.is_main():  # every rank has the same gathered results: rank 0 writes
-        # A copy even on CPU, where ``.cpu()`` is the tensor itself: tied weights (an LM head that
-        # is the input embedding) would reach safetensors as one storage, which it refuses.
-        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
-        atomic_write(Path(trainer.run_dir) / BEST_FILE, lambda tmp: save_file(cpu, tmp))
-    return True
+class BestActor:
+    """The best step's actor: its selection reward, its step, and its weights on disk
+    (``<run_dir>/best_policy.safetensors``). ``reward`` and ``step`` go into the trainer's
+    checkpoint (``state_dict``); the weights file is the run dir's."""
 
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None  # set when training starts (``before_training``)
+        self.reward: float | None = None
+        self.step: int | None = None
 
-def load_best(trainer) -> None:
-    """Load the best actor's weights into ``trainer.model`` on every rank, and tell the rollout
-    engine: a vLLM engine holds its own copy of the weights (the last ones pushed), so without
-    this the final evaluation would decode from the final actor while ``export/`` holds the best."""
-    distributed.barrier()  # rank 0 wrote the file
-    weights = load_file(Path(trainer.run_dir) / BEST_FILE, device=str(trainer.device))
-    trainer.model.load_state_dict(weights)
-    trainer.rollout_engine.weights_updated()
+    def consider(self, step: int, reward: float, actor) -> bool:
+        """Keep ``actor``'s weights (a ``remax.engines`` actor) when its selection ``reward`` at
+        ``step`` beats the best so far (collective under ZeRO-3)."""
+        if self.reward is not None and reward <= self.reward:
+            return False
+        self.reward, self.step = reward, step
+        weights = actor.full_state_dict()  # collective under ZeRO-3
+        if distributed.is_main():  # every rank has the same gathered results: rank 0 writes
+            # A copy even on CPU, where ``.cpu()`` is the tensor itself: tied weights (an LM head
+            # that is the input embedding) would reach safetensors as one storage, which it refuses.
+            cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+            atomic_write(Path(self.run_dir) / BEST_FILE, lambda tmp: save_file(cpu, tmp))
+        return True
+
+    def load_into(self, model, rollout_engine, device) -> None:
+        """Load the best weights into ``model`` on every rank, and tell the rollout engine: a vLLM
+        engine holds its own copy of the weights (the last ones pushed), so without this the
+        final evaluation would decode from the final actor while ``export/`` holds the best."""
+        distributed.barrier()  # rank 0 wrote the file
+        weights = load_file(Path(self.run_dir) / BEST_FILE, device=str(device))
+        model.load_state_dict(weights)
+        rollout_engine.weights_updated()
+
+    def state_dict(self) -> dict:
+        return {"best_eval_reward": self.reward, "best_step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reward = state["best_eval_reward"]
+        self.step = state.get("best_step")  # absent in checkpoints of earlier versions

@@ -1,5 +1,6 @@
-"""What the ReMax and PPO trainers share: the frozen reward, the empty-answer rewrite, the train
-mask, the synthetic gold score and the final evaluation's summary (remax-spec §3, §4 rows 13-14).
+"""The conventions every RL trainer shares, as functions: the empty-answer rewrite, the train mask,
+the per-rank seeds, the release's per-rank token normaliser and the final evaluation's summary
+(remax-spec §3, §4 rows 13-14). ``rl_setup.RLSetup`` binds them to a stage's tokenizer and config.
 
 One copy, so the baseline (PPO) and the method (ReMax) cannot drift apart on a convention that
 changes what is measured. Orchestration (rollout, update) stays in each trainer (style rule 7).
@@ -10,91 +11,14 @@ Notation: B batch, P prompt length, T response length.
 from __future__ import annotations
 
 import json
-import logging
-from typing import NamedTuple
 
 import torch
 
 from remax import distributed
 from remax.config import EmptyResponse
-from remax.data import synthetic
-from remax.data.stage_data import format_prompts, stage_records
-from remax.engines import frozen
 from remax.fileio import write_json
-from remax.rewards import RewardScorer
-from remax.rollout import Rollout, build_rollout_engine, mark_unsampled
+from remax.rollout import Rollout, mark_unsampled
 from remax.trainers import rl_eval
-
-log = logging.getLogger("remax.trainers")
-
-
-def load_scorer(cfg, tokenizer, device) -> RewardScorer | None:
-    """The frozen reward of an RL stage (``remax.rewards``): a reward model of any tokenizer and
-    head, or a function; None when the synthetic task's gold score is the reward."""
-    return RewardScorer.load(
-        cfg.reward_model,
-        cfg.model,
-        tokenizer,
-        max_prompt_len=cfg.data.max_prompt_len,
-        special_tokens=cfg.data.special_tokens,
-        seed=cfg.seed,
-        device=device,
-    )
-
-
-class PromptSets(NamedTuple):
-    """An RL stage's prompts, each list also raw (before the policy's chat template: reward-model
-    templates and reward functions read those). ``held``: every held-out prompt, of which the
-    first ``eval_prompts`` are the reported ``eval`` set."""
-
-    train: list[str]
-    train_raw: list[str]
-    eval: list[str]
-    eval_raw: list[str]
-    held: list[str]
-    held_raw: list[str]
-
-
-def prompt_sets(cfg, tokenizer) -> PromptSets:
-    """The train and held-out prompts of ``cfg.data``, templated for ``tokenizer`` and raw."""
-    train, held_out = stage_records("prompts", cfg.data)
-    held = [r["prompt"] for r in format_prompts(held_out, cfg.data, tokenizer)]
-    held_raw = [r["prompt"] for r in held_out]
-    return PromptSets(
-        train=[r["prompt"] for r in format_prompts(train, cfg.data, tokenizer)],
-        train_raw=[r["prompt"] for r in train],
-        eval=held[: cfg.eval_prompts],
-        eval_raw=held_raw[: cfg.eval_prompts],
-        held=held,
-        held_raw=held_raw,
-    )
-
-
-def place_frozen(trainer, reference, train_cfg) -> None:
-    """``trainer.reference`` and ``trainer.reward_model``: as they are, or ZeRO-3 inference
-    engines (``remax.engines.frozen``), in the policy's dtype; the scorer reads the placed RM."""
-    cfg = trainer.cfg
-    placement = dict(train=train_cfg, dtype=cfg.model.dtype)
-    trainer.reference = frozen(reference, cfg.deepspeed, **placement)
-    if trainer.reward_model is not None:
-        trainer.reward_model = frozen(trainer.reward_model, cfg.deepspeed, **placement)
-        trainer.scorer.model = trainer.reward_model
-
-
-def rollout_engine(cfg, actor, tokenizer):
-    """hf (the actor decodes) or vllm (weights pushed after each optimizer step), chosen once."""
-    return build_rollout_engine(
-        cfg.rollout,
-        actor,
-        tokenizer,
-        max_model_len=cfg.data.max_prompt_len + cfg.data.max_response_len + 1,
-        seed=cfg.seed,
-    )
-
-
-def space_id(tokenizer) -> int:
-    """The token of " ", which ``space_token`` writes into empty answers (as the release)."""
-    return tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
 
 
 def seed_ranks(seed: int, world_size: int) -> None:
@@ -102,25 +26,6 @@ def seed_ranks(seed: int, world_size: int) -> None:
     world size 1, which keeps single-process runs bit-identical to earlier releases."""
     if world_size > 1:
         torch.manual_seed(distributed.rank_seed(seed))
-
-
-@torch.no_grad()
-def rewards(scorer, tokenizer, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
-    """(B,) frozen reward: the scorer's (``prompts``: each row's raw prompt), or the synthetic gold
-    score when ``scorer`` is None."""
-    if scorer is None:
-        return gold(tokenizer, rollout)
-    return scorer(rollout, prompts)
-
-
-def gold(tokenizer, rollout: Rollout) -> torch.Tensor:
-    """(B,) the synthetic task's programmatic score of each decoded response."""
-    prompts = tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
-    responses = tokenizer.batch_decode(
-        rollout.response * rollout.response_mask, skip_special_tokens=True
-    )
-    scores = [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)]
-    return torch.tensor(scores, device=rollout.response.device)
 
 
 def rewrite_empty(
@@ -191,15 +96,16 @@ def rank_token_denominator(mask: torch.Tensor, n_micro: int, world_size: int) ->
     return mask.sum().clamp(min=1) * n_micro * world_size
 
 
-def final_summary(trainer, run_dir, stop=None) -> dict:
-    """``evaluate_final`` of an RL trainer: before/after reward, KL and length (collective).
+def final_summary(setup, model, run_dir, stop=None) -> dict:
+    """``evaluate_final`` of an RL trainer: ``model``'s before/after reward, KL and length
+    (collective; ``setup``: the stage's ``RLSetup``).
 
     ``kl_after`` / ``kl_token_after``: the exact full-vocabulary KL per answer / per token (the
     release's ``eval/kl``); ``kl_sampled_after`` / ``kl_sampled_token_after``: the sampled
     log π − log π_ref estimate (``rl_eval``). Rank 0 writes ``eval_after.json``; every rank returns the same summary.
     """
     before = json.loads((run_dir / "eval_before.json").read_text())
-    after = rl_eval.eval_summary(trainer, stop=stop)
+    after = rl_eval.eval_summary(setup, model, stop=stop)
     if distributed.is_main():
         write_json(run_dir / "eval_after.json", after)
     ev = {
@@ -215,5 +121,5 @@ def final_summary(trainer, run_dir, stop=None) -> dict:
             ev[f"{key}_after"] = after[key]["mean"]
     if "gold" in after:
         ev["gold_before"], ev["gold_after"] = before["gold"], after["gold"]
-    reward_source = "gold" if trainer.scorer is None else trainer.scorer.source
+    reward_source = "gold" if setup.scorer is None else setup.scorer.source
     return {"eval": ev, "reward_source": reward_source}

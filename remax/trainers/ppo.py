@@ -46,7 +46,6 @@ from dataclasses import replace
 import torch
 
 from remax import distributed
-from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.masked import token_mean
 from remax.algo.ppo import gae_advantages, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from remax.config import LoraConfig, PPOJobConfig
@@ -54,11 +53,11 @@ from remax.data.batching import EpochSampler
 from remax.distributed import select_device
 from remax.engines import build_actor
 from remax.models import lora
-from remax.models.policy import load_policy, position_ids, response_logits, response_logprobs
+from remax.models.policy import load_policy, position_ids, response_logprobs
 from remax.models.reward import load_reward_model
 from remax.models.reward_adapters import critic_compatible
 from remax.rollout import Rollout, offpolicy_gap
-from remax.trainers import conventions, rl_eval
+from remax.trainers import conventions, rl_eval, rl_setup
 
 log = logging.getLogger("remax.trainers.ppo")
 
@@ -87,23 +86,18 @@ class PPOTrainer:
         self.model, self.tokenizer = load_policy(cfg.model, seed=cfg.seed, device=self.device)
         lora.adapt(self.model, cfg.model.lora, seed=cfg.seed)  # model.lora.rank=0: unchanged
         distributed.broadcast_params(self.model)  # rank 0's weights, before an engine shards them
-        # A frozen copy of the initial policy; with adapters the policy itself, adapters off.
-        self.reference = lora.reference(self.model)
-        # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
-        # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
-        self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)
-        self.reward_model = self.scorer.model if self.scorer is not None else None
-        self.critic = self._critic()
+        # The reference (a frozen copy of the initial policy; with adapters the policy itself,
+        # adapters off), the frozen reward (any tokenizer, head or a function: remax.rewards; None:
+        # the synthetic task's gold score) and the prompts.
+        loaded = rl_setup.load(cfg, self.model, self.tokenizer, self.device)
+        self.critic = self._critic(loaded.scorer)
         self.critic.requires_grad_(True)
         # algo.critic_lora: the actor's adapter config on the critic too (score head trained fully).
         critic_lora = cfg.model.lora if algo.critic_lora else LoraConfig()
         lora.adapt(self.critic, critic_lora, seed=cfg.seed + 1, train=("score",))
         distributed.broadcast_params(self.critic)
-        sets = conventions.prompt_sets(cfg, self.tokenizer)
-        self.train_prompts, self.train_raw_prompts = sets.train, sets.train_raw
-        self.eval_prompts, self.eval_raw_prompts = sets.eval, sets.eval_raw
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
+        self.sampler = EpochSampler(len(loaded.prompts.train), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
@@ -118,12 +112,11 @@ class PPOTrainer:
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
         self.critic_optimizer = self.critic_actor.optimizer
         self.critic_scheduler = self.critic_actor.scheduler
-        conventions.place_frozen(self, self.reference, step)
-        self.sampling = algo.sampling(cfg.data.max_response_len)
-        self.rollout_engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
+        # The ratio and the KL score the raw softmax (DS-Chat): build's default.
+        self.setup = rl_setup.build(cfg, self.actor, loaded, device=self.device, train_cfg=step)
         # As ReMax's raw_softmax (spec test 19): the ratio scores the raw softmax, so top-p < 1,
         # T != 1 or top-k sample from another distribution than the one the update assumes.
-        self.off_policy_sampling = self.sampling.filtered
+        self.off_policy_sampling = self.setup.sampling.filtered
         if self.off_policy_sampling:
             log.warning(
                 "top_p=%s temperature=%s top_k=%s: log-probs score the raw softmax, not the "
@@ -132,7 +125,6 @@ class PPOTrainer:
                 algo.temperature,
                 algo.top_k,
             )
-        self.space_id = conventions.space_id(self.tokenizer)
         conventions.seed_ranks(cfg.seed, self.world_size)
         self.step = 0
 
@@ -154,13 +146,13 @@ class PPOTrainer:
             micro_batch_size=min(cfg.train.micro_batch_size, minibatch),
         )
 
-    def _critic(self):
+    def _critic(self, scorer):
         """The critic: a trainable copy of the RM (DS-Chat) when it reads the policy's tokens
         through a ``score`` head; else a fresh scalar head on the policy (tiny: its shape)."""
         cfg = self.cfg
         why = "the reward is the synthetic gold score"
-        if self.scorer is not None:
-            why = critic_compatible(cfg.reward_model, self.scorer.tokenizer, self.tokenizer)
+        if scorer is not None:
+            why = critic_compatible(cfg.reward_model, scorer.tokenizer, self.tokenizer)
         if why is None:
             # In the actor's dtype and grad-ckpt (the frozen RM is the policy's dtype too).
             critic, _ = load_reward_model(
@@ -180,48 +172,11 @@ class PPOTrainer:
         )[0]
 
     # ----------------------------------------------------------------- experience
-    def _postprocess(self, rollout: Rollout) -> Rollout:
-        """Empty answers per ``algo.empty_response`` (``conventions.rewrite_empty``)."""
-        tok, algo = self.tokenizer, self.cfg.algo
-        return conventions.rewrite_empty(
-            rollout,
-            mode=algo.empty_response,
-            max_tokens=algo.empty_max_tokens,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            space_id=self.space_id,
-        )
-
-    def train_mask(self, rollout: Rollout) -> torch.Tensor:
-        """(B, T) bool: tokens that get a gradient (``conventions.train_mask``). Contiguous from
-        column 0, as ``ppo_rewards`` requires."""
-        algo = self.cfg.algo
-        return conventions.train_mask(
-            rollout,
-            eos_id=self.tokenizer.eos_token_id,
-            empty_response=algo.empty_response,
-            train_on_eos=algo.train_on_eos,
-        )
-
-    def rewards(self, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
-        """(B,) frozen reward of each row (``prompts``: its raw prompt, as reward models and
-        functions read it), or the synthetic gold score (``conventions.rewards``)."""
-        return conventions.rewards(self.scorer, self.tokenizer, rollout, prompts)
-
-    def gold(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) the synthetic task's programmatic score of each decoded response."""
-        return conventions.gold(self.tokenizer, rollout)
-
     def rollout(self, prompts: list[str]) -> Rollout:
-        """Step 1: one sampled response per prompt."""
-        batch = rl_eval.prompt_batch(self.cfg, self.tokenizer, prompts, self.device)
-        return self.decode(batch.input_ids, batch.attention_mask, greedy=False)
-
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
-        """A post-processed decode with the actor (parameters gathered once under ZeRO-3)."""
-        return self._postprocess(
-            self.rollout_engine.generate(ids, mask, self.sampling, greedy=greedy)
-        )
+        """Step 1: one sampled response per prompt (the actor's decode: parameters gathered once
+        under ZeRO-3), empty answers rewritten."""
+        batch = self.setup.prompt_batch(prompts)
+        return self.setup.decode(batch.input_ids, batch.attention_mask, greedy=False)
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's block of every minibatch of the global batch, minibatch by minibatch (all
@@ -256,7 +211,7 @@ class PPOTrainer:
         """Step 3: (B, T) log π_old, log π_ref and V_old, over the rows the update will use."""
         parts = [sampled.select(rows) for rows in chunks]
         logprobs = torch.cat([self.logprobs(self.model, p) for p in parts])
-        ref_logprobs = torch.cat([self.logprobs(self.reference, p) for p in parts])
+        ref_logprobs = torch.cat([self.logprobs(self.setup.reference, p) for p in parts])
         values = torch.cat([critic_values(self.critic, p) for p in parts])
         return logprobs, ref_logprobs, values
 
@@ -266,14 +221,6 @@ class PPOTrainer:
         return response_logprobs(
             model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
         )
-
-    def score(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward: ``logprobs(model, rollout)`` and the raw (B, T, V) logits (the exact eval
-        KL's, ``rl_eval``)."""
-        logits = response_logits(
-            model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
-        )
-        return logprobs_from_logits(logits, rollout.response), logits
 
     def _update(
         self, chunks, n_tokens, sampled, mask, old_logprobs, old_values, advantages, returns
@@ -324,16 +271,17 @@ class PPOTrainer:
 
     def train_step(self) -> dict:
         rows = self.shard(self.sampler.next_indices())
-        sampled = self.rollout([self.train_prompts[i] for i in rows])  # 1
-        return self.update(sampled, [self.train_raw_prompts[i] for i in rows])
+        prompts = self.setup.prompts
+        sampled = self.rollout([prompts.train[i] for i in rows])  # 1
+        return self.update(sampled, [prompts.train_raw[i] for i in rows])
 
     def update(self, sampled: Rollout, prompts: list[str] | None = None) -> dict:
         """Steps 2–5 on this rank's rows (its block of every minibatch, minibatch by minibatch).
 
         ``prompts``: the raw prompt of each row (None: the decoded prompt text)."""
         algo = self.cfg.algo
-        scores = self.rewards(sampled, prompts)  # 2: (B,)
-        mask = self.train_mask(sampled)  # (B, T)
+        scores = self.setup.rewards(sampled, prompts)  # 2: (B,)
+        mask = self.setup.train_mask(sampled)  # (B, T), contiguous from column 0 (ppo_rewards)
         minibatches = self._minibatches(mask.shape[0])
         n_tokens = self.token_counts(mask, minibatches)  # (M,) over all ranks
         self.model.train()
@@ -360,7 +308,7 @@ class PPOTrainer:
                         chunks, n, sampled, mask, old_logprobs, old_values, advantages, returns
                     )
                 )
-        self.rollout_engine.weights_updated()  # the next rollout decodes with the stepped actor
+        self.setup.rollout_engine.weights_updated()  # the next rollout decodes with the stepped actor
         for u in updates:
             for k, v in u.items():
                 totals[k] += v / len(updates)
@@ -416,11 +364,10 @@ class PPOTrainer:
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, torch.Tensor]:
         """Per held-out prompt: reward, gold (synthetic), exact and sampled KL, length (collective)."""
-        return rl_eval.evaluate_policy(self)
+        return rl_eval.evaluate_policy(self.setup, self.model)
 
     def before_training(self, run_dir) -> None:
-        self.run_dir = run_dir
-        rl_eval.write_eval_before(self, run_dir)
+        rl_eval.write_eval_before(self.setup, self.model, run_dir)
 
     def should_stop_early(self, stop) -> bool:
         """Never: DS-Chat's PPO has neither a KL early stop nor a best-actor export (ReMax's
@@ -429,7 +376,7 @@ class PPOTrainer:
 
     def evaluate_final(self, run_dir, stop) -> dict:
         """Collective (every rank calls it); rank 0 writes ``eval_after.json``."""
-        return conventions.final_summary(self, run_dir, stop)
+        return conventions.final_summary(self.setup, self.model, run_dir, stop)
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The actor and its weights (consolidated from ZeRO-3 shards: collective)."""

@@ -25,7 +25,6 @@ import math
 import torch
 
 from remax import distributed
-from remax.algo.logprobs import logprobs_from_logits
 from remax.algo.registry import KL_ESTIMATORS, lookup
 from remax.algo.remax import (
     policy_gradient_loss,
@@ -33,7 +32,6 @@ from remax.algo.remax import (
     sequence_advantages,
     token_returns,
 )
-from remax.algo.sampling import nucleus_with_token
 from remax.algo.types import as_enum
 from remax.config import (
     Aggregation,
@@ -51,7 +49,7 @@ from remax.models import lora
 from remax.models.policy import load_policy
 from remax.models.policy import response_logits as policy_response_logits
 from remax.rollout import Rollout, offpolicy_gap
-from remax.trainers import best_actor, conventions, rl_eval
+from remax.trainers import best_actor, conventions, rl_eval, rl_setup
 
 log = logging.getLogger("remax.trainers.remax")
 
@@ -71,19 +69,25 @@ class RemaxTrainer:
         lora.adapt(model, cfg.model.lora, seed=cfg.seed)  # model.lora.rank=0: unchanged
         # Rank 0's weights everywhere, before any engine shards them.
         distributed.broadcast_params(model)
-        # A frozen copy of the initial policy; with adapters the policy itself, adapters off.
-        reference = lora.reference(model)
-        # Frozen, in the policy's dtype (bf16 on GPUs): the RM is scored, never trained here. Any
-        # tokenizer, head or a function (remax.rewards); None: the synthetic task's gold score.
-        self.scorer = conventions.load_scorer(cfg, self.tokenizer, self.device)
-        self.reward_model = self.scorer.model if self.scorer is not None else None
-        self._load_prompts()
+        # The reference (a frozen copy of the initial policy; with adapters the policy itself,
+        # adapters off), the frozen reward (any tokenizer, head or a function: remax.rewards; None:
+        # the synthetic task's gold score) and the prompts.
+        loaded = rl_setup.load(cfg, model, self.tokenizer, self.device)
+        prompts = loaded.prompts
+        self.keep_best = cfg.export_policy == ExportPolicy.best_eval_reward
+        # Periodic evals (best actor, KL early stop) on prompts the final report does not use.
+        self.select_prompts = self.select_raw_prompts = None
+        if self.keep_best:
+            self.select_prompts = best_actor.selection_prompts(prompts.held, cfg.eval_prompts)
+            self.select_raw_prompts = best_actor.selection_prompts(
+                prompts.held_raw, cfg.eval_prompts
+            )
         # Data parallel: every rank draws the same global batch from the same sampler order and
         # takes its contiguous block of rows (rank r: rows r·B/N … (r+1)·B/N − 1), so the ranks'
         # blocks concatenated in rank order are exactly the world-size-1 batch.
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         cfg.train.per_rank(self.world_size)  # refuses a batch the ranks cannot share
-        self.sampler = EpochSampler(len(self.train_prompts), cfg.train.batch_size, cfg.seed)
+        self.sampler = EpochSampler(len(prompts.train), cfg.train.batch_size, cfg.seed)
         self.total_steps = min(
             cfg.train.max_steps, cfg.train.epochs * self.sampler.batches_per_epoch
         )
@@ -98,33 +102,25 @@ class RemaxTrainer:
                 "not supported: use deepspeed=zero2 or export_policy=last"
             )
         self.optimizer, self.scheduler = self.actor.optimizer, self.actor.scheduler
-        conventions.place_frozen(self, reference, cfg.train)
-        self.sampling = algo.sampling(cfg.data.max_response_len)
-        self.rollout_engine = conventions.rollout_engine(cfg, self.actor, self.tokenizer)
+        self.setup = rl_setup.build(
+            cfg,
+            self.actor,
+            loaded,
+            device=self.device,
+            train_cfg=cfg.train,
+            logprob_dist=algo.logprob_dist,
+        )
         self.off_policy_sampling = self._off_policy_sampling()
-        self.space_id = conventions.space_id(self.tokenizer)
         conventions.seed_ranks(cfg.seed, self.world_size)
         self.step = 0
-        self.best_eval_reward: float | None = None
-        self.best_step: int | None = None
+        self.best = best_actor.BestActor()
         self.last_eval_kl: float | None = None
-
-    def _load_prompts(self) -> None:
-        cfg, sets = self.cfg, conventions.prompt_sets(self.cfg, self.tokenizer)
-        self.train_prompts, self.train_raw_prompts = sets.train, sets.train_raw
-        self.eval_prompts, self.eval_raw_prompts = sets.eval, sets.eval_raw
-        self.keep_best = cfg.export_policy == ExportPolicy.best_eval_reward
-        # Periodic evals (best actor, KL early stop) on prompts the final report does not use.
-        self.select_prompts = self.select_raw_prompts = None
-        if self.keep_best:
-            self.select_prompts = best_actor.selection_prompts(sets.held, cfg.eval_prompts)
-            self.select_raw_prompts = best_actor.selection_prompts(sets.held_raw, cfg.eval_prompts)
 
     def _off_policy_sampling(self) -> bool:
         """Spec test 19: top-p < 1 or T != 1 samples from a distribution other than the softmax
         that raw_softmax scores, which makes the update slightly off-policy. Said once, logged."""
         algo = self.cfg.algo
-        off = algo.logprob_dist == LogprobDist.raw_softmax and self.sampling.filtered
+        off = algo.logprob_dist == LogprobDist.raw_softmax and self.setup.sampling.filtered
         if off:
             log.warning(
                 "algo.logprob_dist=raw_softmax with top_p=%s temperature=%s top_k=%s scores the raw "
@@ -137,43 +133,12 @@ class RemaxTrainer:
         return off
 
     # ----------------------------------------------------------------- experience
-    def _postprocess(self, rollout: Rollout) -> Rollout:
-        """Empty answers per ``algo.empty_response`` (``conventions.rewrite_empty``)."""
-        tok, algo = self.tokenizer, self.cfg.algo
-        return conventions.rewrite_empty(
-            rollout,
-            mode=algo.empty_response,
-            max_tokens=algo.empty_max_tokens,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            space_id=self.space_id,
-        )
-
-    def train_mask(self, rollout: Rollout) -> torch.Tensor:
-        """(B, T) bool: tokens that get a gradient (``conventions.train_mask``)."""
-        algo = self.cfg.algo
-        return conventions.train_mask(
-            rollout,
-            eos_id=self.tokenizer.eos_token_id,
-            empty_response=algo.empty_response,
-            train_on_eos=algo.train_on_eos,
-        )
-
-    def rewards(self, rollout: Rollout, prompts: list[str] | None = None) -> torch.Tensor:
-        """(B,) frozen reward of each row (``prompts``: its raw prompt, as reward models and
-        functions read it), or the synthetic gold score (``conventions.rewards``)."""
-        return conventions.rewards(self.scorer, self.tokenizer, rollout, prompts)
-
-    def gold(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) the synthetic task's programmatic score of each decoded response."""
-        return conventions.gold(self.tokenizer, rollout)
-
     def rollout(self, prompts: list[str]) -> tuple[Rollout, Rollout | None]:
         """Steps 1–2: k sampled responses per prompt and, when the baseline reads it (ReMax's
         ``greedy``), one greedy response per prompt, in one decode. RLOO and GRPO decode no greedy
         row: (sampled, None)."""
         n = self.cfg.rollout.samples_per_prompt
-        batch = rl_eval.prompt_batch(self.cfg, self.tokenizer, prompts, self.device)
+        batch = self.setup.prompt_batch(prompts)
         B = len(prompts)
         n_greedy = B if as_enum(Baseline, self.cfg.algo.baseline).needs_greedy else 0
         ids = torch.cat([batch.input_ids.repeat_interleave(n, 0), batch.input_ids[:n_greedy]])
@@ -181,37 +146,19 @@ class RemaxTrainer:
             [batch.attention_mask.repeat_interleave(n, 0), batch.attention_mask[:n_greedy]]
         )
         greedy = torch.arange(B * n + n_greedy, device=self.device) >= B * n
-        both = self._postprocess(self._generate(ids, mask, greedy))
+        # One decode (the actor's: parameters gathered once under ZeRO-3), empty answers rewritten.
+        both = self.setup.decode(ids, mask, greedy)
         sampled = both.select(slice(0, B * n))
         return sampled, (both.select(slice(B * n, None)) if n_greedy else None)
 
-    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
-        """One decode by the rollout engine (the actor's: parameters gathered once under ZeRO-3)."""
-        return self.rollout_engine.generate(ids, mask, self.sampling, greedy=greedy)
-
     # ----------------------------------------------------------------- update
     def _logprobs(self, model, rollout: Rollout):
-        """(B, T) realised-token log-probs, (B, T, V) logits when a path needs them, and (B, T)
-        bool: realised tokens outside the recomputed nucleus (``sampling_adjusted`` only)."""
-        logprobs, logits, outside = self._scored(response_logits(model, rollout), rollout)
+        """(B, T) realised-token log-probs under the distribution trained on, (B, T, V) logits when
+        a path needs them, and (B, T) bool: realised tokens outside the recomputed nucleus
+        (``sampling_adjusted`` only)."""
+        logprobs, logits, outside = self.setup.scored(response_logits(model, rollout), rollout)
         keep = self.cfg.algo.kl_estimator == KLEstimator.full_vocab
         return logprobs, (logits if keep else None), outside
-
-    def _scored(self, logits: torch.Tensor, rollout: Rollout):
-        """Log-probs (B, T) under the distribution trained on, its (B, T, V) logits, and the (B, T)
-        outside-the-nucleus flags, from the raw (B, T, V) ``logits``."""
-        algo = self.cfg.algo
-        outside = torch.zeros_like(rollout.response, dtype=torch.bool)
-        if algo.logprob_dist == LogprobDist.sampling_adjusted:
-            # A sampled token at the nucleus edge (bf16, vLLM) stays scorable: nucleus_with_token.
-            logits, outside = nucleus_with_token(
-                logits,
-                rollout.response,
-                temperature=algo.temperature,
-                top_p=algo.top_p,
-                top_k=algo.top_k,
-            )
-        return logprobs_from_logits(logits, rollout.response), logits, outside
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous block of the global batch (all of it at world size 1)."""
@@ -228,8 +175,9 @@ class RemaxTrainer:
 
     def train_step(self) -> dict:
         rows = self.shard(self.sampler.next_indices())
-        sampled, greedy = self.rollout([self.train_prompts[i] for i in rows])  # 1–2
-        return self.update(sampled, greedy, [self.train_raw_prompts[i] for i in rows])
+        prompts = self.setup.prompts
+        sampled, greedy = self.rollout([prompts.train[i] for i in rows])  # 1–2
+        return self.update(sampled, greedy, [prompts.train_raw[i] for i in rows])
 
     def update(
         self, sampled: Rollout, greedy: Rollout | None, prompts: list[str] | None = None
@@ -240,9 +188,9 @@ class RemaxTrainer:
         others). ``prompts``: the raw prompt of each prompt (None: the decoded prompt text)."""
         algo, n = self.cfg.algo, self.cfg.rollout.samples_per_prompt
         sampled_prompts = None if prompts is None else [p for p in prompts for _ in range(n)]
-        rewards = self.rewards(sampled, sampled_prompts)  # 3: r(x, a), (B·n,)
+        rewards = self.setup.rewards(sampled, sampled_prompts)  # 3: r(x, a), (B·n,)
         needs_greedy = as_enum(Baseline, algo.baseline).needs_greedy
-        greedy_rewards = self.rewards(greedy, prompts) if needs_greedy else None  # r(x, ā), (B,)
+        greedy_rewards = self.setup.rewards(greedy, prompts) if needs_greedy else None  # r(x, ā)
         seq = sequence_advantages(  # (B·n,) per sample: remax.algo.registry.BASELINES
             rewards,
             greedy_rewards,
@@ -252,7 +200,7 @@ class RemaxTrainer:
             reward_clip=algo.reward_clip,
             clip_target=algo.clip_target,
         )
-        mask = self.train_mask(sampled)  # (B·n, T)
+        mask = self.setup.train_mask(sampled)  # (B·n, T)
         # Global normaliser, so micro-batches and ranks add up to the whole batch's loss.
         denominator = self.denominator(mask)
         self.model.train()
@@ -275,7 +223,7 @@ class RemaxTrainer:
             advs.append(advantages)
             gaps.append(gap)
         grad_norm = self.actor.step()  # 5: gradients summed over micro-batches and ranks
-        self.rollout_engine.weights_updated()
+        self.setup.rollout_engine.weights_updated()
         # What each sample is compared with; its mean is the greedy reward (ReMax), the group mean
         # (RLOO, GRPO: their advantages average to 0) or 0 (none).
         stats = remax_stats(
@@ -296,7 +244,7 @@ class RemaxTrainer:
         if algo.logprob_dist == LogprobDist.raw_softmax:  # the engine reports raw log-probs
             gap = offpolicy_gap(part, logprobs)
         with torch.no_grad():
-            ref_logprobs, ref_logits, _ = self._logprobs(self.reference, part)
+            ref_logprobs, ref_logits, _ = self._logprobs(self.setup.reference, part)
         # GRPO's KL in the loss keeps its graph; a KL only in the reward is a constant.
         with torch.set_grad_enabled(algo.kl_loss_coef > 0):
             kl_graph = lookup(KL_ESTIMATORS, algo.kl_estimator)(
@@ -364,41 +312,32 @@ class RemaxTrainer:
         )
 
     # ----------------------------------------------------------------- evaluation
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor, greedy) -> Rollout:
-        """A post-processed decode (evaluation's; rollouts decode sampled and greedy rows at once)."""
-        return self._postprocess(self._generate(ids, mask, greedy))
-
-    def logprobs(self, model, rollout: Rollout) -> torch.Tensor:
-        """(B, T) log-probs of the realised tokens under ``model`` (the distribution trained on)."""
-        return self._logprobs(model, rollout)[0]
-
-    def score(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward: ``logprobs(model, rollout)`` and the raw (B, T, V) logits (the exact eval
-        KL's, ``rl_eval``)."""
-        logits = response_logits(model, rollout)
-        return self._scored(logits, rollout)[0], logits
-
     def evaluate(self) -> dict[str, torch.Tensor]:
         """Per held-out prompt: reward, gold (synthetic), exact and sampled KL, length (collective)."""
-        return rl_eval.evaluate_policy(self)
+        return rl_eval.evaluate_policy(self.setup, self.model)
 
     def before_training(self, run_dir) -> None:
-        self.run_dir = run_dir
-        rl_eval.write_eval_before(self, run_dir)
+        self.best.run_dir = run_dir
+        rl_eval.write_eval_before(self.setup, self.model, run_dir)
+
+    def _selection_summary(self, stop) -> dict:
+        """The periodic eval's summary, on the selection prompts (``best_actor``)."""
+        select = (self.select_prompts, self.select_raw_prompts)
+        return rl_eval.eval_summary(self.setup, self.model, *select, stop)
 
     def should_stop_early(self, stop) -> bool:
         """Periodic eval (``train.eval_every``): track the best actor and the KL early stop."""
         every = self.cfg.train.eval_every
         if not every or self.step == 0 or self.step % every:
             return False
-        ev = rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts, stop)
+        ev = self._selection_summary(stop)
         # The release's quantity: the exact full-vocabulary KL per token along the eval answers
         # (not the sampled log π − log π_ref, which reads high under top-p). Per-token units: the
         # release's --target_kl 1.0 is a mean over tokens, not over answers (an answer's Σ_t grows
         # with its length: 256 tokens would stop at ~0.004 nats/token).
         self.last_eval_kl = ev["kl_token"]["mean"]
         if self.keep_best:
-            best_actor.consider(self, ev["reward"]["mean"])
+            self.best.consider(self.step, ev["reward"]["mean"], self.actor)
         limit = self.cfg.algo.early_stop_kl
         if limit is not None and not math.isfinite(self.last_eval_kl):
             # A NaN compares False with everything: it would silently disable the early stop.
@@ -423,15 +362,15 @@ class RemaxTrainer:
         ``best_eval_reward`` the final actor competes, then the exported actor is evaluated."""
         export = {"policy": self.cfg.export_policy.value, "step": self.step}
         if self.keep_best:
-            best_actor.consider(
-                self,
-                rl_eval.eval_summary(self, self.select_prompts, self.select_raw_prompts, stop)[
-                    "reward"
-                ]["mean"],
+            self.best.consider(
+                self.step, self._selection_summary(stop)["reward"]["mean"], self.actor
             )
-            best_actor.load_best(self)
-            export.update(step=self.best_step, selection_reward=self.best_eval_reward)
-        return {**conventions.final_summary(self, run_dir, stop), "export": export}
+            self.best.load_into(self.model, self.setup.rollout_engine, self.device)
+            export.update(step=self.best.step, selection_reward=self.best.reward)
+        return {
+            **conventions.final_summary(self.setup, self.model, run_dir, stop),
+            "export": export,
+        }
 
     def export_model(self, run_dir) -> tuple[torch.nn.Module, dict | None]:
         """The module to save and its weights (None: its own). Collective under ZeRO-3."""
@@ -448,13 +387,11 @@ class RemaxTrainer:
             "step": self.step,
             "total_steps": self.total_steps,
             "sampler": self.sampler.state_dict(),
-            "best_eval_reward": self.best_eval_reward,
-            "best_step": self.best_step,
+            **self.best.state_dict(),  # best_eval_reward, best_step
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
         self.sampler.load_state_dict(state["sampler"])
-        self.best_eval_reward = state["best_eval_reward"]
-        self.best_step = state.get("best_step")  # absent in checkpoints of earlier versions
+        self.best.load_state_dict(state)
