@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -42,6 +43,19 @@ def start_method() -> str:
         return "spawn"
     multiprocessing.set_forkserver_preload(_PRELOAD)
     return "forkserver"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch at one intra-op thread for the block, as each gloo rank runs: the same kernels and
+    summation order as the ranks (a 1-rank reference), and tiny models gain nothing from threads
+    that spin-wait on a shared machine. The caller's thread count comes back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from conftest import one_thread
 from test_distributed import B, in_turn, spawn
 
 from remax.config import (
@@ -344,12 +345,8 @@ def test_sft_and_reward_model_on_deepspeed_match_plain_one_rank(tmp_path, stage,
     from test_distributed_stages import config, one_step
 
     cfg = config(stage, micro=SB // 4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         single = one_step(cfg)
-    finally:
-        torch.set_num_threads(threads)
     spawn(_ds_stage_step, 2, _ds_config(cfg, zero), str(tmp_path))
     ds = torch.load(tmp_path / "ds_stage.pt", weights_only=True)
     diff = max(float((ds["params"][k] - single["params"][k]).abs().max()) for k in ds["params"])
@@ -395,23 +392,13 @@ def test_ppo_on_deepspeed_matches_plain_one_rank(tmp_path, zero):
     """PPO's actor and critic as DeepSpeed engines (each optimizer step one minibatch, two
     micro-batches per rank): 4 actor and 4 critic steps on 2 ranks equal 1 plain rank's."""
     from test_distributed import shorten
-    from test_distributed_stages import config, one_step
-
-    from remax.trainers.ppo import PPOTrainer
+    from test_distributed_stages import config, one_step, ppo_probe
 
     cfg = config("ppo", micro=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        probe = PPOTrainer(cfg)
-        prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            rollout = probe.rollout(prompts)
-        rollout = shorten(rollout, probe.tokenizer, {0: 2, 1: 3, 4: 5})
+    probe, rollout = ppo_probe(cfg)
+    rollout = shorten(rollout, probe.tokenizer, {0: 2, 1: 3, 4: 5})
+    with one_thread():
         single = one_step(cfg, rollout)
-    finally:
-        torch.set_num_threads(threads)
     spawn(_ds_ppo_step, 2, _ds_config(cfg, zero), rollout, str(tmp_path))
     ds = torch.load(tmp_path / "ds_ppo.pt", weights_only=True)
     assert ds["params"].keys() == single["params"].keys()

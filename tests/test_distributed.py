@@ -15,6 +15,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import one_thread
 
 from remax import distributed
 from remax.config import (
@@ -137,9 +138,7 @@ def single_rank_side(cfg, step=None):
     :func:`one_step`) on it. Returns ``(probe trainer, sampled, greedy, step's result)``."""
     from remax.trainers.remax import RemaxTrainer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         probe = RemaxTrainer(cfg)
         prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
         with torch.random.fork_rng():
@@ -147,8 +146,6 @@ def single_rank_side(cfg, step=None):
             sampled, greedy = probe.rollout(prompts)
         sampled = shorten(sampled, probe.tokenizer, {0: 2, 1: 3, 2: 5})
         return probe, sampled, greedy, (step or one_step)(cfg, sampled, greedy)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _two_rank_step(rank, world, cfg, sampled, greedy, out_dir) -> None:

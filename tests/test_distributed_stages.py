@@ -26,6 +26,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import one_thread
 from test_distributed import shorten, spawn
 
 from remax import distributed
@@ -115,13 +116,22 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def ppo_probe(cfg):
+    """A PPO trainer of ``cfg`` and its fixed rollout of the first batch (seed 123), built at one
+    thread (the ranks' setting)."""
+    from remax.trainers.ppo import PPOTrainer
+
+    with one_thread():
+        probe = PPOTrainer(cfg)
+        prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            return probe, probe.rollout(prompts)
+
+
 def single_and_two_ranks(cfg, tmp_path, rollout=None):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' setting: same kernels, same summation order
-    try:
+    with one_thread():  # the ranks' setting: same kernels, same summation order
         single = one_step(cfg, rollout)
-    finally:
-        torch.set_num_threads(threads)
     spawn(_two_rank_step, 2, cfg, rollout, str(tmp_path))
     load = lambda r, v: torch.load(tmp_path / f"rank{r}_{v}.pt", weights_only=True)  # noqa: E731
     ranks = [load(r, "global") for r in (0, 1)]
@@ -176,19 +186,9 @@ def test_sft_and_reward_model_two_ranks_match_one_rank(tmp_path, stage, micro):
 
 
 def test_ppo_two_ranks_match_one_rank(tmp_path):
-    from remax.trainers.ppo import PPOTrainer
 
     cfg = config("ppo", micro=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        probe = PPOTrainer(cfg)
-        prompts = [probe.setup.prompts.train[i] for i in probe.sampler.next_indices()]
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            rollout = probe.rollout(prompts)
-    finally:
-        torch.set_num_threads(threads)
+    probe, rollout = ppo_probe(cfg)
     # Unequal lengths inside each rank's block of each minibatch, so per-rank and global token
     # counts disagree (minibatch 0 = rows 0–3: rank 0 gets rows 0, 1 and rank 1 rows 2, 3).
     rollout = shorten(rollout, probe.tokenizer, {0: 2, 1: 3, 4: 5})

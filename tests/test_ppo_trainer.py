@@ -22,16 +22,13 @@ from remax.config import (
     TrainConfig,
     WandbMode,
 )
-from tests.conftest import run_job
+from tests.conftest import one_thread, run_job
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared machine they spin-wait.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 def _cfg(tmp_path, **overrides) -> PPOJobConfig:
