@@ -212,12 +212,12 @@ class Scorer:
     def __call__(self, policy, tokenizer, turn: Turn, raw: list[str]) -> dict[str, list[float]]:
         """Per-row ``reward``, ``gold``, the four KLs (``remax.answer_metrics``; None where not
         computed) and ``length``: the RL stages' evaluation code, on the raw softmax."""
-        reward = None if self.reward is None else self.reward.for_policy(tokenizer)
         gold = functools.partial(answer_metrics.gold_scores, tokenizer)  # (rollout, raw prompts)
+        reward = gold if self.reward is None else self.reward.for_policy(tokenizer)
         scores = answer_metrics.measure(
             turn.rollout,
             raw,
-            reward=gold if reward is None else reward,
+            reward=reward,
             gold=gold if self.gold else None,
             policy=policy,
             reference=self.reference,

@@ -28,7 +28,6 @@ from remax.data.batching import PromptBatch, collate_prompts
 from remax.data.stage_data import format_prompts, stage_records
 from remax.engines import frozen
 from remax.models import lora
-from remax.models.policy import response_logits
 from remax.rewards import RewardScorer
 from remax.rollout import Rollout, RolloutEngine, build_rollout_engine
 from remax.trainers import conventions
@@ -188,10 +187,10 @@ class RLSetup:
     def score(self, model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward: (B, T) log-probs under the distribution trained on and the raw (B, T, V)
         logits (``answer_metrics.Score``: the evaluation's KLs)."""
-        logits = response_logits(
-            model, rollout.sequences, rollout.attention_mask, rollout.prompt_len
-        )
-        return self.scored(logits, rollout)[0], logits
+        logprobs, logits = answer_metrics.raw_score(model, rollout)
+        if self.logprob_dist == LogprobDist.sampling_adjusted:
+            logprobs = self.scored(logits, rollout)[0]
+        return logprobs, logits
 
 
 def build(
