@@ -187,6 +187,95 @@ def test_after_an_optimizer_step_the_engine_decodes_with_the_new_weights(setup):
     assert not torch.equal(after.response, before.response), "the step changed no greedy row"
 
 
+# ----------------------------------------------------------------------------- top-k / top-p
+TRUNCATED = SamplingConfig(max_new_tokens=24, temperature=0.8, top_p=0.7, top_k=3)
+
+
+def _truncated_rows_stay_in_the_actors_nucleus(engine, actor, batch) -> None:
+    """Sampled rows with top-k 3 / top-p 0.7: every token inside the nucleus that
+    ``filter_logits`` computes from the actor's own logits (the hf engine's rule); vLLM's
+    log-probs still the raw softmax (the off-policy gap)."""
+    from remax.algo.sampling import nucleus_with_token
+    from remax.models.policy import response_logits
+
+    torch.manual_seed(5)
+    ro = engine.generate(batch.input_ids, batch.attention_mask.bool(), TRUNCATED, greedy=False)
+    with torch.no_grad():
+        logits = response_logits(actor.module, ro.sequences, ro.attention_mask, ro.prompt_len)
+        raw = response_logprobs(actor.module, ro.sequences, ro.attention_mask, ro.prompt_len)
+    kw = dict(temperature=0.8, top_p=0.7, top_k=3)
+    _, outside = nucleus_with_token(logits.float(), ro.response, **kw)
+    assert not bool(outside[ro.response_mask].any()), int(outside[ro.response_mask].sum())
+    # The filter bites: untruncated, the same rows would leave the top 3 (vocab 36, flat logits).
+    top3 = logits.topk(3, dim=-1).indices
+    in_top3 = (top3 == ro.response[..., None]).any(-1)[ro.response_mask]
+    assert bool(in_top3.all()) and int(ro.response_mask.sum()) > 40
+    assert offpolicy_gap(ro, raw) < 1e-5
+
+
+def test_truncated_sampling_follows_the_hf_rule_in_the_engine_process(setup):
+    """The file route: the filter is loaded by name in vLLM's own engine process."""
+    actor, _, engine, _, batch = setup
+    _truncated_rows_stay_in_the_actors_nucleus(engine, actor, batch)
+
+
+def test_untruncated_vllm_sampling_leaves_the_top_3(setup):
+    """The check above can fail: without top-k, sampled tokens of this model leave the top 3."""
+    from remax.models.policy import response_logits
+
+    actor, _, engine, _, batch = setup
+    torch.manual_seed(5)
+    ro = engine.generate(batch.input_ids, batch.attention_mask.bool(), SAMPLING, greedy=False)
+    with torch.no_grad():
+        logits = response_logits(actor.module, ro.sequences, ro.attention_mask, ro.prompt_len)
+    in_top3 = (logits.topk(3, dim=-1).indices == ro.response[..., None]).any(-1)
+    assert not bool(in_top3[ro.response_mask].all())
+
+
+def test_nucleus_filter_follows_the_persistent_batch():
+    """vLLM's batch bookkeeping (added, removed, moved, swapped rows): the filter lands on exactly
+    the rows whose requests asked for it, each with its own (top_k, top_p)."""
+    require_vllm()
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from remax.algo.sampling import filter_logits
+    from remax.rollout.vllm_sampling import NucleusFilter, request_sampling
+
+    def params(top_k, top_p, greedy=False):
+        cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, top_p=top_p, top_k=top_k)
+        return SamplingParams(**request_sampling(cfg, greedy=greedy))
+
+    def update(size, removed=(), added=(), moved=()):
+        return BatchUpdate(size, removed, [(i, p, None, []) for i, p in added], moved)
+
+    f = NucleusFilter(None, torch.device("cpu"), False)
+    f.update_state(
+        update(
+            4,
+            added=[
+                (0, params(2, 1.0)),
+                (1, params(0, 1.0)),
+                (2, params(5, 0.5)),
+                (3, params(2, 1.0, greedy=True)),
+            ],
+        )
+    )
+    assert f.rows == {0: (2, 1.0), 2: (5, 0.5)}  # no filter: untruncated and greedy rows
+    f.update_state(update(4, moved=[(0, 3, MoveDirectionality.SWAP)]))
+    assert f.rows == {3: (2, 1.0), 2: (5, 0.5)}
+    f.update_state(update(3, removed=[2], moved=[(3, 2, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert f.rows == {2: (2, 1.0)}
+    f.update_state(update(3, added=[(0, params(0, 0.9))]))
+    f.update_state(None)  # no change this step
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    out = f.apply(logits.clone())
+    assert torch.equal(out[0], filter_logits(logits[0], temperature=1.0, top_p=0.9, top_k=0))
+    assert torch.equal(out[1], logits[1])
+    assert torch.equal(out[2], filter_logits(logits[2], temperature=1.0, top_p=1.0, top_k=2))
+    assert int(out[2].isfinite().sum()) == 2
+
+
 # ----------------------------------------------------------------------------- the direct route
 def test_a_colocated_engine_asks_vllm_for_no_more_than_is_free():
     """vLLM starts only if total × gpu_memory_utilization is free (0.9 by default): beside the
@@ -310,6 +399,11 @@ def test_direct_route_decodes_greedy_rows_equal_to_hf_and_says_its_route(direct)
     params = dict(actor.module.named_parameters())
     for name, w in _engine_weights(engine, actor).items():
         assert torch.equal(w, params[name].detach()), name
+
+
+def test_truncated_sampling_follows_the_hf_rule_in_process(direct):
+    actor, _, engine, _, batch, _ = direct
+    _truncated_rows_stay_in_the_actors_nucleus(engine, actor, batch)
 
 
 def test_direct_route_pushes_the_weights_of_each_optimizer_step(direct):

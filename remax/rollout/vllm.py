@@ -253,6 +253,8 @@ class VLLMEngine:
     def _start(self, config, max_model_len: int, seed: int, placement: Placement):
         from vllm import LLM  # the optional extra: imported only when chosen
 
+        from remax.rollout.vllm_sampling import FQCN
+
         extra = _gpu_budget(self.cfg.kv_cache_gib, placement.device) if self.on_gpu else {}
         # In-process on the CPU build vLLM's worker replaces torch.set_num_threads for the whole
         # process and may change the thread count: give the trainer both back.
@@ -268,6 +270,7 @@ class VLLMEngine:
                 enforce_eager=not self.on_gpu,
                 enable_sleep_mode=self.on_gpu and self.cfg.sleep,
                 seed=seed,
+                logits_processors=[FQCN],
                 **extra,
                 **placement.llm_kwargs,
             )
@@ -364,11 +367,12 @@ class VLLMEngine:
     def _params(self, sampling: SamplingConfig, *, greedy: bool, seed: int):
         from vllm import SamplingParams
 
+        from remax.rollout.vllm_sampling import request_sampling
+
         return SamplingParams(
             n=1,
-            temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p,
-            top_k=0 if greedy else sampling.top_k,
+            # Top-k/top-p by remax's rule (NucleusFilter, in _start), not vLLM's.
+            **request_sampling(sampling, greedy=greedy),
             max_tokens=sampling.max_new_tokens,
             # Our stop rule only: the first EOS ends a row (kept); the model config's EOS list
             # (which may differ) is ignored.
