@@ -59,8 +59,9 @@ def run(args) -> dict:
     prompts = torch.randint(2, 18, (B, P), generator=g)  # letters, no EOS, no padding
     ids, mask = prompts.repeat(2, 1), torch.ones(2 * B, P, dtype=torch.bool)
     greedy = torch.arange(2 * B) >= B  # B sampled + B greedy rows, as ReMax
-    sampling = SamplingConfig(max_new_tokens=T, temperature=1.0, top_p=1.0, top_k=0)
+    sampling = SamplingConfig(max_new_tokens=T, temperature=1.0, top_p=args.top_p, top_k=args.top_k)
     out = {"size": args.size, "rows": 2 * B, "prompt_len": P, "response_len": T}
+    out |= {"top_p": args.top_p, "top_k": args.top_k}
     for name, engine in engines.items():
         times, tokens = [], []
         for rep in range(args.reps + 1):  # rep 0: warm-up (vllm: first weight push)
@@ -91,7 +92,8 @@ def markdown(r: dict, meta: dict) -> str:
         f"# Decode throughput: hf vs vllm ({meta['device']})",
         "",
         f"{r['size']} (random init), {r['rows']} rows (half sampled, half greedy) × "
-        f"{r['response_len']} tokens after a {r['prompt_len']}-token prompt, float32, "
+        f"{r['response_len']} tokens after a {r['prompt_len']}-token prompt, sampled rows "
+        f"top-p {r['top_p']} top-k {r['top_k']}, float32, "
         f"torch threads {meta['threads']}, median of {meta['reps']} after a warm-up.",
         "",
         "| engine | start-up (s) | decode median (s) | tokens | tokens/s |",
@@ -116,6 +118,9 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--response-len", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
+    # The release's sampling (algo=remax_official), what the trainers decode with.
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--engines", default="hf,vllm")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/benchmarks"))
     args = p.parse_args(argv)

@@ -274,6 +274,10 @@ def test_nucleus_filter_follows_the_persistent_batch():
     assert torch.equal(out[1], logits[1])
     assert torch.equal(out[2], filter_logits(logits[2], temperature=1.0, top_p=1.0, top_k=2))
     assert int(out[2].isfinite().sum()) == 2
+    # On CUDA vLLM filters with its own kernels: the request carries the config's values.
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=50)
+    native = request_sampling(cfg, greedy=False, by_filter=False)
+    assert native == {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
 
 
 # ----------------------------------------------------------------------------- the direct route

@@ -24,6 +24,10 @@ parameters first. Two routes (``push_route``, ``rollout.push``; the run log name
 
 Either way ``reset_prefix_cache()`` follows, so no KV block of the old weights is reused.
 
+Sampling: on the CPU build the sampled rows' top-k/top-p is remax's own rule, the ``hf`` engine's
+(``remax.rollout.vllm_sampling.NucleusFilter``: vLLM's CPU filter sorts the whole vocabulary every
+step); on CUDA vLLM's own kernels.
+
 Reproducibility: each request's sampling seed is drawn from torch's global RNG, which the
 checkpoints save, so a resumed run decodes the same rows as an uninterrupted one.
 
@@ -270,7 +274,7 @@ class VLLMEngine:
                 enforce_eager=not self.on_gpu,
                 enable_sleep_mode=self.on_gpu and self.cfg.sleep,
                 seed=seed,
-                logits_processors=[FQCN],
+                logits_processors=[] if self.on_gpu else [FQCN],
                 **extra,
                 **placement.llm_kwargs,
             )
@@ -371,8 +375,8 @@ class VLLMEngine:
 
         return SamplingParams(
             n=1,
-            # Top-k/top-p by remax's rule (NucleusFilter, in _start), not vLLM's.
-            **request_sampling(sampling, greedy=greedy),
+            # CPU build: top-k/top-p by remax's rule (NucleusFilter, in _start), not vLLM's sort.
+            **request_sampling(sampling, greedy=greedy, by_filter=not self.on_gpu),
             max_tokens=sampling.max_new_tokens,
             # Our stop rule only: the first EOS ends a row (kept); the model config's EOS list
             # (which may differ) is ignored.

@@ -10,6 +10,10 @@ request names its ``(top_k, top_p)`` in ``SamplingParams.extra_args[KEY]`` and
   step when top-p is on, which was 60 % of a CPU decode at hidden 256 (32k vocabulary); the filter
   ranks only the top-k survivors of the sampled rows.
 
+Used on the CPU build only. On CUDA vLLM's own top-k/top-p runs (its Triton/FlashInfer kernels,
+no host sync per step; the same rule up to rounding and ties at the cut, which
+``remax.algo.sampling.nucleus_with_token`` absorbs when scoring).
+
 vLLM applies "argmax-invariant" processors after the temperature and right before its own
 top-k/top-p step, so the logits seen here are already divided by the row's temperature (the
 filter runs at temperature 1), and greedy rows (not filtered) keep their argmax. vLLM's log-probs
@@ -33,11 +37,18 @@ KEY = "remax_top_k_top_p"
 FQCN = f"{__name__}:NucleusFilter"
 
 
-def request_sampling(sampling: SamplingConfig, *, greedy: bool) -> dict:
-    """The ``SamplingParams`` fields of one request: temperature, vLLM's own top-k/top-p off, and
-    the filter's ``(top_k, top_p)`` in ``extra_args`` for a sampled row that truncates."""
+def request_sampling(sampling: SamplingConfig, *, greedy: bool, by_filter: bool = True) -> dict:
+    """The ``SamplingParams`` fields of one request. ``by_filter``: vLLM's own top-k/top-p off and
+    the filter's ``(top_k, top_p)`` in ``extra_args`` for a sampled row that truncates; else
+    vLLM's own (its CUDA kernels: the GPU build)."""
     if greedy:
         return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    if not by_filter:
+        return {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+        }
     fields = {"temperature": sampling.temperature, "top_p": 1.0, "top_k": 0}
     if sampling.top_k > 0 or sampling.top_p < 1.0:
         fields["extra_args"] = {KEY: (sampling.top_k, sampling.top_p)}
