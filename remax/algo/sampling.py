@@ -39,7 +39,8 @@ def _outside_nucleus(logits: torch.Tensor, top_p: float, after_top_k: bool) -> t
 
     After top-k the nucleus lies among the tokens still finite (k, or a few more on ties at the
     k-th value), so only those are ranked (``topk``) instead of sorting the whole vocabulary: the
-    same tokens dropped, at a fraction of the cost (a 32k-vocabulary sort per decoding step was
+    same tokens dropped (up to which of several equal logits at the cut stays: any ranking breaks
+    such ties arbitrarily), at a fraction of the cost (a 32k-vocabulary sort per decoding step was
     most of vLLM's CPU decode and a third of ``hf``'s)."""
     V = logits.shape[-1]
     finite = (logits > float("-inf")).sum(-1)
