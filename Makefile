@@ -55,7 +55,7 @@ test-vllm: $(VENV)/.installed-vllm
 
 ## demo: SFT → reward model → ReMax on the tiny CPU default, then a summary (runs/demo/)
 # torch's AVX2 kernels on every x86 CPU (AVX-512 ones round differently, and the demo's one-seed
-# gain moves with rounding: README); ignored elsewhere. tests/test_jobs.py DEMO_KERNELS: the same.
+# gain moves with rounding: README); ignored elsewhere. tests/test_jobs.py reads this line.
 DEMO_KERNELS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 demo: $(VENV)/.installed
 	env $(DEMO_KERNELS) $(BIN)/python -m jobs.pipeline run.root=runs/demo
